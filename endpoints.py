@@ -1,0 +1,143 @@
+"""Pure parsing and validation of the command line's values.
+
+Every function raises UsageError with a message that names the bad value as the user typed it.
+"""
+import dataclasses
+import ipaddress
+import math
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class UsageError(Exception):
+    """A bad command-line value; the message names it as typed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dest:
+    """One destination: host (a name or an address, brackets removed) and port, plus the text typed."""
+
+    host: str
+    port: int
+    text: str
+
+    def __str__(self):
+        return self.text
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything the proxy's processes need, validated."""
+
+    listen_host: str
+    listen_port: int
+    dests: tuple
+    max_connections: int = 256
+    idle_timeout: float = 0.0
+    connect_timeout: float = 3.0
+    retry_interval: float = 3.0
+    send_timeout: float = 5.0
+    allow: tuple = ()  # ip_network objects; empty = everyone
+    log_level: str = "info"
+
+
+def parse_port(text, what="port"):
+    """A TCP port 1..65535 written in decimal."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise UsageError("invalid %s %r: expected a number from 1 to 65535" % (what, text))
+    return int(text)
+
+
+def parse_dest(text):
+    """HOST:PORT or [IPV6]:PORT into a Dest."""
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep or not host:
+            raise UsageError("invalid destination %r: expected [IPV6]:PORT" % text)
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise UsageError("invalid destination %r: %r is not an IPv6 address" % (text, host)) from None
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep or not host:
+            raise UsageError("invalid destination %r: expected HOST:PORT" % text)
+        if ":" in host:
+            raise UsageError("invalid destination %r: write an IPv6 address as [ADDR]:PORT" % text)
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise UsageError("invalid destination %r: port %r is not a number from 1 to 65535" % (text, port))
+    return Dest(host, int(port), text)
+
+
+def parse_seconds(text, option, minimum=0.0):
+    """A finite number of seconds, at least minimum (0 by default)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError("invalid %s %r: expected a number of seconds" % (option, text)) from None
+    if not math.isfinite(value) or value < minimum:
+        raise UsageError("invalid %s %r: expected a number of seconds, %g or more" % (option, text, minimum))
+    return value
+
+
+def parse_count(text, option):
+    """A positive whole number."""
+    if not text.isdigit() or int(text) < 1:
+        raise UsageError("invalid %s %r: expected a whole number of 1 or more" % (option, text))
+    return int(text)
+
+
+def parse_allow(values):
+    """--allow CIDRs into ip_network objects; 'all' (the default) allows everyone."""
+    networks = []
+    for text in values:
+        if text == "all":
+            return ()
+        try:
+            networks.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            raise UsageError("invalid --allow %r: expected a network like 10.0.0.0/8" % text) from None
+    return tuple(networks)
+
+
+def parse_log_level(text):
+    """One of LOG_LEVELS."""
+    if text.lower() not in LOG_LEVELS:
+        raise UsageError("invalid --log-level %r: expected one of %s" % (text, ", ".join(LOG_LEVELS)))
+    return text.lower()
+
+
+def parse_listen_host(text):
+    """An IP address to bind (brackets around an IPv6 address are allowed)."""
+    host = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise UsageError("invalid --listen-host %r: expected an IP address" % text) from None
+    return host
+
+
+def build_config(args):
+    """A Config from docopt's dictionary, validating every value."""
+    return Config(
+        listen_host=parse_listen_host(args["--listen-host"]),
+        listen_port=parse_port(args["--listen-port"], "--listen-port"),
+        dests=tuple(parse_dest(text) for text in args["DEST"]),
+        max_connections=parse_count(args["--max-connections"], "--max-connections"),
+        idle_timeout=parse_seconds(args["--idle-timeout"], "--idle-timeout"),
+        connect_timeout=parse_seconds(args["--connect-timeout"], "--connect-timeout", minimum=0.001),
+        retry_interval=parse_seconds(args["--retry-interval"], "--retry-interval", minimum=0.1),
+        send_timeout=parse_seconds(args["--send-timeout"], "--send-timeout", minimum=0.001),
+        allow=parse_allow(args["--allow"]),
+        log_level=parse_log_level(args["--log-level"]),
+    )
+
+
+def is_allowed(address, allow):
+    """Whether a source address is inside one of the allowed networks (all when allow is empty)."""
+    if not allow:
+        return True
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if ip.version == 6 and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in allow if network.version == ip.version)

@@ -1,0 +1,67 @@
+"""The project's only fork: a child that holds exactly the descriptors it needs and never returns."""
+import os
+import signal
+import sys
+import traceback
+
+import setproctitle
+
+# Signals whose handlers or mask the child must not inherit from its parent.
+RESET_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def close_fds_except(keep):
+    """Close every descriptor above 2 that is not in keep (Twisted's _setupChild, from /proc/self/fd)."""
+    keep = set(keep)
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # the descriptor listdir itself used, already closed
+
+
+def fork_child(title, target, *args, keep=(), close=()):
+    """Fork; the child closes `close` objects and every fd not in `keep`, sets its title, runs target.
+
+    The parent gets the child's pid. The child runs target(*args) and leaves by os._exit with its
+    return value (0 for None), 1 on an unexpected exception: it never returns into the parent's code.
+    Objects of the parent that own descriptors stay referenced by the frames below us, which the child
+    never unwinds, so their finalizers cannot close a reused descriptor number.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        for sig in RESET_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        for obj in close:
+            obj.close()
+        close_fds_except(keep)
+        setproctitle.setproctitle(title)
+        code = target(*args) or 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def decode_exit(status):
+    """A wait status as (exit code or -signal, text) for log lines."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        return -sig, "killed by %s" % signal.Signals(sig).name
+    code = os.waitstatus_to_exitcode(status)
+    return code, "exit status %d" % code

@@ -1,0 +1,286 @@
+"""One forwarder process per destination: copy the receiver's pipe to the destination's socket.
+
+States: connecting (with backoff), connected (splice pipe -> socket, discard replies, watch the send
+deadline) and down (drain the pipe into /dev/null and count the drop). Pipe EOF means the source is
+done: flush what is left, close the connection, exit 0.
+"""
+import errno
+import fcntl
+import os
+import select
+import socket
+import struct
+import termios
+import time
+
+from proxylog import log
+
+BACKOFF_START_S = 0.1
+SPLICE_CHUNK = 1 << 20
+SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+DRAIN_FLAGS = os.SPLICE_F_NONBLOCK
+CLOSE_LINGER_S = 1.0  # after our FIN, how long to wait for the destination's
+STILL_DOWN_LOG_S = 60.0
+POLL_IN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
+ERR_REASONS = {
+    errno.ECONNREFUSED: "connection refused",
+    errno.ECONNRESET: "reset by peer",
+    errno.EPIPE: "broken pipe",
+    errno.ETIMEDOUT: "timed out",
+    errno.EHOSTUNREACH: "host unreachable",
+    errno.ENETUNREACH: "network unreachable",
+}
+
+
+class Disconnected(Exception):
+    """The destination connection ended; the message is the reason for the log."""
+
+
+def describe(exc):
+    """Short text for a socket error."""
+    if isinstance(exc, socket.gaierror):
+        return "name not resolved (%s)" % exc.strerror
+    if isinstance(exc, OSError) and exc.errno in ERR_REASONS:
+        return ERR_REASONS[exc.errno]
+    return str(exc) or type(exc).__name__
+
+
+def unsent_bytes(sock):
+    """Bytes still in the socket's send queue (SIOCOUTQ): lost with the connection."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
+
+
+class Forwarder:
+    """Copies one pipe to one destination for the life of one source connection."""
+
+    def __init__(self, pipe_fd, dest, config):
+        self.pipe_fd = pipe_fd
+        self.dest = dest
+        self.config = config
+        self.sock = None
+        self.backoff_s = BACKOFF_START_S
+        self.connected_at = 0.0
+        self.sent = 0  # bytes handed to the destination's socket, over all connections
+        self.dropped = 0  # bytes dropped, over all outages
+        self.outage_dropped = 0
+        self.outage_started = 0.0
+        self.last_down_log = 0.0
+        self.attempts = 0
+        self.pipe_eof = False
+        self.devnull_fd = os.open(os.devnull, os.O_WRONLY)
+        self.discard = bytearray(65536)
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def run(self):
+        """Serve until the pipe ends; returns the exit code."""
+        first = True
+        while not self.pipe_eof:
+            if not self.connect(hold_pipe=first):
+                first = False
+                self.wait_down()
+                continue
+            first = False
+            try:
+                self.pump()
+            except Disconnected as reason:
+                self.lose_connection(str(reason))
+        log.info("forwarder done: sent %d bytes, dropped %d bytes", self.sent, self.dropped)
+        return 0
+
+    def connect(self, hold_pipe):
+        """One connection attempt within --connect-timeout; True when connected.
+
+        While it runs the pipe is drained (the source must not stall), except on the very first
+        attempt: data sent the moment a source connects waits for it (hold_pipe).
+        """
+        self.attempts += 1
+        deadline = time.monotonic() + self.config.connect_timeout
+        try:
+            infos = socket.getaddrinfo(self.dest.host, self.dest.port, type=socket.SOCK_STREAM)
+            family, type_, proto, _, address = infos[0]
+            sock = socket.socket(family, type_, proto)
+        except OSError as exc:
+            self.note_failure(describe(exc))
+            return False
+        sock.setblocking(False)
+        err = sock.connect_ex(address)
+        poller = select.poll()
+        poller.register(sock, select.POLLOUT)
+        if not hold_pipe:
+            poller.register(self.pipe_fd, POLL_IN)
+        while err == errno.EINPROGRESS:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                err = errno.ETIMEDOUT
+                break
+            for fd, _ in poller.poll(remaining * 1000):
+                if fd == self.pipe_fd:
+                    self.drain()
+                else:
+                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            sock.close()
+            self.note_failure(describe(OSError(err, os.strerror(err))))
+            return False
+        self.configure(sock)
+        self.sock = sock
+        self.connected_at = time.monotonic()
+        if self.outage_started:
+            log.info("connected to %s after %d attempts; dropped %d bytes while down for %.1f s",
+                     self.dest, self.attempts, self.outage_dropped, self.connected_at - self.outage_started)
+        else:
+            log.info("connected to %s", self.dest)
+        self.attempts = 0
+        self.outage_started = 0.0
+        self.outage_dropped = 0
+        return True
+
+    def configure(self, sock):
+        """Keepalive, and a kernel send deadline matching --send-timeout for unacknowledged data."""
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(self.config.send_timeout * 1000))
+
+    def pump(self):
+        """Copy pipe -> socket while connected; returns at pipe EOF after closing the connection."""
+        sock, sock_fd, pipe_fd = self.sock, self.sock.fileno(), self.pipe_fd
+        send_timeout_ms = self.config.send_timeout * 1000
+        poller = select.poll()
+        poller.register(pipe_fd, POLL_IN)
+        poller.register(sock_fd, select.POLLIN)
+        blocked_since = 0.0  # when the socket last refused data while data waited
+        splice = os.splice
+        while True:
+            if blocked_since:
+                timeout_ms = send_timeout_ms - (time.monotonic() - blocked_since) * 1000
+                if timeout_ms <= 0:
+                    raise Disconnected("no progress for %.1f s (send timeout)" % self.config.send_timeout)
+            else:
+                timeout_ms = None
+            events = poller.poll(timeout_ms)
+            for fd, event in events:
+                if fd == sock_fd:
+                    if event & select.POLLIN or event & (select.POLLERR | select.POLLHUP):
+                        self.read_replies()
+                    if event & select.POLLOUT:
+                        blocked_since = 0.0
+                        poller.modify(sock_fd, select.POLLIN)
+                        poller.register(pipe_fd, POLL_IN)
+                    continue
+                # The pipe has data (or its writers are gone): move as much as the socket takes.
+                while True:
+                    try:
+                        moved = splice(pipe_fd, sock_fd, SPLICE_CHUNK, flags=SPLICE_FLAGS)
+                    except BlockingIOError:
+                        blocked_since = blocked_since or time.monotonic()
+                        poller.unregister(pipe_fd)
+                        poller.modify(sock_fd, select.POLLIN | select.POLLOUT)
+                        break
+                    except OSError as exc:
+                        raise Disconnected(describe(exc)) from None
+                    if not moved:
+                        self.pipe_eof = True
+                        self.close_gracefully()
+                        return
+                    self.sent += moved
+                    if moved < SPLICE_CHUNK:
+                        break
+
+    def read_replies(self):
+        """Read and discard what the destination sends; its EOF or an error ends the connection."""
+        try:
+            if self.sock.recv_into(self.discard):
+                return
+            raise Disconnected("closed by destination")
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            raise Disconnected(describe(exc)) from None
+
+    def close_gracefully(self):
+        """After the last byte: send FIN, wait briefly for the destination's, then close.
+
+        Closing with unread replies queued would send a reset, which can discard data the
+        destination has not read yet; reading until its EOF avoids that.
+        """
+        sock = self.sock
+        self.sock = None
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + CLOSE_LINGER_S
+            while time.monotonic() < deadline:
+                ready, _, _ = select.select([sock], [], [], deadline - time.monotonic())
+                if ready and not sock.recv_into(self.discard):
+                    break
+        except OSError:
+            pass
+        sock.close()
+        log.info("closed connection to %s: source finished", self.dest)
+
+    # -- while down -------------------------------------------------------------------------------
+
+    def lose_connection(self, reason):
+        """Close a failed connection; bytes still queued in it are counted as dropped."""
+        lost = unsent_bytes(self.sock)
+        self.sock.close()
+        self.sock = None
+        if time.monotonic() - self.connected_at >= self.config.retry_interval:
+            self.backoff_s = BACKOFF_START_S
+        self.outage_started = self.last_down_log = time.monotonic()
+        self.outage_dropped = lost
+        self.dropped += lost
+        log.warning("disconnected from %s: %s; %d unsent bytes dropped", self.dest, reason, lost)
+        self.wait_down()
+
+    def note_failure(self, reason):
+        """Log a failed attempt: the first of an outage as a warning, then one line a minute."""
+        now = time.monotonic()
+        if not self.outage_started:
+            self.outage_started = self.last_down_log = now
+            log.warning("cannot connect to %s: %s; reconnecting in %.1f s", self.dest, reason, self.backoff_s)
+        elif now - self.last_down_log >= STILL_DOWN_LOG_S:
+            self.last_down_log = now
+            log.warning("still cannot connect to %s after %d attempts (%s); dropped %d bytes so far",
+                        self.dest, self.attempts, reason, self.outage_dropped)
+        else:
+            log.debug("cannot connect to %s: %s; reconnecting in %.1f s", self.dest, reason, self.backoff_s)
+
+    def wait_down(self):
+        """Sleep the backoff while draining the pipe (counted as dropped); then double the backoff."""
+        deadline = time.monotonic() + self.backoff_s
+        self.backoff_s = min(self.backoff_s * 2, self.config.retry_interval)
+        poller = select.poll()
+        poller.register(self.pipe_fd, POLL_IN)
+        while not self.pipe_eof:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            if poller.poll(remaining * 1000):
+                self.drain()
+        if self.pipe_eof and self.outage_dropped:
+            log.warning("dropped %d bytes for %s while it was down", self.outage_dropped, self.dest)
+
+    def drain(self):
+        """Discard what the pipe holds now, counting it; notes pipe EOF."""
+        while True:
+            try:
+                moved = os.splice(self.pipe_fd, self.devnull_fd, SPLICE_CHUNK, flags=DRAIN_FLAGS)
+            except BlockingIOError:
+                return
+            if not moved:
+                self.pipe_eof = True
+                return
+            self.dropped += moved
+            self.outage_dropped += moved
+            if moved < SPLICE_CHUNK:
+                return
+
+
+def run_forwarder(pipe_fd, dest, config):
+    """Body of the forwarder process (see forking.fork_child)."""
+    os.set_blocking(pipe_fd, False)
+    return Forwarder(pipe_fd, dest, config).run()

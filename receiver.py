@@ -1,0 +1,257 @@
+"""One receiver process per source: read the source, write every chunk to one pipe per forwarder.
+
+The receiver leads its own process group, which holds its forwarders. It watches them (a pidfd each
+in its poll set, psutil to collect their exit) and kills the whole group when one dies, so the
+source sees its connection close and reconnects.
+"""
+import fcntl
+import os
+import select
+import signal
+import socket
+import sys
+import time
+
+import psutil
+
+import forking
+import forwarder
+import proxylog
+from proxylog import log
+
+CHUNK = 256 * 1024
+PIPE_SIZE = 1024 * 1024
+STOP_FLUSH_S = 1.0  # on SIGTERM or main's death: how long already-read data may take to go out
+TICK_S = 1.0
+F_SETPIPE_SZ = 1031
+KEEPALIVE = ((socket.TCP_KEEPIDLE, 60), (socket.TCP_KEEPINTVL, 10), (socket.TCP_KEEPCNT, 6))
+
+
+class Receiver:
+    """Fans one source out to the forwarders of its group."""
+
+    def __init__(self, source, peer, config, lifeline_fd):
+        self.source = source
+        self.peer = peer
+        self.config = config
+        self.lifeline_fd = lifeline_fd
+        self.pipes = {}  # write fd -> dest
+        self.forwarders = {}  # pidfd -> psutil.Process
+        self.pending = {}  # write fd -> offset already written of the current chunk
+        self.chunk_len = 0
+        self.buffer = bytearray(CHUNK)
+        self.view = memoryview(self.buffer)
+        self.received = 0
+        self.last_data = 0.0
+        self.stop_deadline = None  # set when stopping: no more reading, bounded flush
+        self.poller = select.poll()
+
+    def start(self):
+        """Own process group, keepalive on the source, wake-up pipe for signals, forwarders."""
+        try:
+            os.setpgid(0, 0)
+        except OSError:
+            pass  # main already made us a group leader
+        proxylog.set_connection("src=%s" % self.peer)
+        self.source.setblocking(False)
+        self.source.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in KEEPALIVE:
+            self.source.setsockopt(socket.IPPROTO_TCP, option, value)
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.wake_fd = wake_r
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda *_: None)  # the wake-up pipe tells the loop
+        for dest in self.config.dests:
+            self.spawn_forwarder(dest)
+        self.poller.register(self.source, select.POLLIN)
+        self.poller.register(self.lifeline_fd, select.POLLIN)
+        self.poller.register(wake_r, select.POLLIN)
+        log.info("accepted; forwarders: %s", ", ".join(
+            "%d -> %s" % (proc.pid, proc.dest) for proc in self.forwarders.values()))
+
+    def spawn_forwarder(self, dest):
+        """Fork one forwarder fed by a new pipe; the receiver keeps the write end only."""
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(write_fd, F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass  # above /proc/sys/fs/pipe-max-size: keep the default
+        title = "socketproxy: forwarder %s -> %s" % (self.peer, dest)
+        # The forwarder must not hold the source (else killing us would not close it) nor any
+        # sibling's write end (else that pipe would never read EOF): it keeps its read end only.
+        pid = forking.fork_child(title, self.run_forwarder, read_fd, dest, keep=[read_fd], close=[self.source])
+        os.close(read_fd)
+        os.set_blocking(write_fd, False)
+        self.pipes[write_fd] = dest
+        proc = psutil.Process(pid)
+        proc.dest = dest
+        pidfd = os.pidfd_open(pid)
+        self.forwarders[pidfd] = proc
+        self.poller.register(pidfd, select.POLLIN)
+
+    def run_forwarder(self, read_fd, dest):
+        proxylog.set_connection("src=%s dst=%s" % (self.peer, dest))
+        return forwarder.run_forwarder(read_fd, dest, self.config)
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def run(self):
+        """Copy the source to every pipe until the source ends or we are told to stop."""
+        self.last_data = time.monotonic()
+        while self.forwarders:
+            timeout_s = TICK_S
+            now = time.monotonic()
+            if self.stop_deadline is not None:
+                timeout_s = self.stop_deadline - now
+                if timeout_s <= 0:
+                    self.kill_forwarders("they did not finish within %.1f s" % STOP_FLUSH_S)
+                    break
+            elif self.config.idle_timeout and self.source.fileno() >= 0 and not self.pending:
+                idle_left = self.config.idle_timeout - (now - self.last_data)
+                if idle_left <= 0:
+                    log.info("closing source: nothing received for %.1f s (idle timeout)", self.config.idle_timeout)
+                    self.source.shutdown(socket.SHUT_RDWR)
+                    self.end_source("idle timeout")
+                    continue
+                timeout_s = min(timeout_s, idle_left)
+            events = self.poller.poll(timeout_s * 1000)
+            if not events:
+                self.check_forwarders()
+            for fd, _ in events:
+                if fd == self.source.fileno():
+                    self.read_source()
+                elif fd in self.pending:
+                    self.write_pending(fd)
+                elif fd in self.forwarders:
+                    self.check_forwarders()
+                elif fd == self.wake_fd:
+                    os.read(self.wake_fd, 64)
+                    self.stop("told to stop")
+                elif fd == self.lifeline_fd:
+                    self.poller.unregister(self.lifeline_fd)
+                    self.stop("main process gone")
+        log.info("group ended: %s; received %d bytes from source", self.end_reason, self.received)
+        return 0
+
+    def read_source(self):
+        """One recv, then write the chunk to every pipe, as far as each takes it now."""
+        try:
+            size = self.source.recv_into(self.buffer)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.end_source(forwarder.describe(exc))
+            return
+        if not size:
+            self.end_source("source closed")
+            return
+        self.received += size
+        self.last_data = time.monotonic()
+        self.chunk_len = size
+        view = self.view[:size]
+        for fd in self.pipes:
+            try:
+                written = os.write(fd, view)
+            except BlockingIOError:
+                written = 0
+            except BrokenPipeError:
+                continue  # that forwarder died; check_forwarders ends the group
+            if written < size:
+                self.pending[fd] = written
+                self.poller.register(fd, select.POLLOUT)
+        if self.pending:
+            # Backpressure: read no more until every pipe has taken this chunk.
+            self.poller.unregister(self.source)
+
+    def write_pending(self, fd):
+        """Continue the current chunk into a pipe that has room again."""
+        offset = self.pending[fd]
+        try:
+            offset += os.write(fd, self.view[offset:self.chunk_len])
+        except BlockingIOError:
+            pass
+        except BrokenPipeError:
+            offset = self.chunk_len
+        if offset < self.chunk_len:
+            self.pending[fd] = offset
+            return
+        del self.pending[fd]
+        self.poller.unregister(fd)
+        if not self.pending:
+            self.after_chunk()
+
+    def after_chunk(self):
+        """Every pipe has the chunk: read on, or, when stopping, close the pipes."""
+        if self.stop_deadline is None and self.source.fileno() >= 0:
+            self.poller.register(self.source, select.POLLIN)
+        else:
+            self.close_pipes()
+
+    def end_source(self, reason):
+        """The source is done: close the pipes, so every forwarder flushes and exits."""
+        self.end_reason = reason
+        self.poller.unregister(self.source)
+        self.source.close()
+        self.close_pipes()
+
+    def stop(self, reason):
+        """Stop reading; what was read goes out within STOP_FLUSH_S, then the group ends."""
+        if self.stop_deadline is not None:
+            return
+        log.info("stopping: %s", reason)
+        self.end_reason = reason
+        self.stop_deadline = time.monotonic() + STOP_FLUSH_S
+        if self.source.fileno() >= 0:
+            if not self.pending:
+                self.poller.unregister(self.source)
+                self.close_pipes()
+            self.source.close()
+
+    def close_pipes(self):
+        for fd in self.pipes:
+            os.close(fd)
+        self.pipes.clear()
+
+    # -- the forwarders ---------------------------------------------------------------------------
+
+    def check_forwarders(self):
+        """Collect exited forwarders; one that died before its pipe closed takes the group down."""
+        procs = list(self.forwarders.values())
+        gone, _ = psutil.wait_procs(procs, timeout=0)
+        for proc in gone:
+            pidfd = next(fd for fd, p in self.forwarders.items() if p is proc)
+            self.poller.unregister(pidfd)
+            os.close(pidfd)
+            del self.forwarders[pidfd]
+            if proc.returncode == 0 and not self.pipes:
+                continue  # finished after its pipe closed, as it should
+            how = ("killed by %s" % signal.Signals(-proc.returncode).name if proc.returncode < 0
+                   else "exit status %d" % proc.returncode)
+            log.error("group ended: forwarder %d to %s died (%s); received %d bytes from source",
+                      proc.pid, proc.dest, how, self.received)
+            self.kill_group()
+
+    def kill_forwarders(self, reason):
+        """End the forwarders still running (SIGKILL) and collect them."""
+        log.warning("killing %d forwarders: %s", len(self.forwarders), reason)
+        procs = list(self.forwarders.values())
+        for proc in procs:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(procs, timeout=2)
+
+    def kill_group(self):
+        """SIGKILL the whole process group, this process included: fate sharing."""
+        sys.stderr.flush()
+        os.killpg(0, signal.SIGKILL)
+
+
+def run_receiver(source, peer, config, lifeline_fd):
+    """Body of the receiver process (see forking.fork_child)."""
+    receiver = Receiver(source, peer, config, lifeline_fd)
+    receiver.end_reason = "ended"
+    receiver.start()
+    return receiver.run()

@@ -1,0 +1,243 @@
+"""Test helpers: polling with deadlines, free ports, recording destinations, process-tree cleanup.
+
+No test functions here. Every deadline goes through scaled() so a slow machine can stretch them all
+(SOCKETPROXY_TEST_TIMEOUT_SCALE=2 doubles every deadline).
+"""
+import ctypes
+import os
+import random
+import re
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_SCALE = float(os.environ.get("SOCKETPROXY_TEST_TIMEOUT_SCALE", "1"))
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def scaled(seconds):
+    """A deadline stretched by the machine's timeout scale."""
+    return seconds * TIMEOUT_SCALE
+
+
+def wait_until(predicate, timeout=20.0, interval=0.05, message=None):
+    """Poll predicate until it returns a truthy value (returned) or fail after timeout seconds."""
+    deadline = time.monotonic() + scaled(timeout)
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            text = message() if callable(message) else message
+            raise AssertionError("timeout (%.1f s): %s" % (scaled(timeout), text or predicate))
+        time.sleep(interval)
+
+
+def stays_true(predicate, duration, interval=0.05):
+    """True when predicate holds at every poll for duration seconds."""
+    deadline = time.monotonic() + duration
+    while time.monotonic() < deadline:
+        if not predicate():
+            return False
+        time.sleep(interval)
+    return True
+
+
+def become_subreaper():
+    """Adopt orphans of our descendants, so a killed proxy's children cannot become zombies of pid 1.
+
+    PID 1 on these machines never reaps adopted orphans; as subreaper the test process sees and reaps
+    them itself (reap_orphans), and a leaked process shows up as our child.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def reap_orphans():
+    """Reap every exited child of the test process that nobody waits for (returns their pids)."""
+    reaped = []
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return reaped
+        if pid == 0:
+            return reaped
+        reaped.append(pid)
+
+
+def free_port():
+    """A port free on 127.0.0.1 now, picked outside the ephemeral range so connects do not steal it."""
+    low, _high = (int(x) for x in open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+    for _ in range(200):
+        port = random.randint(10000, min(low, 32000) - 1)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port found")
+
+
+class Recorder:
+    """A destination on 127.0.0.1 that records each accepted connection's bytes, in a thread."""
+
+    def __init__(self, port=None, host="127.0.0.1", family=socket.AF_INET, read_rate=None):
+        self.listener = socket.socket(family, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind((host, port or 0))
+        self.listener.listen(128)
+        self.port = self.listener.getsockname()[1]
+        self.read_rate = read_rate  # bytes per second, None = as fast as possible
+        self.paused = threading.Event()
+        self.lock = threading.Lock()
+        self.connections = []  # list of dicts: data bytearray, open bool, peer
+        self.stopping = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        sel = selectors.DefaultSelector()
+        self.listener.setblocking(False)
+        sel.register(self.listener, selectors.EVENT_READ, None)
+        while not self.stopping:
+            if self.paused.is_set():
+                time.sleep(0.02)
+                continue
+            for key, _ in sel.select(timeout=0.05):
+                if key.data is None:
+                    try:
+                        conn, peer = self.listener.accept()
+                    except OSError:
+                        continue
+                    conn.setblocking(False)
+                    record = {"data": bytearray(), "open": True, "peer": peer, "sock": conn}
+                    with self.lock:
+                        self.connections.append(record)
+                    sel.register(conn, selectors.EVENT_READ, record)
+                else:
+                    record = key.data
+                    size = 262144
+                    if self.read_rate:
+                        size = max(1, int(self.read_rate * 0.05))
+                    try:
+                        chunk = key.fileobj.recv(size)
+                    except (ConnectionResetError, BlockingIOError):
+                        chunk = b""
+                    if chunk:
+                        with self.lock:
+                            record["data"] += chunk
+                        if self.read_rate:
+                            time.sleep(len(chunk) / self.read_rate)
+                    else:
+                        sel.unregister(key.fileobj)
+                        key.fileobj.close()
+                        record["open"] = False
+        for key in list(sel.get_map().values()):
+            key.fileobj.close()
+
+    def streams(self):
+        """Bytes of every connection so far, in accept order."""
+        with self.lock:
+            return [bytes(c["data"]) for c in self.connections]
+
+    def open_count(self):
+        with self.lock:
+            return sum(1 for c in self.connections if c["open"])
+
+    def closed_count(self):
+        with self.lock:
+            return sum(1 for c in self.connections if not c["open"])
+
+    def total(self):
+        with self.lock:
+            return sum(len(c["data"]) for c in self.connections)
+
+    def stop(self):
+        """Stop accepting and close every connection (the destination goes down)."""
+        self.stopping = True
+        self.thread.join(5)
+        self.listener.close()
+
+
+def start_proxy(tmp_path, dests, *options, listen_port=None, name="proxy"):
+    """Start socketproxy.py as its own session; return (Popen, port, log path) once it listens."""
+    port = listen_port or free_port()
+    log_path = tmp_path / ("%s.log" % name)
+    argv = [sys.executable, os.path.join(ROOT, "socketproxy.py"), "--listen-host", "127.0.0.1",
+            "--listen-port", str(port), *options, *dests]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_until(lambda: "listening on" in log_path.read_text() or proc.poll() is not None, 20,
+               message=lambda: "proxy did not start: " + log_path.read_text())
+    assert proc.poll() is None, log_path.read_text()
+    return proc, port, log_path
+
+
+def wait_for_log(log_path, pattern, timeout=20.0, count=1):
+    """Wait until the log holds count lines matching the regex; return the matches."""
+    regex = re.compile(pattern)
+
+    def found():
+        matches = [m for m in (regex.search(line) for line in log_path.read_text().splitlines()) if m]
+        return matches if len(matches) >= count else None
+
+    return wait_until(found, timeout, message=lambda: "no %r in log:\n%s" % (pattern, log_path.read_text()[-4000:]))
+
+
+def tree(pid):
+    """psutil.Process objects of pid and all its descendants (empty when pid is gone)."""
+    try:
+        root = psutil.Process(pid)
+        return [root] + root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def by_role(pid, role):
+    """Live descendants of pid whose title names the role ('receiver' or 'forwarder')."""
+    found = []
+    for proc in tree(pid)[1:]:
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and ("socketproxy: " + role) in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def alive(procs):
+    """The processes of procs still running (zombies count as gone; they are reaped here when ours)."""
+    reap_orphans()
+    result = []
+    for proc in procs:
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                result.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    return result
+
+
+def kill_tree(procs, timeout=5):
+    """SIGKILL every process of procs, deepest first, and wait for them; return those that survived."""
+    for proc in reversed(procs):
+        try:
+            proc.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive(procs):
+            break
+        time.sleep(0.05)
+    reap_orphans()
+    return alive(procs)
