@@ -241,3 +241,34 @@ def kill_tree(procs, timeout=5):
         time.sleep(0.05)
     reap_orphans()
     return alive(procs)
+
+
+def connect_source(port, host="127.0.0.1"):
+    """A source connection to the proxy."""
+    return socket.create_connection((host, port), timeout=scaled(30))
+
+
+def send_in_thread(sock, data, close=True):
+    """sendall(data) (then close) in a thread, so a test can watch while backpressure holds it."""
+    def run():
+        try:
+            sock.sendall(data)
+        except OSError:
+            pass
+        if close:
+            sock.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def sees_close(sock):
+    """True once the proxy has closed the source connection (EOF or reset on a read)."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True

@@ -1,0 +1,142 @@
+"""Destinations failing: down, killed, slow, stuck, unresolvable; the others are never hurt."""
+import os
+import re
+import threading
+import time
+
+from support import (Recorder, by_role, connect_source, free_port, scaled, send_in_thread, stays_true,
+                     wait_for_log, wait_until)
+
+RETRY = 1.0
+
+
+class Trickle:
+    """A source that sends numbered lines continuously from a thread, so gaps can be found."""
+
+    def __init__(self, port, interval=0.005):
+        self.sock = connect_source(port)
+        self.interval = interval
+        self.sent = 0
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.stopping:
+            try:
+                self.sock.sendall(b"%08d\n" % self.sent)
+            except OSError:
+                return
+            self.sent += 1
+            time.sleep(self.interval)
+
+    def stop(self):
+        self.stopping = True
+        self.thread.join(10)
+        self.sock.close()
+
+
+def numbers(stream):
+    return [int(line) for line in stream.split(b"\n") if len(line) == 8]
+
+
+def assert_no_gap(stream):
+    nums = numbers(stream)
+    assert nums == list(range(nums[0], nums[0] + len(nums))), "gap or reorder"
+
+
+def test_destination_down_at_start_then_started(proxy, recorder):
+    """A destination down at start gets data within retry-interval + 1 s of starting; the other gets all."""
+    up = recorder()
+    late_port = free_port()
+    px = proxy(["127.0.0.1:%d" % up.port, "127.0.0.1:%d" % late_port], "--retry-interval", str(RETRY))
+    source = Trickle(px.port)
+    try:
+        wait_for_log(px.log_path, r"cannot connect to 127.0.0.1:%d: connection refused" % late_port)
+        wait_until(lambda: up.total() > 1000)
+        late = recorder(port=late_port)
+        started = time.monotonic()
+        wait_until(lambda: late.total() > 0, 10)
+        assert time.monotonic() - started <= scaled(RETRY + 1.0)
+        sent_before = source.sent
+        wait_until(lambda: numbers(late.streams()[0])[-1:] and numbers(late.streams()[0])[-1] > sent_before)
+    finally:
+        source.stop()
+    wait_until(lambda: up.closed_count() == 1)
+    assert numbers(up.streams()[0]) == list(range(source.sent))
+    assert_no_gap(late.streams()[0])
+    wait_for_log(px.log_path, r"connected to 127.0.0.1:%d after \d+ attempts; dropped \d+ bytes" % late_port)
+
+
+def test_destination_killed_mid_stream_and_restarted(proxy, recorder):
+    """A destination that goes away mid-stream comes back within retry + 1 s; the other sees no gap."""
+    steady = recorder()
+    flaky = recorder()
+    flaky_port = flaky.port
+    px = proxy(["127.0.0.1:%d" % steady.port, "127.0.0.1:%d" % flaky_port], "--retry-interval", str(RETRY))
+    source = Trickle(px.port)
+    try:
+        wait_until(lambda: flaky.total() > 2000)
+        flaky.stop()  # closes its connection and its listener: down
+        wait_for_log(px.log_path, r"disconnected from 127.0.0.1:%d: closed by destination" % flaky_port)
+        wait_until(lambda: "cannot connect" in px.log() or "dropped" in px.log())
+        count_at_restart = source.sent
+        back = recorder(port=flaky_port)
+        restarted = time.monotonic()
+        wait_until(lambda: back.total() > 0, 10)
+        assert time.monotonic() - restarted <= scaled(RETRY + 1.0)
+        wait_until(lambda: numbers(back.streams()[0]) and numbers(back.streams()[0])[-1] > count_at_restart + 10)
+    finally:
+        source.stop()
+    wait_until(lambda: steady.closed_count() == 1)
+    assert numbers(steady.streams()[0]) == list(range(source.sent))
+    assert_no_gap(back.streams()[0])
+    dropped = wait_for_log(px.log_path, r"dropped (\d+) bytes while down")
+    assert int(dropped[0].group(1)) > 0
+
+
+def test_slow_destination_loses_nothing(proxy, recorder):
+    """A destination reading 100 KB/s slows the source down but nothing is lost for either one."""
+    fast = recorder()
+    slow = recorder(read_rate=100_000)
+    px = proxy(["127.0.0.1:%d" % fast.port, "127.0.0.1:%d" % slow.port], "--send-timeout", "2")
+    payload = os.urandom(600_000)
+    source = connect_source(px.port)
+    send_in_thread(source, payload)
+    for dest in (fast, slow):
+        wait_until(lambda: dest.closed_count() == 1, 60, message=lambda: "%d bytes" % dest.total())
+        assert dest.streams() == [payload]
+    assert "dropped" not in re.sub(r"dropped 0 bytes", "", px.log())
+
+
+def test_stuck_destination_does_not_stop_the_other(proxy, recorder):
+    """A destination that stops reading is cut after --send-timeout; the other keeps receiving."""
+    healthy = recorder()
+    stuck = recorder()
+    px = proxy(["127.0.0.1:%d" % healthy.port, "127.0.0.1:%d" % stuck.port], "--send-timeout", "1",
+               "--retry-interval", "1")
+    source = connect_source(px.port)
+    wait_until(lambda: healthy.open_count() == 1 and stuck.open_count() == 1)
+    stuck.paused.set()  # stops reading and accepting
+    chunk = os.urandom(1 << 20)
+    sender = send_in_thread(source, chunk * 40, close=False)
+    wait_for_log(px.log_path, r"disconnected from 127.0.0.1:%d: no progress for 1.0 s" % stuck.port, 30)
+    wait_until(lambda: healthy.total() >= 40 * len(chunk), 60, message=lambda: "%d bytes" % healthy.total())
+    sender.join(30)
+    source.close()
+    wait_until(lambda: healthy.closed_count() == 1, 30)
+    assert healthy.streams()[0] == chunk * 40
+
+
+def test_unresolvable_destination_is_retried_not_fatal(proxy, recorder):
+    """A destination name that does not resolve is logged and retried; the others are served."""
+    good = recorder()
+    px = proxy(["127.0.0.1:%d" % good.port, "no-such-host.invalid:9"], "--retry-interval", "0.5")
+    source = connect_source(px.port)
+    source.sendall(b"a" * 100)
+    wait_for_log(px.log_path, r"cannot connect to no-such-host.invalid:9: name not resolved")
+    source.sendall(b"b" * 100)
+    wait_until(lambda: good.total() == 200)
+    assert stays_true(lambda: len(by_role(px.pid, "forwarder")) == 2, 1.5)
+    source.close()
+    wait_until(lambda: good.closed_count() == 1)
