@@ -115,3 +115,31 @@ def test_receivers_lead_groups_and_titles_name_the_peers(proxy, recorder):
     # The forwarder holds no source socket, only its destination connection and its pipe.
     assert [c.raddr.port for c in fwd.net_connections()] == [dest.port]
     source.close()
+
+
+def open_fds(proc):
+    """Kinds of the descriptors proc holds above stdio, from /proc: sorted like ['pipe', 'socket']."""
+    kinds = []
+    for name in os.listdir("/proc/%d/fd" % proc.pid):
+        if int(name) > 2:
+            target = os.readlink("/proc/%d/fd/%s" % (proc.pid, name))
+            kinds.append(target.split(":")[0] if ":" in target else target.split("/")[-1])
+    return sorted(kinds)
+
+
+def test_each_process_holds_only_its_own_descriptors(proxy, recorder):
+    """After fork each process holds only what it needs: no listener, no sibling's pipe, no stray source."""
+    d1, d2 = recorder(), recorder()
+    px = proxy(["127.0.0.1:%d" % d1.port, "127.0.0.1:%d" % d2.port])
+    source = connect_source(px.port)
+    wait_until(lambda: d1.open_count() == 1 and d2.open_count() == 1)
+    [rec] = by_role(px.pid, "receiver")
+    # receiver: source socket, lifeline read end, signal wake-up pipe (2), 2 pipe write ends, 2 pidfds
+    assert open_fds(rec) == sorted(["socket", "pipe", "pipe", "pipe", "pipe", "pipe",
+                                    "anon_inode", "anon_inode"]), open_fds(rec)
+    for fwd in by_role(px.pid, "forwarder"):
+        # forwarder: its pipe's read end, /dev/null (drops), its destination socket
+        assert open_fds(fwd) == ["null", "pipe", "socket"], open_fds(fwd)
+    # main: the listener and its lifeline write end; the source socket went with the fork
+    assert open_fds(psutil.Process(px.pid)) == ["pipe", "pipe", "socket"], open_fds(psutil.Process(px.pid))
+    source.close()
