@@ -226,6 +226,12 @@ class Forwarder:
     def lose_connection(self, reason):
         """Close a failed connection; bytes still queued in it are counted as dropped."""
         lost = unsent_bytes(self.sock)
+        # Reset rather than close: queued bytes would otherwise still go out later (to a destination
+        # that was only stopped), and the drop count below would be wrong.
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
         self.sock.close()
         self.sock = None
         if time.monotonic() - self.connected_at >= self.config.retry_interval:
