@@ -253,5 +253,9 @@ def run_receiver(source, peer, config, lifeline_fd):
     """Body of the receiver process (see forking.fork_child)."""
     receiver = Receiver(source, peer, config, lifeline_fd)
     receiver.end_reason = "ended"
-    receiver.start()
+    try:
+        receiver.start()
+    except OSError as exc:
+        log.error("group ended: cannot start its forwarders: %s", exc.strerror or exc)
+        receiver.kill_group()
     return receiver.run()
