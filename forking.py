@@ -1,4 +1,5 @@
 """The project's only fork: a child that holds exactly the descriptors it needs and never returns."""
+import gc
 import os
 import signal
 import sys
@@ -32,6 +33,9 @@ def fork_child(title, target, *args, keep=(), close=()):
     """
     sys.stdout.flush()
     sys.stderr.flush()
+    # Objects alive now go to the permanent generation: the child's collections never walk (and
+    # so never copy) the pages they share with the parent.
+    gc.freeze()
     pid = os.fork()
     if pid:
         return pid

@@ -71,7 +71,7 @@ class Forwarder:
         self.attempts = 0
         self.pipe_eof = False
         self.devnull_fd = os.open(os.devnull, os.O_WRONLY)
-        self.discard = bytearray(65536)
+        self.discard = bytearray(16384)
 
     # -- the loop ---------------------------------------------------------------------------------
 

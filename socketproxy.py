@@ -21,8 +21,8 @@ Options:
   --version               show the version
 """
 import ctypes
+import encodings.idna  # noqa: F401  getaddrinfo in forwarders needs it: import once, before fork
 import errno
-import gc
 import os
 import re
 import signal
@@ -276,7 +276,6 @@ def main(argv=None):
     setproctitle.setproctitle("socketproxy: main %s:%d -> %s" % (
         config.listen_host, config.listen_port, " ".join(str(d) for d in config.dests)))
     proxy = Proxy(config, listener)
-    gc.freeze()  # receivers fork from here: keep the shared pages shared
     why = proxy.serve()
     proxy.shutdown(why)
     return 0
