@@ -22,7 +22,7 @@ from proxylog import log
 CHUNK = 256 * 1024
 PIPE_SIZE = 1024 * 1024
 STOP_FLUSH_S = 1.0  # on SIGTERM or main's death: how long already-read data may take to go out
-TICK_S = 1.0
+TICK_S = 5.0  # backstop only: pidfds report a forwarder's death at once
 F_SETPIPE_SZ = 1031
 KEEPALIVE = ((socket.TCP_KEEPIDLE, 60), (socket.TCP_KEEPINTVL, 10), (socket.TCP_KEEPCNT, 6))
 
