@@ -14,6 +14,8 @@ import time
 
 import psutil
 
+from zerocopy import tee
+
 import forking
 import forwarder
 import proxylog
@@ -21,10 +23,21 @@ from proxylog import log
 
 CHUNK = 256 * 1024
 PIPE_SIZE = 1024 * 1024
+SPLICE_F_NONBLOCK = os.SPLICE_F_NONBLOCK
+SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+splice = os.splice
 STOP_FLUSH_S = 1.0  # on SIGTERM or main's death: how long already-read data may take to go out
 TICK_S = 5.0  # backstop only: pidfds report a forwarder's death at once
 F_SETPIPE_SZ = 1031
 KEEPALIVE = ((socket.TCP_KEEPIDLE, 60), (socket.TCP_KEEPINTVL, 10), (socket.TCP_KEEPCNT, 6))
+
+
+def set_pipe_size(fd):
+    """Enlarge a pipe to PIPE_SIZE where the system allows it (else it keeps its default)."""
+    try:
+        fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass  # above /proc/sys/fs/pipe-max-size
 
 
 class Receiver:
@@ -36,6 +49,7 @@ class Receiver:
         self.config = config
         self.lifeline_fd = lifeline_fd
         self.pipes = {}  # write fd -> dest
+        self.pipe_fds = []  # the same write fds, in destination order
         self.forwarders = {}  # pidfd -> psutil.Process
         self.pending = {}  # write fd -> offset already written of the current chunk
         self.chunk_len = 0
@@ -54,6 +68,10 @@ class Receiver:
             pass  # main already made us a group leader
         proxylog.set_connection("src=%s" % self.peer)
         self.source.setblocking(False)
+        self.source_fd = self.source.fileno()
+        # The staging pipe the source is spliced into (non-blocking, as large as a forwarder's).
+        self.stage_r, self.stage_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        set_pipe_size(self.stage_w)
         self.source.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         for option, value in KEEPALIVE:
             self.source.setsockopt(socket.IPPROTO_TCP, option, value)
@@ -73,10 +91,7 @@ class Receiver:
     def spawn_forwarder(self, dest):
         """Fork one forwarder fed by a new pipe; the receiver keeps the write end only."""
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-        try:
-            fcntl.fcntl(write_fd, F_SETPIPE_SZ, PIPE_SIZE)
-        except OSError:
-            pass  # above /proc/sys/fs/pipe-max-size: keep the default
+        set_pipe_size(write_fd)
         title = "socketproxy: forwarder %s -> %s" % (self.peer, dest)
         # The forwarder must not hold the source (else killing us would not close it) nor any
         # sibling's write end (else that pipe would never read EOF): it keeps its read end only.
@@ -84,6 +99,7 @@ class Receiver:
         os.close(read_fd)
         os.set_blocking(write_fd, False)
         self.pipes[write_fd] = dest
+        self.pipe_fds.append(write_fd)
         proc = psutil.Process(pid)
         proc.dest = dest
         pidfd = os.pidfd_open(pid)
@@ -119,7 +135,7 @@ class Receiver:
             if not events:
                 self.check_forwarders()
             for fd, _ in events:
-                if fd == self.source.fileno():
+                if fd == self.source_fd:
                     self.read_source()
                 elif fd in self.pending:
                     self.write_pending(fd)
@@ -135,9 +151,15 @@ class Receiver:
         return 0
 
     def read_source(self):
-        """One recv, then write the chunk to every pipe, as far as each takes it now."""
+        """Move one chunk of the source into every pipe without copying it through Python.
+
+        splice(2) moves the source's bytes into the staging pipe, tee(2) duplicates them into every
+        forwarder's pipe but the last, and splice moves them into the last. Only when a pipe cannot
+        take the whole chunk at once (a slow destination) is the chunk read into our buffer and
+        written out from there, each pipe at its own pace.
+        """
         try:
-            size = self.source.recv_into(self.buffer)
+            size = splice(self.source_fd, self.stage_w, CHUNK, flags=SPLICE_FLAGS)
         except BlockingIOError:
             return
         except OSError as exc:
@@ -149,20 +171,38 @@ class Receiver:
         self.received += size
         self.last_data = time.monotonic()
         self.chunk_len = size
-        view = self.view[:size]
-        for fd in self.pipes:
+        fds = self.pipe_fds
+        last = len(fds) - 1
+        for index, fd in enumerate(fds):
             try:
-                written = os.write(fd, view)
+                if index < last:
+                    moved = tee(self.stage_r, fd, size, SPLICE_F_NONBLOCK)
+                else:
+                    moved = splice(self.stage_r, fd, size, flags=SPLICE_FLAGS)
             except BlockingIOError:
-                written = 0
+                moved = 0
             except BrokenPipeError:
-                continue  # that forwarder died; check_forwarders ends the group
-            if written < size:
-                self.pending[fd] = written
-                self.poller.register(fd, select.POLLOUT)
-        if self.pending:
-            # Backpressure: read no more until every pipe has taken this chunk.
-            self.poller.unregister(self.source)
+                moved = size  # that forwarder died; check_forwarders ends the group
+            if moved < size:
+                self.copy_rest(index, moved)
+                return
+
+    def copy_rest(self, index, moved):
+        """A pipe took only part of the chunk: finish this chunk from our buffer (backpressure)."""
+        left = self.chunk_len if index < len(self.pipe_fds) - 1 else self.chunk_len - moved
+        os.readv(self.stage_r, [self.view[:left]])
+        if index == len(self.pipe_fds) - 1:
+            # splice consumed what the last pipe took: the buffer holds only the rest.
+            self.chunk_len = left
+            self.pending[self.pipe_fds[index]] = 0
+        else:
+            self.pending[self.pipe_fds[index]] = moved
+            for fd in self.pipe_fds[index + 1:]:
+                self.pending[fd] = 0
+        for fd in self.pending:
+            self.poller.register(fd, select.POLLOUT)
+        # Backpressure: read no more until every pipe has taken this chunk.
+        self.poller.unregister(self.source_fd)
 
     def write_pending(self, fd):
         """Continue the current chunk into a pipe that has room again."""
@@ -212,6 +252,7 @@ class Receiver:
         for fd in self.pipes:
             os.close(fd)
         self.pipes.clear()
+        self.pipe_fds = []
 
     # -- the forwarders ---------------------------------------------------------------------------
 

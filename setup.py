@@ -5,7 +5,7 @@ setup(
     name="socketproxy",
     version="0.1.0",
     description="TCP fan-out proxy: one receiver process per source, one forwarder per destination",
-    py_modules=["socketproxy", "receiver", "forwarder", "forking", "endpoints", "proxylog"],
+    py_modules=["socketproxy", "receiver", "forwarder", "forking", "endpoints", "proxylog", "zerocopy"],
     packages=["fakes"],
     python_requires=">=3.10",
     install_requires=["psutil>=5.9", "docopt-ng>=0.9", "setproctitle>=1.3"],

@@ -4,6 +4,8 @@ import re
 import threading
 import time
 
+import pytest
+
 from support import (Recorder, by_role, connect_source, free_port, scaled, send_in_thread, stays_true,
                      wait_for_log, wait_until)
 
@@ -95,15 +97,18 @@ def test_destination_killed_mid_stream_and_restarted(proxy, recorder):
     assert int(dropped[0].group(1)) > 0
 
 
-def test_slow_destination_loses_nothing(proxy, recorder):
-    """A destination reading 100 KB/s slows the source down but nothing is lost for either one."""
+@pytest.mark.parametrize("slow_first", [True, False], ids=["slow-first", "slow-last"])
+def test_slow_destination_loses_nothing(proxy, recorder, slow_first):
+    """A destination reading 100 KB/s slows the source down but nothing is lost for any of them."""
     fast = recorder()
     slow = recorder(read_rate=100_000)
-    px = proxy(["127.0.0.1:%d" % fast.port, "127.0.0.1:%d" % slow.port], "--send-timeout", "2")
+    third = recorder()
+    order = [slow, fast, third] if slow_first else [fast, third, slow]
+    px = proxy(["127.0.0.1:%d" % d.port for d in order], "--send-timeout", "2")
     payload = os.urandom(600_000)
     source = connect_source(px.port)
     send_in_thread(source, payload)
-    for dest in (fast, slow):
+    for dest in order:
         wait_until(lambda: dest.closed_count() == 1, 60, message=lambda: "%d bytes" % dest.total())
         assert dest.streams() == [payload]
     assert "dropped" not in re.sub(r"dropped 0 bytes", "", px.log())

@@ -134,9 +134,9 @@ def test_each_process_holds_only_its_own_descriptors(proxy, recorder):
     source = connect_source(px.port)
     wait_until(lambda: d1.open_count() == 1 and d2.open_count() == 1)
     [rec] = by_role(px.pid, "receiver")
-    # receiver: source socket, lifeline read end, signal wake-up pipe (2), 2 pipe write ends, 2 pidfds
-    assert open_fds(rec) == sorted(["socket", "pipe", "pipe", "pipe", "pipe", "pipe",
-                                    "anon_inode", "anon_inode"]), open_fds(rec)
+    # receiver: source socket, lifeline read end, signal wake-up pipe (2), staging pipe (2),
+    # 2 pipe write ends, 2 pidfds
+    assert open_fds(rec) == sorted(["socket"] + ["pipe"] * 7 + ["anon_inode"] * 2), open_fds(rec)
     for fwd in by_role(px.pid, "forwarder"):
         # forwarder: its pipe's read end, /dev/null (drops), its destination socket
         assert open_fds(fwd) == ["null", "pipe", "socket"], open_fds(fwd)

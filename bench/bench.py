@@ -1,0 +1,823 @@
+"""SocketProxy benchmark: direct, socat and SocketProxy in one run, interleaved (issue 4).
+
+Usage:
+  bench/bench.py [--quick] [--scale X] [--rounds N] [--only FIGS] [--no-crc] [--json PATH]
+
+  --quick       sizes x 0.02 and one round: a smoke test of every figure in well under a minute
+  --scale X     multiply every size and count by X (also BENCH_SCALE=X); default 1
+  --rounds N    rounds of the repeated figures (throughput, connections, latency); default 3
+  --only FIGS   comma-separated subset of: thr,conn,lat,mem,scale
+  --no-crc      sinks skip the crc32 (byte count and the byte-by-byte compare remain)
+  --json PATH   where to write the results; default bench/results.json
+
+Every figure runs each system once per round, rounds interleaved, the order rotated every round,
+so every ratio is taken under the same load; values are medians over rounds, ratios are medians of
+the per-round ratios. Sinks and sources are separate processes (bench/peers.py) on 127.0.0.1; every
+stream is checked at every destination: byte count, every byte compared with the expected pattern,
+and a crc32. Systems:
+
+  direct      the source connects to the sinks itself; for D > 1 it writes every chunk to D sockets
+  socat       socat TCP-LISTEN:P,fork,reuseaddr TCP:DEST                 (D = 1)
+              (every socat listener also gets bind=127.0.0.1,backlog=1024, as the proxy's: with
+              socat's default backlog of 5, concurrency 8 overflows the accept queue and a dropped
+              SYN costs a 1 s retransmit, which would measure the backlog, not socat)
+  socat-b256k the same with -b 262144                                    (D = 1)
+  socat+tee   socat TCP-LISTEN:P,fork,reuseaddr EXEC:script, the script being
+              tee >(socat -u - TCP:A) ... | socat -u - TCP:Z              (D >= 2, bash)
+  socketproxy python socketproxy.py --listen-host 127.0.0.1 --listen-port P --log-level warning DEST...
+
+The bench raises its own RLIMIT_NOFILE soft limit to the hard limit before it starts anything, so
+every process it starts (the proxy included) inherits the raised limit. It makes itself a child
+subreaper, so orphans of the systems it starts are reaped here, and kills every process it started
+when a trial ends.
+"""
+import argparse
+import ctypes
+import json
+import os
+import platform
+import queue
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import psutil
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+PEERS = os.path.join(HERE, "peers.py")
+GIB = 1 << 30
+MIB = 1 << 20
+PR_SET_CHILD_SUBREAPER = 36
+BACKLOG = 1024  # socat's default listen backlog (5) drops SYNs at concurrency 8: 1 s retransmits
+
+
+class BenchError(Exception):
+    pass
+
+
+def log(text):
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def raise_nofile():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError):
+            pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def become_subreaper():
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def reap_descendants():
+    """Kill and collect every process below the bench (all of them were started by this run)."""
+    me = psutil.Process()
+    for _ in range(3):
+        procs = me.children(recursive=True)
+        if not procs:
+            return
+        for proc in procs:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(procs, timeout=5)
+
+
+def kill_tree(popen):
+    """SIGKILL a process we started and everything below it, and collect them."""
+    try:
+        root = psutil.Process(popen.pid)
+        procs = [root] + root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        procs = []
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=5)
+    try:
+        popen.wait(timeout=1)
+    except (subprocess.TimeoutExpired, ChildProcessError):
+        pass
+
+
+def tree(pid):
+    root = psutil.Process(pid)
+    return [root] + root.children(recursive=True)
+
+
+def role(proc):
+    """'receiver', 'forwarder', 'main' for the proxy's processes (by title), else the name."""
+    try:
+        cmd = proc.cmdline()
+        if cmd and cmd[0].startswith("socketproxy: "):
+            return cmd[0].split()[1]
+        return proc.name()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return "?"
+
+
+def tree_memory(pid, roles=None):
+    """(processes, PSS, USS) summed over the process tree of pid; roles gets per-role sums."""
+    count = pss = uss = 0
+    for proc in tree(pid):
+        try:
+            info = proc.memory_full_info()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        count += 1
+        pss += info.pss
+        uss += info.uss
+        if roles is not None:
+            entry = roles.setdefault(role(proc), {"processes": 0, "pss": 0, "uss": 0})
+            entry["processes"] += 1
+            entry["pss"] += info.pss
+            entry["uss"] += info.uss
+    return count, pss, uss
+
+
+class CpuSampler(threading.Thread):
+    """Samples the CPU time of every process of a tree every 0.1 s (the last sample of a process
+    that has exited stands for its total): CPU seconds per role, for diagnosis."""
+
+    def __init__(self, pid):
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.seen = {}  # pid -> (role, cpu seconds)
+        self.done = threading.Event()
+
+    def run(self):
+        while not self.done.wait(0.1):
+            try:
+                procs = tree(self.pid)
+            except psutil.NoSuchProcess:
+                return
+            for proc in procs:
+                try:
+                    t = proc.cpu_times()
+                    name = self.seen[proc.pid][0] if proc.pid in self.seen else role(proc)
+                    self.seen[proc.pid] = (name, t.user + t.system)
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    pass
+
+    def stop(self):
+        self.done.set()
+        self.join()
+        roles = {}
+        for name, cpu in self.seen.values():
+            roles[name] = round(roles.get(name, 0.0) + cpu, 3)
+        return roles
+
+
+# -- peers (sinks and sources, bench/peers.py) --------------------------------------------------
+
+class Peer:
+    """A sink or source process; its stdout lines arrive on a queue."""
+
+    def __init__(self, name, argv, stdin=False):
+        self.name = name
+        self.popen = subprocess.Popen([sys.executable, PEERS] + [str(a) for a in argv],
+                                      stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                                      stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.lines = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.popen.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def expect(self, word, timeout, soft=False):
+        """The rest of the next line starting with word; None on timeout when soft."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                if soft:
+                    return None
+                raise BenchError("%s: no %r within %.0f s" % (self.name, word, timeout)) from None
+            if line is None:
+                self.lines.put(None)
+                raise BenchError("%s exited (status %s) before %r" % (self.name, self.popen.wait(), word))
+            head, _, rest = line.partition(" ")
+            if head == word:
+                return rest
+
+    def result(self, timeout):
+        return json.loads(self.expect("result", timeout))
+
+    def send(self, line):
+        self.popen.stdin.write(line + "\n")
+        self.popen.stdin.flush()
+
+
+SINK_FLAGS = []  # ["--no-crc"] with bench.py --no-crc
+
+
+def start_sinks(count, mode, expect, size, timeout):
+    sinks = [Peer("sink%d" % i, ["sink", "--mode", mode, "--expect", expect, "--size", size,
+                                 "--timeout", timeout] + SINK_FLAGS) for i in range(count)]
+    ports = [int(s.expect("port", 10)) for s in sinks]
+    return sinks, ports
+
+
+def check_sinks(results, expect, what):
+    """Raise unless every sink got every stream complete and correct."""
+    for i, res in enumerate(results):
+        problems = []
+        if res.get("timeout"):
+            problems.append("timed out")
+        if res["complete"] != expect or res["good"] != expect:
+            problems.append("%d/%d streams complete, %d good" % (res["complete"], expect, res["good"]))
+        if res.get("missing_ids") or res.get("dup_ids"):
+            problems.append("%d stream ids missing, %d duplicated" % (res["missing_ids"], res["dup_ids"]))
+        if problems:
+            raise BenchError("%s: destination %d: %s %s" % (what, i, "; ".join(problems), res.get("bad")))
+
+
+# -- systems ------------------------------------------------------------------------------------
+
+class System:
+    key = "?"
+    popen = None
+
+    def start(self, ports, extra=()):
+        """Start for these sink ports; the addresses the source must connect to."""
+        raise NotImplementedError
+
+    def wait_listening(self, port, timeout=15.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                raise BenchError("%s exited with status %s at start%s" % (self.key, self.popen.returncode,
+                                                                          self.stderr_tail()))
+            try:
+                conns = psutil.Process(self.popen.pid).net_connections("tcp")
+            except psutil.NoSuchProcess:
+                conns = []
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in conns):
+                return
+            time.sleep(0.01)
+        raise BenchError("%s not listening on %d after %.0f s" % (self.key, port, timeout))
+
+    def stderr_tail(self):
+        return ""
+
+    def wait_idle(self, timeout=3.0):
+        """Wait until the tree is back to its root process; True when it is."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if not psutil.Process(self.popen.pid).children(recursive=True):
+                    return True
+            except psutil.NoSuchProcess:
+                return False
+            time.sleep(0.02)
+        return False
+
+    def log_summary(self):
+        return {}
+
+    def cpu_seconds(self):
+        """CPU of the root plus every child it has collected (children collect theirs)."""
+        try:
+            t = psutil.Process(self.popen.pid).cpu_times()
+        except psutil.NoSuchProcess:
+            return None
+        return t.user + t.system + t.children_user + t.children_system
+
+    def stop(self):
+        if self.popen is not None:
+            kill_tree(self.popen)
+            self.popen = None
+
+
+class Direct(System):
+    key = "direct"
+
+    def start(self, ports, extra=()):
+        return ["127.0.0.1:%d" % p for p in ports]
+
+    def cpu_seconds(self):
+        return None
+
+
+class Socat(System):
+    def __init__(self, bufsize=None):
+        self.bufsize = bufsize
+        self.key = "socat-b256k" if bufsize else "socat"
+
+    def start(self, ports, extra=()):
+        assert len(ports) == 1
+        port = free_port()
+        argv = ["socat"] + (["-b", str(self.bufsize)] if self.bufsize else []) + [
+            "TCP-LISTEN:%d,fork,reuseaddr,bind=127.0.0.1,backlog=%d" % (port, BACKLOG), "TCP:127.0.0.1:%d" % ports[0]]
+        self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+        self.wait_listening(port)
+        return ["127.0.0.1:%d" % port]
+
+
+class SocatTee(System):
+    key = "socat+tee"
+
+    def __init__(self, tmpdir):
+        self.tmpdir = tmpdir
+
+    def start(self, ports, extra=()):
+        assert len(ports) >= 2
+        port = free_port()
+        script = os.path.join(self.tmpdir, "tee-%d.sh" % port)
+        subs = " ".join(">(socat -u - TCP:127.0.0.1:%d)" % p for p in ports[:-1])
+        with open(script, "w") as f:
+            f.write("#!/bin/bash\ntee %s | socat -u - TCP:127.0.0.1:%d\n" % (subs, ports[-1]))
+        os.chmod(script, 0o755)
+        argv = ["socat", "TCP-LISTEN:%d,fork,reuseaddr,bind=127.0.0.1,backlog=%d" % (port, BACKLOG),
+                "EXEC:%s" % script]
+        self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+        self.wait_listening(port)
+        return ["127.0.0.1:%d" % port]
+
+
+class SocketProxy(System):
+    key = "socketproxy"
+
+    def __init__(self, tmpdir):
+        self.log_path = os.path.join(tmpdir, "socketproxy.log")
+
+    def start(self, ports, extra=()):
+        port = free_port()
+        argv = [sys.executable, os.path.join(ROOT, "socketproxy.py"), "--listen-host", "127.0.0.1",
+                "--listen-port", str(port), "--log-level", "warning"] + list(extra) + [
+                    "127.0.0.1:%d" % p for p in ports]
+        self.log_start = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
+        with open(self.log_path, "a") as err:
+            self.popen = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stderr=err)
+        self.wait_listening(port)
+        return ["127.0.0.1:%d" % port]
+
+    def stderr_tail(self):
+        try:
+            with open(self.log_path) as f:
+                f.seek(self.log_start)
+                lines = f.read().splitlines()
+        except OSError:
+            return ""
+        return (": " + " | ".join(lines[-3:])) if lines else ""
+
+    def log_summary(self):
+        """Warnings and errors the proxy logged during the trial."""
+        try:
+            with open(self.log_path) as f:
+                f.seek(self.log_start)
+                lines = [l for l in f.read().splitlines() if " WARNING " in l or " ERROR " in l]
+        except OSError:
+            return {}
+        return {"proxy_log_lines": len(lines), "proxy_log_first": lines[:3]} if lines else {}
+
+    def stop(self):
+        """SIGTERM first (the proxy ends its own tree within 3 s), then kill what is left."""
+        if self.popen is None:
+            return
+        try:
+            self.popen.send_signal(signal.SIGTERM)
+            self.popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            log("  socketproxy did not exit within 5 s of SIGTERM; killing its tree")
+        super().stop()
+
+
+# -- figures ------------------------------------------------------------------------------------
+
+def run_trial(system, fn, *args):
+    """One measurement; whatever happens, everything it started is gone afterwards."""
+    try:
+        res = fn(system, *args)
+    except BenchError as exc:
+        res = {"error": str(exc)}
+    except (OSError, ValueError, KeyError, TypeError, psutil.Error) as exc:
+        res = {"error": "%s: %s" % (type(exc).__name__, exc)}
+    finally:
+        try:
+            system.stop()
+        finally:
+            reap_descendants()
+    res.update(system.log_summary())
+    return res
+
+
+def trial_throughput(system, dests, size):
+    timeout = 30 + size * dests / 20e6
+    sinks, ports = start_sinks(dests, "stream", 1, size, timeout)
+    addrs = system.start(ports)
+    sampler = None
+    if system.popen is not None:
+        sampler = CpuSampler(system.popen.pid)
+        sampler.start()
+    source = Peer("source", ["bulk", "--addrs", ",".join(addrs), "--size", size])
+    try:
+        results = [s.result(timeout + 5) for s in sinks]
+        src = source.result(10)
+    finally:
+        cpu_roles = sampler.stop() if sampler else None
+    check_sinks(results, 1, "throughput")
+    seconds = (max(r["t_last_eof"] for r in results) - src["t0"]) / 1e9
+    out = {"mbps": size / seconds / 1e6, "seconds": seconds,
+           "source_busy": src["busy"],
+           "sink_busy": max(r["busy"] or 0 for r in results)}
+    if system.popen is not None:
+        system.wait_idle()
+        out["cpu_s"] = system.cpu_seconds()
+        out["cpu_s_by_role"] = cpu_roles
+    return out
+
+
+def trial_connections(system, dests, count, concurrency, size=1024):
+    timeout = 30 + count / 10
+    sinks, ports = start_sinks(dests, "stream", count, size, timeout)
+    addrs = system.start(ports)
+    per_conn = addrs if system.key == "direct" else addrs[:1]
+    source = Peer("source", ["conns", "--addrs", ",".join(per_conn), "--count", count,
+                             "--concurrency", concurrency, "--size", size])
+    results = [s.result(timeout + 5) for s in sinks]
+    src = source.result(10)
+    if src["n_errors"]:
+        raise BenchError("connections: %d sources failed: %s" % (src["n_errors"], src["errors"]))
+    check_sinks(results, count, "connections")
+    seconds = (max(r["t_last_eof"] for r in results) - src["t0"]) / 1e9
+    out = {"conns_per_s": count / seconds, "seconds": seconds}
+    if system.popen is not None:
+        system.wait_idle()
+        out["cpu_s"] = system.cpu_seconds()
+    return out
+
+
+def trial_latency(system, dests, count, rate=1000):
+    timeout = 30 + count / rate * 2
+    sinks, ports = start_sinks(dests, "latency", 1, count * 64, timeout)
+    addrs = system.start(ports)
+    source = Peer("source", ["latency", "--addrs", ",".join(addrs), "--count", count, "--rate", rate])
+    results = [s.result(timeout + 5) for s in sinks]
+    source.result(10)
+    check_sinks(results, 1, "latency")
+    return {"p50_us": max(r["p50_us"] for r in results), "p99_us": max(r["p99_us"] for r in results),
+            "max_us": max(r["max_us"] for r in results),
+            "per_destination": [{k: r[k] for k in ("p50_us", "p99_us", "max_us", "samples")} for r in results]}
+
+
+def trial_memory(system, dests, count, size=1024):
+    timeout = 120
+    sinks, ports = start_sinks(dests, "stream", count, size, timeout)
+    addrs = system.start(ports)
+    _, base_pss, base_uss = tree_memory(system.popen.pid)
+    source = Peer("source", ["hold", "--addrs", ",".join(addrs), "--count", count, "--messages", 1,
+                             "--size", size], stdin=True)
+    source.expect("connected", 60)
+    source.expect("sent", 30)
+    for sink in sinks:
+        sink.expect("accepted", 60)
+    time.sleep(0.5)  # the first bytes reach every destination; forks and connects have settled
+    roles = {}
+    procs, pss, uss = tree_memory(system.popen.pid, roles)
+    source.send("close")
+    results = [s.result(timeout) for s in sinks]
+    check_sinks(results, count, "memory")
+    return {"processes": procs, "pss_total": pss, "uss_total": uss, "pss_idle": base_pss,
+            "uss_idle": base_uss, "pss_per_conn": pss / count, "uss_per_conn": uss / count,
+            "pss_per_conn_added": (pss - base_pss) / count, "uss_per_conn_added": (uss - base_uss) / count,
+            "by_role": {name: {"processes": r["processes"], "pss_kib_each": round(r["pss"] / r["processes"] / 1024),
+                               "uss_kib_each": round(r["uss"] / r["processes"] / 1024)}
+                        for name, r in roles.items()}}
+
+
+def trial_scale(system, dests, count, duration, messages=10, size=1000):
+    timeout = 120 + duration * 3
+    sinks, ports = start_sinks(dests, "stream", count, size, timeout)
+    extra = ["--max-connections", str(count + 100)] if system.key == "socketproxy" else []
+    addrs = system.start(ports, extra)
+    per_source = addrs if system.key == "direct" else addrs[:1]
+    started = time.monotonic()
+    source = Peer("source", ["hold", "--addrs", ",".join(per_source), "--count", count,
+                             "--messages", messages, "--size", size, "--duration", duration], stdin=True)
+    connect_s = float(source.expect("connected", 120).split()[1])
+    full = 1 + count * (1 + dests)  # the proxy's processes with every source served
+    peak, timeline, all_held_s = 0, [], None
+    connected_at = time.monotonic()
+    while True:
+        sent = source.expect("sent", 1.0, soft=True)
+        if system.popen is not None:
+            n = len(tree(system.popen.pid))
+            elapsed = time.monotonic() - connected_at
+            timeline.append((round(elapsed, 2), n))
+            peak = max(peak, n)
+            if n >= full and all_held_s is None:
+                all_held_s = elapsed
+        if sent is not None:
+            break
+        if time.monotonic() - started > timeout:
+            raise BenchError("scale: sources did not finish sending")
+    source.send("close")
+    results = [s.result(timeout) for s in sinks]
+    check_sinks(results, count, "scale")
+    out = {"delivered": True, "connect_s": connect_s, "peak_processes": peak or None}
+    if system.popen is not None:
+        out["held_all"] = peak >= full if system.key == "socketproxy" else None
+        out["all_held_after_s"] = all_held_s
+        out["process_timeline"] = timeline
+        t = time.monotonic()
+        out["back_to_one"] = system.wait_idle(timeout=60)
+        out["back_to_one_s"] = time.monotonic() - t
+        out["processes_after"] = len(tree(system.popen.pid))
+    return out
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+def rotated(items, k):
+    k %= len(items)
+    return items[k:] + items[:k]
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def run_figure(name, combos, rounds, fn, args_for, metric, out):
+    """Rounds of every (system, D), order rotated each round; the trials go to out[name]."""
+    trials = out.setdefault(name, {})
+    for r in range(rounds):
+        for system, dests in rotated(combos, r):
+            key = "%s D=%d" % (system.key, dests)
+            t = time.monotonic()
+            res = run_trial(system, fn, dests, *args_for(dests))
+            res["round"] = r + 1
+            trials.setdefault(key, []).append(res)
+            shown = res.get("error") or metric(res)
+            log("[%s %d/%d] %-22s %s  (%.1f s)" % (name, r + 1, rounds, key, shown, time.monotonic() - t))
+
+
+def paired_ratio(trials, key, ref_key, field, invert=False):
+    """Median over rounds of value(key)/value(ref_key), each ratio within one round."""
+    a = {t["round"]: t.get(field) for t in trials.get(key, []) if "error" not in t}
+    b = {t["round"]: t.get(field) for t in trials.get(ref_key, []) if "error" not in t}
+    ratios = [a[r] / b[r] for r in a if r in b and a[r] and b[r]]
+    return median(ratios)
+
+
+def summarize(out, scale_n=1000):
+    """Medians per (figure, system, D), ratios, and the targets of issue 4."""
+    summary, targets = {}, []
+
+    def val(fig, key, field):
+        trials = out.get(fig, {}).get(key, [])
+        return median([t.get(field) for t in trials if "error" not in t])
+
+    for fig, trials in out.items():
+        for key, runs in trials.items():
+            fields = sorted({f for t in runs for f, v in t.items() if isinstance(v, (int, float))
+                             and not isinstance(v, bool) and f != "round"})
+            summary.setdefault(fig, {})[key] = {f: val(fig, key, f) for f in fields}
+            summary[fig][key]["errors"] = [t["error"] for t in runs if "error" in t]
+
+    def target(text, value, limit, higher_is_better=True, unit="x"):
+        if value is None:
+            verdict = "n/a"
+        else:
+            verdict = "PASS" if (value >= limit if higher_is_better else value <= limit) else "FAIL"
+        targets.append({"target": text, "value": value, "limit": limit, "verdict": verdict, "unit": unit})
+
+    thr = out.get("throughput", {})
+    if thr:
+        for d, limit in ((1, 0.75), (2, 0.5), (4, 0.3)):
+            target("throughput D=%d: socketproxy >= %.2fx direct per stream" % (d, limit),
+                   paired_ratio(thr, "socketproxy D=%d" % d, "direct D=%d" % d, "mbps"), limit)
+        target("throughput D=1: socketproxy >= socat -b 262144",
+               paired_ratio(thr, "socketproxy D=1", "socat-b256k D=1", "mbps"), 1.0)
+        target("throughput D=2: socketproxy >= 5x socat+tee",
+               paired_ratio(thr, "socketproxy D=2", "socat+tee D=2", "mbps"), 5.0)
+    conn = out.get("connections", {})
+    if conn:
+        target("connections/s D=2: socketproxy >= 1.5x socat+tee",
+               paired_ratio(conn, "socketproxy D=2", "socat+tee D=2", "conns_per_s"), 1.5)
+        target("connections/s D=1: socketproxy >= 0.8x socat fork",
+               paired_ratio(conn, "socketproxy D=1", "socat D=1", "conns_per_s"), 0.8)
+    lat = out.get("latency", {})
+    if lat:
+        for d in (1, 2):
+            target("latency p99 D=%d: socketproxy <= 1.5x socat fork (D=1) p99" % d,
+                   paired_ratio(lat, "socketproxy D=%d" % d, "socat D=1", "p99_us"), 1.5, higher_is_better=False)
+    mem = summary.get("memory", {}).get("socketproxy D=2")
+    if mem:
+        value = mem.get("pss_per_conn")
+        target("memory D=2: socketproxy PSS per connection <= 1.5 MiB (whole tree / sources)",
+               value / MIB if value else None, 1.5, higher_is_better=False, unit="MiB")
+    scale = out.get("scale", {}).get("socketproxy D=2")
+    if scale:
+        ok = bool(scale) and all("error" not in t and t.get("back_to_one") and t.get("held_all")
+                                 for t in scale)
+        errors = [t.get("error") for t in scale if "error" in t]
+        targets.append({"target": "scale: %d x 2 held, every byte delivered, process count back to 1" % scale_n,
+                        "value": ok, "limit": True, "verdict": "PASS" if ok else "FAIL",
+                        "unit": "", "errors": errors})
+    return summary, targets
+
+
+def fmt(value, spec="%.0f"):
+    return "-" if value is None else spec % value
+
+
+def print_report(out, summary, targets, params):
+    print()
+    print("SocketProxy bench, %s, %s, %d CPUs, scale %g, %d round(s)%s" % (
+        params["date"], params["machine"]["node"], params["machine"]["cpus"], params["scale"],
+        params["rounds"], "" if params["socat"] else ", socat not installed: socat rows skipped"))
+    thr = out.get("throughput", {})
+    if thr:
+        print("\nThroughput: one source, %d MiB, MB/s per destination stream (every byte checked)" % (
+            params["thr_bytes"] // MIB))
+        print("  %-16s %3s %9s %9s %10s %11s %9s %6s" % ("system", "D", "MB/s", "x direct", "x socat-b",
+                                                        "x socat+tee", "CPU s/GB", "sink%"))
+        for key in thr:
+            system, d = key.split(" D=")
+            s = summary["throughput"][key]
+            cpu = s.get("cpu_s")
+            gb = params["thr_bytes"] * int(d) / 1e9
+            print("  %-16s %3s %9s %9s %10s %11s %9s %6s%s" % (
+                system, d, fmt(s.get("mbps")), fmt(paired_ratio(thr, key, "direct D=%s" % d, "mbps"), "%.2f"),
+                fmt(paired_ratio(thr, key, "socat-b256k D=1", "mbps"), "%.2f") if d == "1" else "",
+                fmt(paired_ratio(thr, key, "socat+tee D=%s" % d, "mbps"), "%.2f") if d != "1" else "",
+                fmt(cpu / gb if cpu else None, "%.2f"), fmt(s.get("sink_busy") and 100 * s["sink_busy"]),
+                "  ERRORS: %s" % s["errors"] if s["errors"] else ""))
+        print("  (CPU s/GB: CPU seconds of the system's whole tree per GB delivered to all destinations;\n"
+              "   socat+tee misses its orphaned process-substitution socats. sink%: busiest sink's CPU time\n"
+              "   from its accept to its last EOF over that time; below 100 = the sinks are not the limit)")
+        runs = [t.get("cpu_s_by_role") for t in thr.get("socketproxy D=1", []) if t.get("cpu_s_by_role")]
+        if runs:
+            print("  socketproxy D=1 CPU s by process (last round): %s" % ", ".join(
+                "%s %.2f" % kv for kv in sorted(runs[-1].items())))
+    conn = out.get("connections", {})
+    if conn:
+        print("\nConnection rate: %d connections, concurrency 8, 1 KiB each, until every destination has "
+              "every stream" % params["conn_count"])
+        print("  %-16s %3s %9s %9s %9s %9s" % ("system", "D", "conn/s", "x direct", "x socat", "x tee"))
+        for key in conn:
+            system, d = key.split(" D=")
+            s = summary["connections"][key]
+            print("  %-16s %3s %9s %9s %9s %9s%s" % (
+                system, d, fmt(s.get("conns_per_s")),
+                fmt(paired_ratio(conn, key, "direct D=%s" % d, "conns_per_s"), "%.2f"),
+                fmt(paired_ratio(conn, key, "socat D=1", "conns_per_s"), "%.2f") if d == "1" else "",
+                fmt(paired_ratio(conn, key, "socat+tee D=%s" % d, "conns_per_s"), "%.2f") if d != "1" else "",
+                "  ERRORS: %s" % s["errors"] if s["errors"] else ""))
+    lat = out.get("latency", {})
+    if lat:
+        print("\nLatency: %d x 64-byte messages at 1 kHz, one-way, worst destination, microseconds" %
+              params["lat_count"])
+        print("  %-16s %3s %8s %8s %8s %12s" % ("system", "D", "p50", "p99", "max", "p99 x socat"))
+        for key in lat:
+            system, d = key.split(" D=")
+            s = summary["latency"][key]
+            print("  %-16s %3s %8s %8s %8s %12s%s" % (
+                system, d, fmt(s.get("p50_us")), fmt(s.get("p99_us")), fmt(s.get("max_us")),
+                fmt(paired_ratio(lat, key, "socat D=1", "p99_us"), "%.2f"),
+                "  ERRORS: %s" % s["errors"] if s["errors"] else ""))
+    mem = summary.get("memory", {})
+    if mem:
+        print("\nMemory: %d open sources, whole process tree, KiB per connection" % params["mem_sources"])
+        print("  %-16s %3s %6s %10s %10s %12s %12s" % ("system", "D", "procs", "PSS/conn", "USS/conn",
+                                                       "PSS/conn +", "USS/conn +"))
+        for key, s in mem.items():
+            system, d = key.split(" D=")
+            print("  %-16s %3s %6s %10s %10s %12s %12s%s" % (
+                system, d, fmt(s.get("processes")), fmt(s.get("pss_per_conn", 0) / 1024 if s.get("pss_per_conn") else None),
+                fmt(s.get("uss_per_conn") / 1024 if s.get("uss_per_conn") else None),
+                fmt(s.get("pss_per_conn_added") / 1024 if s.get("pss_per_conn_added") else None),
+                fmt(s.get("uss_per_conn_added") / 1024 if s.get("uss_per_conn_added") else None),
+                "  ERRORS: %s" % s["errors"] if s["errors"] else ""))
+        print("  (+ = above the idle tree measured before the sources connected)")
+    scale = out.get("scale", {})
+    if scale:
+        print("\nScale: %d concurrent sources, 10 messages each over %g s" % (params["scale_sources"],
+                                                                         params["scale_duration"]))
+        for key, runs in scale.items():
+            for t in runs:
+                if "error" in t:
+                    print("  %-22s FAILED: %s" % (key, t["error"]))
+                else:
+                    held = {True: " (all held at once after %s s)" % fmt(t.get("all_held_after_s"), "%.1f"),
+                            False: " (NOT all held at once)", None: ""}[t.get("held_all")]
+                    print("  %-22s every byte delivered; connect %.1f s; peak processes %s%s; back to 1: %s%s" % (
+                        key, t["connect_s"], fmt(t.get("peak_processes")), held,
+                        {True: "yes", False: "NO", None: "-"}[t.get("back_to_one")],
+                        " after %.1f s" % t["back_to_one_s"] if "back_to_one_s" in t else ""))
+    if targets:
+        print("\nTargets (issue 4)")
+        for t in targets:
+            value = t["value"]
+            shown = ("%.2f%s" % (value, t["unit"]) if isinstance(value, float) else str(value)) if value is not None else "-"
+            print("  %-4s %-72s %s" % (t["verdict"], t["target"], shown))
+
+
+def main():
+    parser = argparse.ArgumentParser(description="SocketProxy benchmark (issue 4)")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--scale", type=float, default=float(os.environ.get("BENCH_SCALE", "1")))
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--only", default="thr,conn,lat,mem,scale")
+    parser.add_argument("--no-crc", action="store_true",
+                        help="sinks skip the crc32 (count and byte-by-byte compare remain)")
+    parser.add_argument("--json", default=os.path.join(HERE, "results.json"))
+    args = parser.parse_args()
+    scale = 0.02 if args.quick and "BENCH_SCALE" not in os.environ and args.scale == 1 else args.scale
+    rounds = args.rounds or (1 if args.quick else 3)
+    only = set(args.only.split(","))
+    if args.no_crc:
+        SINK_FLAGS.append("--no-crc")
+
+    become_subreaper()
+    nofile = raise_nofile()
+    have_socat = shutil.which("socat") is not None
+    have_tee = have_socat and shutil.which("bash") is not None and shutil.which("tee") is not None
+    if not have_socat:
+        print("socat is not installed: the socat and socat+tee rows are skipped (apt-get install socat)")
+    params = {
+        "date": time.strftime("%Y-%m-%d %H:%M"), "scale": scale, "crc32": not args.no_crc, "rounds": rounds, "socat": have_socat,
+        "machine": {"node": platform.node(), "cpus": os.cpu_count(), "kernel": platform.release(),
+                    "python": platform.python_version(), "loadavg_start": os.getloadavg(),
+                    "nofile": nofile},
+        "thr_bytes": max(4 * MIB, int(GIB * scale)), "conn_count": max(16, int(500 * scale)),
+        "lat_count": max(200, int(2000 * scale)), "mem_sources": max(5, int(100 * scale)),
+        "scale_sources": max(10, int(1000 * scale)), "scale_duration": max(0.5, 10 * scale),
+    }
+    if have_socat:
+        params["socat_version"] = subprocess.run(["socat", "-V"], capture_output=True, text=True).stdout.splitlines()[1].strip()
+    tmpdir = tempfile.mkdtemp(prefix="socketproxy-bench-")
+    direct, proxy = Direct(), SocketProxy(tmpdir)
+    socat, socat_b, tee = Socat(), Socat(262144), SocatTee(tmpdir)
+    with_socat = lambda combos: [c for c in combos if have_socat or c[0] not in (socat, socat_b, tee)]
+    out = {}
+    started = time.monotonic()
+    try:
+        if "thr" in only:
+            combos = with_socat([(direct, 1), (socat, 1), (socat_b, 1), (proxy, 1), (direct, 2), (tee, 2),
+                                 (proxy, 2), (direct, 4), (tee, 4), (proxy, 4)])
+            run_figure("throughput", combos, rounds, trial_throughput, lambda d: (params["thr_bytes"],),
+                       lambda r: "%.0f MB/s" % r["mbps"], out)
+        if "conn" in only:
+            combos = with_socat([(direct, 1), (socat, 1), (proxy, 1), (direct, 2), (tee, 2), (proxy, 2)])
+            run_figure("connections", combos, rounds, trial_connections,
+                       lambda d: (params["conn_count"], 8), lambda r: "%.0f conn/s" % r["conns_per_s"], out)
+        if "lat" in only:
+            combos = with_socat([(direct, 1), (socat, 1), (proxy, 1), (direct, 2), (tee, 2), (proxy, 2)])
+            run_figure("latency", combos, rounds, trial_latency, lambda d: (params["lat_count"],),
+                       lambda r: "p50 %.0f p99 %.0f max %.0f us" % (r["p50_us"], r["p99_us"], r["max_us"]), out)
+        if "mem" in only:
+            combos = with_socat([(proxy, 2), (tee, 2), (socat, 1)])
+            run_figure("memory", combos, 1, trial_memory, lambda d: (params["mem_sources"],),
+                       lambda r: "%.0f KiB PSS/conn, %d processes" % (r["pss_per_conn"] / 1024, r["processes"]), out)
+        if "scale" in only:
+            combos = [(direct, 2), (proxy, 2)]
+            run_figure("scale", combos, 1, trial_scale,
+                       lambda d: (params["scale_sources"], params["scale_duration"]),
+                       lambda r: "delivered; back to one: %s" % r.get("back_to_one", "-"), out)
+    finally:
+        reap_descendants()
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    params["elapsed_s"] = time.monotonic() - started
+    params["machine"]["loadavg_end"] = os.getloadavg()
+    summary, targets = summarize(out, params["scale_sources"])
+    print_report(out, summary, targets, params)
+    print("\n%.0f s; results in %s" % (params["elapsed_s"], args.json))
+    with open(args.json, "w") as f:
+        json.dump({"params": params, "summary": summary, "targets": targets, "trials": out}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
