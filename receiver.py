@@ -21,7 +21,7 @@ import forwarder
 import proxylog
 from proxylog import log
 
-CHUNK = 256 * 1024
+CHUNK = 1024 * 1024
 PIPE_SIZE = 1024 * 1024
 SPLICE_F_NONBLOCK = os.SPLICE_F_NONBLOCK
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
@@ -53,8 +53,7 @@ class Receiver:
         self.forwarders = {}  # pidfd -> psutil.Process
         self.pending = {}  # write fd -> offset already written of the current chunk
         self.chunk_len = 0
-        self.buffer = bytearray(CHUNK)
-        self.view = memoryview(self.buffer)
+        self.view = None  # a CHUNK buffer, made only when a slow pipe needs it (see copy_rest)
         self.received = 0
         self.last_data = 0.0
         self.stop_deadline = None  # set when stopping: no more reading, bounded flush
@@ -190,6 +189,8 @@ class Receiver:
     def copy_rest(self, index, moved):
         """A pipe took only part of the chunk: finish this chunk from our buffer (backpressure)."""
         left = self.chunk_len if index < len(self.pipe_fds) - 1 else self.chunk_len - moved
+        if self.view is None:
+            self.view = memoryview(bytearray(CHUNK))
         os.readv(self.stage_r, [self.view[:left]])
         if index == len(self.pipe_fds) - 1:
             # splice consumed what the last pipe took: the buffer holds only the rest.
