@@ -239,7 +239,8 @@ class Forwarder:
         self.outage_started = self.last_down_log = time.monotonic()
         self.outage_dropped = lost
         self.dropped += lost
-        log.warning("disconnected from %s: %s; %d unsent bytes dropped", self.dest, reason, lost)
+        log.warning("disconnected from %s: %s; %d unsent bytes dropped; reconnecting in %.1f s",
+                    self.dest, reason, lost, self.backoff_s)
         self.wait_down()
 
     def note_failure(self, reason):

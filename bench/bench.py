@@ -541,6 +541,14 @@ def trial_scale(system, dests, count, duration, messages=10, size=1000):
             break
         if time.monotonic() - started > timeout:
             raise BenchError("scale: sources did not finish sending")
+    # Every source is still open (they close on "close"): give the last forks a moment to show.
+    settle = time.monotonic() + 10
+    while system.popen is not None and peak < full and time.monotonic() < settle:
+        n = len(tree(system.popen.pid))
+        peak = max(peak, n)
+        if n >= full and all_held_s is None:
+            all_held_s = time.monotonic() - connected_at
+        time.sleep(0.2)
     source.send("close")
     results = [s.result(timeout) for s in sinks]
     check_sinks(results, count, "scale")
