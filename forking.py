@@ -7,20 +7,19 @@ import traceback
 
 import setproctitle
 
+MAX_FD = 1 << 30  # closerange's upper bound: close_range(2) skips what is not open
 # Signals whose handlers or mask the child must not inherit from its parent.
 RESET_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def close_fds_except(keep):
-    """Close every descriptor above 2 that is not in keep (Twisted's _setupChild, from /proc/self/fd)."""
-    keep = set(keep)
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd > 2 and fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass  # the descriptor listdir itself used, already closed
+    """Close every descriptor above 2 that is not in keep (close_range(2): no listing needed)."""
+    low = 3
+    for fd in sorted(set(keep)):
+        if fd >= low:
+            os.closerange(low, fd)
+            low = fd + 1
+    os.closerange(low, MAX_FD)
 
 
 def fork_child(title, target, *args, keep=(), close=()):

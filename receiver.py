@@ -50,7 +50,7 @@ class Receiver:
         self.lifeline_fd = lifeline_fd
         self.pipes = {}  # write fd -> dest
         self.pipe_fds = []  # the same write fds, in destination order
-        self.forwarders = {}  # pidfd -> psutil.Process
+        self.forwarders = {}  # pidfd -> (pid, dest)
         self.pending = {}  # write fd -> offset already written of the current chunk
         self.chunk_len = 0
         self.view = None  # a CHUNK buffer, made only when a slow pipe needs it (see copy_rest)
@@ -85,7 +85,7 @@ class Receiver:
         self.poller.register(self.lifeline_fd, select.POLLIN)
         self.poller.register(wake_r, select.POLLIN)
         log.info("accepted; forwarders: %s", ", ".join(
-            "%d -> %s" % (proc.pid, proc.dest) for proc in self.forwarders.values()))
+            "%d -> %s" % (pid, dest) for pid, dest in self.forwarders.values()))
 
     def spawn_forwarder(self, dest):
         """Fork one forwarder fed by a new pipe; the receiver keeps the write end only."""
@@ -99,10 +99,8 @@ class Receiver:
         os.set_blocking(write_fd, False)
         self.pipes[write_fd] = dest
         self.pipe_fds.append(write_fd)
-        proc = psutil.Process(pid)
-        proc.dest = dest
         pidfd = os.pidfd_open(pid)
-        self.forwarders[pidfd] = proc
+        self.forwarders[pidfd] = (pid, dest)
         self.poller.register(pidfd, select.POLLIN)
 
     def run_forwarder(self, read_fd, dest):
@@ -257,15 +255,25 @@ class Receiver:
 
     # -- the forwarders ---------------------------------------------------------------------------
 
+    def forwarder_procs(self):
+        """psutil handles on the forwarders, made when needed (they are our children: no pid reuse)."""
+        procs = []
+        for pidfd, (pid, dest) in self.forwarders.items():
+            try:
+                proc = psutil.Process(pid)
+            except psutil.NoSuchProcess:
+                continue
+            proc.pidfd, proc.dest = pidfd, dest
+            procs.append(proc)
+        return procs
+
     def check_forwarders(self):
         """Collect exited forwarders; one that died before its pipe closed takes the group down."""
-        procs = list(self.forwarders.values())
-        gone, _ = psutil.wait_procs(procs, timeout=0)
+        gone, _ = psutil.wait_procs(self.forwarder_procs(), timeout=0)
         for proc in gone:
-            pidfd = next(fd for fd, p in self.forwarders.items() if p is proc)
-            self.poller.unregister(pidfd)
-            os.close(pidfd)
-            del self.forwarders[pidfd]
+            self.poller.unregister(proc.pidfd)
+            os.close(proc.pidfd)
+            del self.forwarders[proc.pidfd]
             if proc.returncode == 0 and not self.pipes:
                 continue  # finished after its pipe closed, as it should
             how = ("killed by %s" % signal.Signals(-proc.returncode).name if proc.returncode < 0
@@ -277,7 +285,7 @@ class Receiver:
     def kill_forwarders(self, reason):
         """End the forwarders still running (SIGKILL) and collect them."""
         log.warning("killing %d forwarders: %s", len(self.forwarders), reason)
-        procs = list(self.forwarders.values())
+        procs = self.forwarder_procs()
         for proc in procs:
             try:
                 proc.kill()
