@@ -145,3 +145,23 @@ def test_unresolvable_destination_is_retried_not_fatal(proxy, recorder):
     assert stays_true(lambda: len(by_role(px.pid, "forwarder")) == 2, 1.5)
     source.close()
     wait_until(lambda: good.closed_count() == 1)
+
+
+def test_backoff_doubles_to_retry_interval_and_restarts_after_a_stable_connection(proxy, recorder):
+    """Reconnect delays go 0.1, 0.2, 0.4 ... capped at --retry-interval; a connection that stayed up
+    that long starts the schedule again from 0.1 s."""
+    port = free_port()
+    px = proxy(["127.0.0.1:%d" % port], "--retry-interval", "0.8", "--log-level", "debug")
+    source = connect_source(px.port)
+    delays = wait_for_log(px.log_path, r"cannot connect to 127.0.0.1:%d: .*reconnecting in ([\d.]+) s" % port,
+                          count=6)
+    assert [float(m.group(1)) for m in delays[:6]] == [0.1, 0.2, 0.4, 0.8, 0.8, 0.8]
+    dest = recorder(port=port)
+    wait_until(lambda: dest.open_count() == 1)
+    source.sendall(b"x")
+    wait_until(lambda: dest.total() == 1)
+    time.sleep(1.0)  # let the connection stay up longer than --retry-interval
+    dest.stop()
+    again = wait_for_log(px.log_path, r"disconnected from 127.0.0.1:%d: .*reconnecting in ([\d.]+) s" % port)
+    assert float(again[0].group(1)) == 0.1
+    source.close()
