@@ -24,6 +24,9 @@ demo-live: $(STAMP)
 	$(PY) -m fakes.demo --live
 
 bench: $(STAMP)
+	@command -v socat >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && apt-get install -y -qq socat) >/dev/null 2>&1 && echo "bench: installed socat for the comparison"; } || \
+	  echo "bench: socat is not installed and could not be installed: its rows are skipped"
 	$(PY) bench/bench.py
 
 chaos: $(STAMP)
