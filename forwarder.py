@@ -20,6 +20,7 @@ SPLICE_CHUNK = 1 << 20
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 DRAIN_FLAGS = os.SPLICE_F_NONBLOCK
 CLOSE_LINGER_S = 1.0  # after our FIN, how long to wait for the destination's
+ACK_POLL_S = 0.02  # while waiting for the last bytes to be acknowledged
 STILL_DOWN_LOG_S = 60.0
 POLL_IN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 ERR_REASONS = {
@@ -51,6 +52,16 @@ def unsent_bytes(sock):
         return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
     except OSError:
         return 0
+
+
+def reset(sock):
+    """Close with a reset: queued bytes would otherwise still go out later (to a destination that
+    was only stopped), and the drop counts would be wrong."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()
 
 
 class Forwarder:
@@ -202,16 +213,29 @@ class Forwarder:
             raise Disconnected(describe(exc)) from None
 
     def close_gracefully(self):
-        """After the last byte: send FIN, wait briefly for the destination's, then close.
+        """After the last byte: send FIN, wait until the destination has taken everything, close.
 
-        Closing with unread replies queued would send a reset, which can discard data the
-        destination has not read yet; reading until its EOF avoids that.
+        Bytes still queued are waited for as long as the destination makes progress (the same
+        --send-timeout rule as while streaming); what it never takes is counted as dropped and the
+        connection reset. Then we wait briefly for the destination's FIN, reading replies, since
+        closing with unread replies queued would send a reset that can discard unread data.
         """
         sock = self.sock
         self.sock = None
         try:
             sock.shutdown(socket.SHUT_WR)
-            deadline = time.monotonic() + CLOSE_LINGER_S
+        except OSError:
+            pass
+        lost = self.wait_acknowledged(sock)
+        if lost:
+            reset(sock)
+            self.sent -= lost
+            self.dropped += lost
+            log.warning("closed connection to %s: it took no data for %.1f s after the source finished; "
+                        "%d unsent bytes dropped", self.dest, self.config.send_timeout, lost)
+            return
+        deadline = time.monotonic() + CLOSE_LINGER_S
+        try:
             while time.monotonic() < deadline:
                 ready, _, _ = select.select([sock], [], [], deadline - time.monotonic())
                 if ready and not sock.recv_into(self.discard):
@@ -221,19 +245,36 @@ class Forwarder:
         sock.close()
         log.info("closed connection to %s: source finished", self.dest)
 
+    def wait_acknowledged(self, sock):
+        """Wait until every byte sent is acknowledged; returns the bytes it gave up on (0 when all went).
+
+        SIOCOUTQ counts the FIN as one byte. Gives up when the queue makes no progress for
+        --send-timeout, or when the destination has closed and so will take no more.
+        """
+        queued = unsent_bytes(sock)
+        progress_at = time.monotonic()
+        while queued > 1:
+            try:
+                ready, _, _ = select.select([sock], [], [], ACK_POLL_S)
+                if ready and not sock.recv_into(self.discard):
+                    return max(unsent_bytes(sock) - 1, 0)  # closed by the destination
+            except OSError:
+                return max(unsent_bytes(sock) - 1, 0)
+            now_queued = unsent_bytes(sock)
+            if now_queued < queued:
+                queued, progress_at = now_queued, time.monotonic()
+            elif time.monotonic() - progress_at >= self.config.send_timeout:
+                return max(now_queued - 1, 0)
+        return 0
+
     # -- while down -------------------------------------------------------------------------------
 
     def lose_connection(self, reason):
         """Close a failed connection; bytes still queued in it are counted as dropped."""
         lost = unsent_bytes(self.sock)
-        # Reset rather than close: queued bytes would otherwise still go out later (to a destination
-        # that was only stopped), and the drop count below would be wrong.
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass
-        self.sock.close()
+        reset(self.sock)
         self.sock = None
+        self.sent -= lost  # handed to the socket, counted as sent, but never delivered
         if time.monotonic() - self.connected_at >= self.config.retry_interval:
             self.backoff_s = BACKOFF_START_S
         self.outage_started = self.last_down_log = time.monotonic()

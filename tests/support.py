@@ -90,9 +90,11 @@ def free_port():
 class Recorder:
     """A destination on 127.0.0.1 that records each accepted connection's bytes, in a thread."""
 
-    def __init__(self, port=None, host="127.0.0.1", family=socket.AF_INET, read_rate=None):
+    def __init__(self, port=None, host="127.0.0.1", family=socket.AF_INET, read_rate=None, rcvbuf=None):
         self.listener = socket.socket(family, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if rcvbuf:  # inherited by accepted connections: a small window holds little unread data
+            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.listener.bind((host, port or 0))
         self.listener.listen(128)
         self.port = self.listener.getsockname()[1]

@@ -165,3 +165,24 @@ def test_backoff_doubles_to_retry_interval_and_restarts_after_a_stable_connectio
     again = wait_for_log(px.log_path, r"disconnected from 127.0.0.1:%d: .*reconnecting in ([\d.]+) s" % port)
     assert float(again[0].group(1)) == 0.1
     source.close()
+
+
+@pytest.mark.parametrize("size", [300_000, 8 << 20], ids=["tail-in-socket", "stall-mid-stream"])
+def test_destination_stalled_when_the_source_finishes_counts_the_tail(proxy, recorder, size):
+    """When the source ends while a destination takes nothing, the forwarder waits --send-timeout,
+    then logs the undelivered tail as dropped; sent + dropped adds up to what the source sent."""
+    dest = recorder(rcvbuf=8192)
+    px = proxy(["127.0.0.1:%d" % dest.port], "--send-timeout", "1")
+    source = connect_source(px.port)
+    wait_until(lambda: dest.open_count() == 1)
+    dest.paused.set()
+    payload = os.urandom(size)  # 300 kB fits in the forwarder's socket buffer; 8 MB does not
+    send_in_thread(source, payload)
+    done = wait_for_log(px.log_path, r"forwarder done: sent (\d+) bytes, dropped (\d+) bytes", 60)
+    sent, dropped = int(done[0].group(1)), int(done[0].group(2))
+    assert dropped > 0 and sent + dropped == len(payload)
+    wait_for_log(px.log_path, r"took no data for 1.0 s after the source finished; \d+ unsent bytes dropped"
+                 if size == 300_000 else r"disconnected from .*no progress for 1.0 s")
+    dest.paused.clear()
+    wait_until(lambda: dest.closed_count() == 1, 30)
+    assert dest.streams()[0] == payload[:sent]
