@@ -881,6 +881,8 @@ RE_DISCONNECTED = re.compile(r"disconnected from \S+: (.*); (\d+) unsent bytes d
 RE_CANNOT = re.compile(r"cannot connect to \S+: (.*); reconnecting in")
 RE_DOWN_AT_EOF = re.compile(r"dropped (\d+) bytes for \S+ while it was down")
 RE_DONE = re.compile(r"forwarder done: sent (\d+) bytes, dropped (\d+) bytes$")
+RE_CLOSED_DROPPED = re.compile(r"closed connection to \S+: it took no data for .* after the source finished; "
+                               r"(\d+) unsent bytes dropped$")
 RE_GROUP_ENDED = re.compile(r"group ended: (.*); received (\d+) bytes from source$")
 RE_RECEIVER_ENDED = re.compile(r"receiver (\d+) for (\S+) ended: (.*?)(; its group is killed)?$")
 
@@ -980,6 +982,9 @@ class Analysis:
                     f["cannot"] += 1
                 elif RE_DOWN_AT_EOF.match(msg):
                     f["down_at_eof"] = (f["down_at_eof"] or 0) + int(RE_DOWN_AT_EOF.match(msg).group(1))
+                elif RE_CLOSED_DROPPED.match(msg):
+                    f["close_dropped"] = int(RE_CLOSED_DROPPED.match(msg).group(1))
+                    f["closed_at_end"] = t
                 elif msg.startswith("closed connection to ") and msg.endswith("source finished"):
                     f["closed_at_end"] = t
                 elif RE_DONE.match(msg):
@@ -1390,7 +1395,7 @@ class Analysis:
                 continue
             received = r["received"]
             sent, dropped = f["done"]
-            per_outage = sum(f["outages"]) + (f["down_at_eof"] or 0)
+            per_outage = sum(f["outages"]) + (f["down_at_eof"] or 0) + f.get("close_dropped", 0)
             if per_outage != dropped:
                 sums_bad += 1
                 self.fail("%s -> destination %d: outage lines add up to %d, forwarder done says %d" % (
