@@ -158,7 +158,7 @@ class Forwarder:
 
     def pump(self):
         """Copy pipe -> socket while connected; returns at pipe EOF after closing the connection."""
-        sock, sock_fd, pipe_fd = self.sock, self.sock.fileno(), self.pipe_fd
+        sock_fd, pipe_fd = self.sock.fileno(), self.pipe_fd
         send_timeout_ms = self.config.send_timeout * 1000
         poller = select.poll()
         poller.register(pipe_fd, POLL_IN)

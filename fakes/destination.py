@@ -20,51 +20,27 @@ import time
 
 import docopt
 
+from fakes.cli import Stop, check_options, handle_stop, say, usage_error
+
 PROG = "fake-destination"
 VALUE_OPTIONS = ("--port", "--host")
 ACCEPT_PAUSE_S = 0.1
 MAX_LINE = 65536  # a longer unterminated run is printed as a partial line rather than buffered forever
 
 
-class Stop(Exception):
-    """Raised by the SIGTERM/SIGINT handler to leave the select loop."""
-
-
-def handle_stop(signum, _frame):
-    raise Stop(signal.Signals(signum).name)
-
-
-def say(text):
-    print(text, flush=True)
-
-
-def usage_error(message):
-    """One line on stderr, exit 2."""
-    sys.stderr.write("%s: error: %s (see --help)\n" % (PROG, message))
-    sys.exit(2)
-
-
 def parse_args(argv):
     """(host, port) from argv, or exit 2 naming what is wrong."""
-    expect_value = False
-    for arg in argv:  # unknown options first, so the error names them as typed
-        if expect_value:
-            expect_value = False
-        elif arg.startswith("-"):
-            name = arg.split("=", 1)[0]
-            if name not in VALUE_OPTIONS + ("-h", "--help"):
-                usage_error("unknown option %r" % arg)
-            expect_value = name in VALUE_OPTIONS and "=" not in arg
+    check_options(PROG, argv, VALUE_OPTIONS)  # unknown options first, named as typed
     try:
         args = docopt.docopt(__doc__, argv=argv)
     except docopt.DocoptExit as exc:
         first = str(exc).splitlines()[0]
         if not any(arg.split("=", 1)[0] == "--port" for arg in argv):
-            usage_error("missing --port PORT")
-        usage_error(first if "requires argument" in first else "unexpected or repeated arguments")
+            usage_error(PROG, "missing --port PORT")
+        usage_error(PROG, first if "requires argument" in first else "unexpected or repeated arguments")
     text = args["--port"]
     if not (text.isascii() and text.isdigit() and int(text) <= 65535):
-        usage_error("bad --port %r: expected 0-65535" % text)
+        usage_error(PROG, "bad --port %r: expected 0-65535" % text)
     return args["--host"], int(text)
 
 

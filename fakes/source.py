@@ -27,41 +27,12 @@ import time
 
 import docopt
 
+from fakes.cli import Stop, check_options, handle_stop, say, usage_error
+
 PROG = "fake-source"
 VALUE_OPTIONS = ("--port", "--host", "--interval", "--id")
 CONNECT_TIMEOUT_S = 3.0
 WAIT_REPORT_S = 5.0  # while waiting for the destination, say so again this often
-
-
-class Stop(Exception):
-    """Raised by the SIGTERM/SIGINT handler to leave whatever blocking call is running."""
-
-
-def handle_stop(signum, _frame):
-    raise Stop(signal.Signals(signum).name)
-
-
-def say(text):
-    print(text, flush=True)
-
-
-def usage_error(message):
-    """One line on stderr, exit 2."""
-    sys.stderr.write("%s: error: %s (see --help)\n" % (PROG, message))
-    sys.exit(2)
-
-
-def check_options(argv):
-    """Reject unknown options before docopt, so the error names them as typed."""
-    expect_value = False
-    for arg in argv:
-        if expect_value:
-            expect_value = False
-        elif arg.startswith("-"):
-            name = arg.split("=", 1)[0]
-            if name not in VALUE_OPTIONS + ("-h", "--help"):
-                usage_error("unknown option %r" % arg)
-            expect_value = name in VALUE_OPTIONS and "=" not in arg
 
 
 def number(text, kind, option, expected, valid):
@@ -71,25 +42,25 @@ def number(text, kind, option, expected, valid):
     except ValueError:
         value = None
     if value is None or not valid(value):
-        usage_error("bad %s %r: expected %s" % (option, text, expected))
+        usage_error(PROG, "bad %s %r: expected %s" % (option, text, expected))
     return value
 
 
 def parse_args(argv):
     """(host, port, interval_s, source_id) from argv, or exit 2 naming what is wrong."""
-    check_options(argv)
+    check_options(PROG, argv, VALUE_OPTIONS)
     try:
         args = docopt.docopt(__doc__, argv=argv)
     except docopt.DocoptExit as exc:
         first = str(exc).splitlines()[0]
         if not any(arg.split("=", 1)[0] == "--port" for arg in argv):
-            usage_error("missing --port PORT")
-        usage_error(first if "requires argument" in first else "unexpected or repeated arguments")
+            usage_error(PROG, "missing --port PORT")
+        usage_error(PROG, first if "requires argument" in first else "unexpected or repeated arguments")
     port = number(args["--port"], int, "--port", "1-65535", lambda n: 1 <= n <= 65535)
     interval_s = number(args["--interval"], float, "--interval", "seconds > 0", lambda n: 0 < n < math.inf)
     source_id = "src-%d" % os.getpid() if args["--id"] == "src-PID" else args["--id"]
     if not source_id or not source_id.isprintable() or any(ch.isspace() for ch in source_id):
-        usage_error("bad --id %r: expected printable text without spaces" % source_id)
+        usage_error(PROG, "bad --id %r: expected printable text without spaces" % source_id)
     return args["--host"], port, interval_s, source_id
 
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from support import (Recorder, by_role, connect_source, free_port, scaled, send_in_thread, stays_true,
+from support import (by_role, connect_source, free_port, scaled, send_in_thread, stays_true,
                      wait_for_log, wait_until)
 
 RETRY = 1.0

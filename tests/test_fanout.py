@@ -4,7 +4,7 @@ import socket
 
 import psutil
 
-from support import Recorder, by_role, connect_source, send_in_thread, tree, wait_until, wait_for_log
+from support import by_role, connect_source, send_in_thread, tree, wait_until, wait_for_log
 
 
 def test_two_sources_two_destinations_exact_bytes_and_six_sockets(proxy, recorder):

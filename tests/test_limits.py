@@ -1,5 +1,4 @@
 """Limits and access: --max-connections, --allow, --idle-timeout, keepalive on sources."""
-import socket
 
 from support import by_role, connect_source, sees_close, stays_true, wait_for_log, wait_until
 
