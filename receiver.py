@@ -14,12 +14,11 @@ import time
 
 import psutil
 
-from zerocopy import tee
-
 import forking
 import forwarder
 import proxylog
 from proxylog import log
+from zerocopy import tee
 
 CHUNK = 1024 * 1024
 PIPE_SIZE = 1024 * 1024
@@ -57,6 +56,7 @@ class Receiver:
         self.received = 0
         self.last_data = 0.0
         self.stop_deadline = None  # set when stopping: no more reading, bounded flush
+        self.end_reason = "ended"
         self.poller = select.poll()
 
     def start(self):
@@ -302,7 +302,6 @@ class Receiver:
 def run_receiver(source, peer, config, lifeline_fd):
     """Body of the receiver process (see forking.fork_child)."""
     receiver = Receiver(source, peer, config, lifeline_fd)
-    receiver.end_reason = "ended"
     try:
         receiver.start()
     except OSError as exc:
