@@ -5,6 +5,7 @@ Every function raises UsageError with a message that names the bad value as the 
 import dataclasses
 import ipaddress
 import math
+import socket
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -20,6 +21,7 @@ class Dest:
     host: str
     port: int
     text: str
+    family: int = 0  # AF_INET or AF_INET6 for an address; 0 for a name, resolved at each connect
 
     def __str__(self):
         return self.text
@@ -66,7 +68,11 @@ def parse_dest(text):
             raise UsageError("invalid destination %r: write an IPv6 address as [ADDR]:PORT" % text)
     if not port.isdigit() or not 1 <= int(port) <= 65535:
         raise UsageError("invalid destination %r: port %r is not a number from 1 to 65535" % (text, port))
-    return Dest(host, int(port), text)
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        family = 0
+    return Dest(host, int(port), text, family)
 
 
 def parse_seconds(text, option, minimum=0.0):

@@ -111,9 +111,12 @@ class Forwarder:
         self.attempts += 1
         deadline = time.monotonic() + self.config.connect_timeout
         try:
-            infos = socket.getaddrinfo(self.dest.host, self.dest.port, type=socket.SOCK_STREAM)
-            family, type_, proto, _, address = infos[0]
-            sock = socket.socket(family, type_, proto)
+            if self.dest.family:  # an address: nothing to resolve
+                family, address = self.dest.family, (self.dest.host, self.dest.port)
+            else:
+                family, _, _, _, address = socket.getaddrinfo(
+                    self.dest.host, self.dest.port, type=socket.SOCK_STREAM)[0]
+            sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError as exc:
             self.note_failure(describe(exc))
             return False
