@@ -32,7 +32,6 @@ subreaper, so orphans of the systems it starts are reaped here, and kills every 
 when a trial ends.
 """
 import argparse
-import ctypes
 import json
 import os
 import platform
@@ -40,7 +39,6 @@ import queue
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,12 +48,13 @@ import time
 
 import psutil
 
+from common import become_subreaper, free_port
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PEERS = os.path.join(HERE, "peers.py")
 GIB = 1 << 30
 MIB = 1 << 20
-PR_SET_CHILD_SUBREAPER = 36
 BACKLOG = 1024  # socat's default listen backlog (5) drops SYNs at concurrency 8: 1 s retransmits
 
 
@@ -68,12 +67,6 @@ def log(text):
     sys.stderr.flush()
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def raise_nofile():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = hard if hard != resource.RLIM_INFINITY else 1 << 20
@@ -83,13 +76,6 @@ def raise_nofile():
         except (ValueError, OSError):
             pass
     return resource.getrlimit(resource.RLIMIT_NOFILE)
-
-
-def become_subreaper():
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
 
 
 def reap_descendants():
@@ -771,7 +757,6 @@ def main():
     become_subreaper()
     nofile = raise_nofile()
     have_socat = shutil.which("socat") is not None
-    have_tee = have_socat and shutil.which("bash") is not None and shutil.which("tee") is not None
     if not have_socat:
         print("socat is not installed: the socat and socat+tee rows are skipped (apt-get install socat)")
     params = {

@@ -22,7 +22,6 @@ bytes of the stream at the offset its first whole record names.
 """
 import argparse
 import collections
-import ctypes
 import hashlib
 import json
 import math
@@ -43,8 +42,9 @@ import zlib
 
 import psutil
 
+from common import become_subreaper, free_port, reap_exited
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PR_SET_CHILD_SUBREAPER = 36
 
 N_DESTS = 3
 N_SOURCES = 4
@@ -406,28 +406,6 @@ def run_destination(args):
 
 # -- the orchestrator: processes -------------------------------------------------------------------
 
-def become_subreaper():
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-
-
-def free_port(taken):
-    """A port free on 127.0.0.1, below the ephemeral range so outgoing connects never take it."""
-    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
-    for _ in range(500):
-        port = random.randint(10000, min(low, 32000) - 1)
-        if port in taken:
-            continue
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        taken.add(port)
-        return port
-    raise RuntimeError("no free port")
-
-
 def role_of(proc):
     """'receiver', 'forwarder', 'main' or '' from a process title (cmdline)."""
     try:
@@ -497,13 +475,7 @@ class Chaos:
 
     def reap(self):
         """Collect every exited child: ours, and orphans adopted because we are a subreaper."""
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in reap_exited():
             self.reaped[pid] = status
             popen = self.popens.get(pid)
             if popen is not None and popen.returncode is None:
@@ -1440,10 +1412,8 @@ class Analysis:
         if self.close_losses:
             self.failures.append(
                 "%d of the %d mismatches end the same way: the forwarder logged 'closed connection ...: source"
-                " finished' (no drop for it), yet that last connection was reset with bytes still unsent: the"
-                " destination was stalled when the source finished, the forwarder closed after its 1 s close"
-                " linger, the kernel aborted the orphaned socket after TCP_USER_TIMEOUT and its unsent tail"
-                " was never counted" % (self.close_losses, len(bad)))
+                " finished' (no drop for it), yet that last connection was reset with bytes still unsent: an"
+                " undelivered tail after the source finished that was never counted" % (self.close_losses, len(bad)))
         self.check("log drop counts match destination gaps", not bad and not sums_bad,
                    "%d pairs exact (%d with send-timeout outages), %d within the kill/reset bound (max %d B),"
                    " %d mismatched; disconnects: %s" % (exact, stops, bounded, worst_bounded, len(bad), ", ".join(

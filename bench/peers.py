@@ -19,7 +19,6 @@ content. Times are CLOCK_MONOTONIC in ns, which all processes of the machine sha
 """
 import argparse
 import json
-import os
 import random
 import select
 import socket

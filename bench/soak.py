@@ -19,7 +19,6 @@ Exit status 0 only when all hold; every process it started is gone when it retur
 Stdlib, psutil and the project's own code only. Roles (internal): --role sink / --role churn.
 """
 import argparse
-import ctypes
 import json
 import os
 import random
@@ -34,8 +33,9 @@ import time
 
 import psutil
 
+from common import become_subreaper, free_port, reap_exited
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PR_SET_CHILD_SUBREAPER = 36
 N_DESTS = 2
 
 
@@ -134,22 +134,6 @@ def run_churn(args):
 
 # -- the soak --------------------------------------------------------------------------------------
 
-def free_port(taken):
-    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
-    for _ in range(500):
-        port = random.randint(10000, min(low, 32000) - 1)
-        if port in taken:
-            continue
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        taken.add(port)
-        return port
-    raise RuntimeError("no free port")
-
-
 class Soak:
     def __init__(self, args):
         self.args = args
@@ -158,13 +142,7 @@ class Soak:
         os.makedirs(self.workdir, exist_ok=True)
 
     def reap(self):
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in reap_exited():
             for popen in self.popens:
                 if popen.pid == pid and popen.returncode is None:
                     popen.returncode = os.waitstatus_to_exitcode(status)
@@ -211,8 +189,7 @@ class Soak:
 
     def run(self):
         a = self.args
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        become_subreaper()
         taken = set()
         listen_port = free_port(taken)
         dest_ports = [free_port(taken) for _ in range(N_DESTS)]
