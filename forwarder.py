@@ -11,6 +11,7 @@ import select
 import socket
 import struct
 import termios
+import threading
 import time
 
 from proxylog import log
@@ -64,6 +65,36 @@ def reset(sock):
     sock.close()
 
 
+class Lookup:
+    """One getaddrinfo for a destination, in a thread; done_fd turns readable when it is over."""
+
+    def __init__(self, dest):
+        self.done_fd, self.done_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.info = self.error = None
+        threading.Thread(target=self.run, args=(dest,), daemon=True).start()
+
+    def run(self, dest):
+        info = error = None
+        try:
+            info = socket.getaddrinfo(dest.host, dest.port, type=socket.SOCK_STREAM)[0]
+        except OSError as exc:
+            error = exc
+        os.write(self.done_w, b"x")  # before finished() can be true: result() closes this pipe
+        self.error, self.info = error, info
+
+    def finished(self):
+        return self.info is not None or self.error is not None
+
+    def result(self):
+        """(family, address), or the resolver's error raised; closes the notification pipe."""
+        os.close(self.done_fd)
+        os.close(self.done_w)
+        if self.error is not None:
+            raise self.error
+        family, _, _, _, address = self.info
+        return family, address
+
+
 class Forwarder:
     """Copies one pipe to one destination for the life of one source connection."""
 
@@ -80,6 +111,7 @@ class Forwarder:
         self.outage_started = 0.0
         self.last_down_log = 0.0
         self.attempts = 0
+        self.lookup = None  # a name lookup still running from an earlier attempt
         self.pipe_eof = False
         self.devnull_fd = os.open(os.devnull, os.O_WRONLY)
         self.discard = bytearray(16384)
@@ -111,11 +143,7 @@ class Forwarder:
         self.attempts += 1
         deadline = time.monotonic() + self.config.connect_timeout
         try:
-            if self.dest.family:  # an address: nothing to resolve
-                family, address = self.dest.family, (self.dest.host, self.dest.port)
-            else:
-                family, _, _, _, address = socket.getaddrinfo(
-                    self.dest.host, self.dest.port, type=socket.SOCK_STREAM)[0]
+            family, address = self.resolve(deadline, hold_pipe)
             sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError as exc:
             self.note_failure(describe(exc))
@@ -152,6 +180,32 @@ class Forwarder:
         self.outage_started = 0.0
         self.outage_dropped = 0
         return True
+
+    def resolve(self, deadline, hold_pipe):
+        """(family, address) of the destination, its name resolved afresh by the time of deadline.
+
+        getaddrinfo cannot be interrupted, and a resolver that hangs must not stall the source: it
+        runs in a thread (this process never forks) while we keep draining the pipe, as connect does.
+        A lookup that outlives its attempt is waited for by the next attempt, never started twice.
+        """
+        if self.dest.family:  # an address: nothing to resolve
+            return self.dest.family, (self.dest.host, self.dest.port)
+        if self.lookup is None:
+            self.lookup = Lookup(self.dest)
+        lookup = self.lookup
+        poller = select.poll()
+        poller.register(lookup.done_fd, select.POLLIN)
+        if not hold_pipe:
+            poller.register(self.pipe_fd, POLL_IN)
+        while not lookup.finished():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise OSError(errno.ETIMEDOUT, "name resolution timed out")
+            for fd, _ in poller.poll(remaining * 1000):
+                if fd == self.pipe_fd:
+                    self.drain()
+        self.lookup = None
+        return lookup.result()
 
     def configure(self, sock):
         """Keepalive, and a kernel send deadline matching --send-timeout for unacknowledged data."""
