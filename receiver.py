@@ -51,6 +51,7 @@ class Receiver:
         self.pipe_fds = []  # the same write fds, in destination order
         self.forwarders = {}  # pidfd -> (pid, dest)
         self.pending = {}  # write fd -> offset already written of the current chunk
+        self.held_since = None  # when the source was last held back by a full pipe
         self.chunk_len = 0
         self.view = None  # a CHUNK buffer, made only when a slow pipe needs it (see copy_rest)
         self.received = 0
@@ -128,6 +129,12 @@ class Receiver:
                     self.end_source("idle timeout")
                     continue
                 timeout_s = min(timeout_s, idle_left)
+            if self.held_since is not None:
+                held_left = self.held_since + self.config.send_timeout - now
+                if held_left <= 0:
+                    self.check_stopped_forwarders()
+                    continue
+                timeout_s = min(timeout_s, held_left)
             events = self.poller.poll(timeout_s * 1000)
             if not events:
                 self.check_forwarders()
@@ -202,6 +209,7 @@ class Receiver:
             self.poller.register(fd, select.POLLOUT)
         # Backpressure: read no more until every pipe has taken this chunk.
         self.poller.unregister(self.source_fd)
+        self.held_since = time.monotonic()
 
     def write_pending(self, fd):
         """Continue the current chunk into a pipe that has room again."""
@@ -222,6 +230,7 @@ class Receiver:
 
     def after_chunk(self):
         """Every pipe has the chunk: read on, or, when stopping, close the pipes."""
+        self.held_since = None
         if self.stop_deadline is None and self.source.fileno() >= 0:
             self.poller.register(self.source, select.POLLIN)
         else:
@@ -281,6 +290,25 @@ class Receiver:
             log.error("group ended: forwarder %d to %s died (%s); received %d bytes from source",
                       proc.pid, proc.dest, how, self.received)
             self.kill_group()
+
+    def check_stopped_forwarders(self):
+        """The source has been held back for --send-timeout: a stopped forwarder counts as dead.
+
+        A forwarder that runs deals with a stuck destination itself (it drops after --send-timeout);
+        one that is stopped (SIGSTOP, a debugger) never will, and would hold the source and every
+        other destination for as long as it stays stopped.
+        """
+        self.held_since = time.monotonic()
+        for proc in self.forwarder_procs():
+            try:
+                status = proc.status()
+            except psutil.NoSuchProcess:
+                continue
+            if status in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP):
+                log.error("group ended: forwarder %d to %s is stopped and has held the source for %.1f s;"
+                          " received %d bytes from source", proc.pid, proc.dest, self.config.send_timeout,
+                          self.received)
+                self.kill_group()
 
     def kill_forwarders(self, reason):
         """End the forwarders still running (SIGKILL) and collect them."""

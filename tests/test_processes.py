@@ -6,7 +6,7 @@ import time
 import psutil
 import pytest
 
-from support import (alive, tcp_queues, by_role, connect_source, reap_orphans, scaled, sees_close, tree, wait_for_log,
+from support import (alive, send_in_thread, tcp_queues, by_role, connect_source, reap_orphans, scaled, sees_close, tree, wait_for_log,
                      wait_until)
 
 
@@ -126,3 +126,26 @@ def test_churn_does_not_leak(proxy, recorder):
     assert not [p for p in main.children() if p.status() == psutil.STATUS_ZOMBIE]
     assert main.memory_info().rss < rss_before + 4 * 1024 * 1024
     assert d1.total() == d2.total() == sum(len(b"churn %d\n" % (i // 10)) for i in range(200))
+
+
+def test_stopped_forwarder_ends_its_group(proxy, recorder):
+    """A forwarder stopped with SIGSTOP while its pipe is full holds the source back for at most
+    --send-timeout, then its group is killed like a dead one: the other destination is not held."""
+    d1, d2 = recorder(), recorder()
+    px = proxy(["127.0.0.1:%d" % d1.port, "127.0.0.1:%d" % d2.port], "--send-timeout", "1")
+    [source] = serving(px, [d1, d2])
+    [rec] = by_role(px.pid, "receiver")
+    members = [rec] + rec.children()
+    stopped = members[1]
+    stopped.send_signal(signal.SIGSTOP)
+    try:
+        send_in_thread(source, os.urandom(32 << 20), close=False)
+        took = timed(lambda: not alive(members), 20)
+        assert took <= scaled(1.0 + 2.0)  # --send-timeout, then the group kill
+        wait_for_log(px.log_path, r"forwarder %d to .* is stopped and has held the source" % stopped.pid)
+        wait_until(lambda: sees_close(source))
+    finally:
+        try:
+            stopped.send_signal(signal.SIGCONT)
+        except psutil.NoSuchProcess:
+            pass
