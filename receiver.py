@@ -53,7 +53,7 @@ class Receiver:
         self.pending = {}  # write fd -> offset already written of the current chunk
         self.held_since = None  # when the source was last held back by a full pipe
         self.chunk_len = 0
-        self.view = None  # a CHUNK buffer, made only when a slow pipe needs it (see copy_rest)
+        self.view = None  # a CHUNK buffer, only while a slow pipe needs it (see copy_rest)
         self.received = 0
         self.last_data = 0.0
         self.stop_deadline = None  # set when stopping: no more reading, bounded flush
@@ -231,6 +231,7 @@ class Receiver:
     def after_chunk(self):
         """Every pipe has the chunk: read on, or, when stopping, close the pipes."""
         self.held_since = None
+        self.view = None  # give the copy buffer back: a thousand slow sources must not keep 1 GiB
         if self.stop_deadline is None and self.source.fileno() >= 0:
             self.poller.register(self.source, select.POLLIN)
         else:
