@@ -17,6 +17,14 @@ def serving(px, dests, sources=1):
     return socks
 
 
+def is_proxy_process(proc):
+    """Whether proc carries a socketproxy title (False once it is gone)."""
+    try:
+        return "socketproxy:" in " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
+
+
 def timed(predicate, timeout=10):
     """Seconds until predicate holds (fails after timeout)."""
     start = time.monotonic()
@@ -104,9 +112,7 @@ def test_sigkill_to_main_leaves_no_orphans(proxy, recorder):
     assert took <= scaled(3.0)
     assert all(sees_close(s) for s in socks)
     reap_orphans()  # the orphans came to us (the tests are a subreaper): none may be left
-    leftovers = [p for p in psutil.Process().children(recursive=True)
-                 if "socketproxy:" in " ".join(p.cmdline())]
-    assert not leftovers, leftovers
+    assert not [p for p in alive(psutil.Process().children(recursive=True)) if is_proxy_process(p)]
 
 
 def test_churn_does_not_leak(proxy, recorder):
