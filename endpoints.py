@@ -45,7 +45,7 @@ class Config:
 
 def parse_port(text, what="port"):
     """A TCP port 1..65535 written in decimal."""
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:
         raise UsageError("invalid %s %r: expected a number from 1 to 65535" % (what, text))
     return int(text)
 
@@ -66,7 +66,7 @@ def parse_dest(text):
             raise UsageError("invalid destination %r: expected HOST:PORT" % text)
         if ":" in host:
             raise UsageError("invalid destination %r: write an IPv6 address as [ADDR]:PORT" % text)
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
+    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
         raise UsageError("invalid destination %r: port %r is not a number from 1 to 65535" % (text, port))
     try:
         family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
@@ -88,7 +88,7 @@ def parse_seconds(text, option, minimum=0.0):
 
 def parse_count(text, option):
     """A positive whole number."""
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
         raise UsageError("invalid %s %r: expected a whole number of 1 or more" % (option, text))
     return int(text)
 

@@ -1,5 +1,6 @@
 """Generated command lines: each one parses to a config or exits 2 with one clear line, never a traceback."""
 import io
+import os
 from contextlib import redirect_stderr, redirect_stdout
 
 from hypothesis import HealthCheck, given, settings
@@ -18,7 +19,7 @@ TOKENS = st.one_of(st.sampled_from(OPTIONS + ["--bogus", "-x", "--", "-"]), VALU
                    st.builds(lambda o, v: o + "=" + v, st.sampled_from(OPTIONS), VALUES))
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "400")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(TOKENS, max_size=8))
 def test_generated_command_lines(argv):
     err, out = io.StringIO(), io.StringIO()
