@@ -72,6 +72,10 @@ def parse_dest(text):
         family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
     except ValueError:
         family = 0
+        try:
+            host.encode("idna")  # what getaddrinfo will do with it at every connect
+        except UnicodeError:
+            raise UsageError("invalid destination %r: %r is not a valid host name" % (text, host)) from None
     return Dest(host, int(port), text, family)
 
 

@@ -77,7 +77,7 @@ class Lookup:
         info = error = None
         try:
             info = socket.getaddrinfo(dest.host, dest.port, type=socket.SOCK_STREAM)[0]
-        except OSError as exc:
+        except (OSError, UnicodeError) as exc:  # UnicodeError: a name IDNA cannot encode
             error = exc
         os.write(self.done_w, b"x")  # before finished() can be true: result() closes this pipe
         self.error, self.info = error, info
@@ -145,7 +145,7 @@ class Forwarder:
         try:
             family, address = self.resolve(deadline, hold_pipe)
             sock = socket.socket(family, socket.SOCK_STREAM)
-        except OSError as exc:
+        except (OSError, UnicodeError) as exc:
             self.note_failure(describe(exc))
             return False
         sock.setblocking(False)

@@ -17,7 +17,8 @@ def test_parse_dest_accepts(text, host, port):
     assert (dest.host, dest.port, str(dest)) == (host, port, text)
 
 
-@pytest.mark.parametrize("text", ["foo", "host:abc", "host:0", "host:70000", "[::1", "[::1]", "::1:80", "host:\u00b9",
+@pytest.mark.parametrize("text", ["foo", "host:abc", "host:0", "host:70000", "[::1", "[::1]", "::1:80", "host:\u00b9", "a..b:80",
+                                  "x" * 64 + ".example:80",
                                   ":80", "[nothost]:80", "host:", "host:-1", "host: 80"])
 def test_parse_dest_rejects_naming_the_value(text):
     with pytest.raises(UsageError) as info:
