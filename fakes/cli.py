@@ -32,3 +32,12 @@ def check_options(prog, argv, value_options):
             if name not in value_options + ("-h", "--help"):
                 usage_error(prog, "unknown option %r" % arg)
             expect_value = name in value_options and "=" not in arg
+
+
+def checked_host(prog, host):
+    """host, or exit 2 when it cannot be a host name or address (IDNA refuses it)."""
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        usage_error(prog, "bad --host %r: not a host name or address" % host)
+    return host

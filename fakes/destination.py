@@ -20,7 +20,7 @@ import time
 
 import docopt
 
-from fakes.cli import Stop, check_options, handle_stop, say, usage_error
+from fakes.cli import Stop, check_options, checked_host, handle_stop, say, usage_error
 
 PROG = "fake-destination"
 VALUE_OPTIONS = ("--port", "--host")
@@ -41,7 +41,7 @@ def parse_args(argv):
     text = args["--port"]
     if not (text.isascii() and text.isdigit() and int(text) <= 65535):
         usage_error(PROG, "bad --port %r: expected 0-65535" % text)
-    return args["--host"], int(text)
+    return checked_host(PROG, args["--host"]), int(text)
 
 
 def listen(host, port):

@@ -27,7 +27,7 @@ import time
 
 import docopt
 
-from fakes.cli import Stop, check_options, handle_stop, say, usage_error
+from fakes.cli import Stop, check_options, checked_host, handle_stop, say, usage_error
 
 PROG = "fake-source"
 VALUE_OPTIONS = ("--port", "--host", "--interval", "--id")
@@ -61,7 +61,7 @@ def parse_args(argv):
     source_id = "src-%d" % os.getpid() if args["--id"] == "src-PID" else args["--id"]
     if not source_id or not source_id.isprintable() or any(ch.isspace() for ch in source_id):
         usage_error(PROG, "bad --id %r: expected printable text without spaces" % source_id)
-    return args["--host"], port, interval_s, source_id
+    return checked_host(PROG, args["--host"]), port, interval_s, source_id
 
 
 def connect(host, port, interval_s):

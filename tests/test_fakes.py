@@ -214,6 +214,8 @@ def test_fakes_exit_0_promptly_on_signal(fake, recorders, state, signum):
     ("source", [], "--port"),
     ("source", ["--port"], "--port"),
     ("source", ["--port", "abc"], "'abc'"),
+    ("source", ["--port", "1", "--host", "a..b"], "'a..b'"),
+    ("destination", ["--port", "0", "--host", "a..b"], "'a..b'"),
     ("source", ["--port", "0"], "'0'"),
     ("source", ["--port", "70000"], "'70000'"),
     ("source", ["--port", "1", "--interval", "0"], "'0'"),
