@@ -42,7 +42,7 @@ import zlib
 
 import psutil
 
-from common import become_subreaper, free_port, reap_exited
+from common import become_subreaper, free_port, kill_descendants, reap_exited
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -569,16 +569,7 @@ class Chaos:
         for popen in list(self.popens.values()):
             if popen.returncode is None:
                 self.kill_tree(popen.pid)
-        for proc in psutil.Process().children(recursive=True):
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        deadline = now() + 5
-        while now() < deadline and psutil.Process().children():
-            self.reap()
-            time.sleep(0.02)
-        self.reap()
+        kill_descendants(self.reap)
 
     # the fault loop
 

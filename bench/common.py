@@ -3,6 +3,9 @@ import ctypes
 import os
 import random
 import socket
+import time
+
+import psutil
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -44,3 +47,17 @@ def free_port(taken=None):
         taken.add(port)
         return port
     raise RuntimeError("no free port")
+
+
+def kill_descendants(reap, timeout_s=5.0):
+    """SIGKILL every process below us (all started or adopted by this run) and reap them all."""
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and psutil.Process().children():
+        reap()
+        time.sleep(0.02)
+    reap()

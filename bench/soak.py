@@ -33,7 +33,7 @@ import time
 
 import psutil
 
-from common import become_subreaper, free_port, reap_exited
+from common import become_subreaper, free_port, kill_descendants, reap_exited
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_DESTS = 2
@@ -306,16 +306,7 @@ class Soak:
                     except psutil.Error:
                         pass
                 self.wait_exit(popen, 5)
-        for proc in psutil.Process().children(recursive=True):
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        deadline = now() + 5
-        while now() < deadline and psutil.Process().children():
-            self.reap()
-            time.sleep(0.05)
-        self.reap()
+        kill_descendants(self.reap)
         for popen in self.popens:
             if popen.stdout:
                 popen.stdout.close()

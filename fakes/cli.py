@@ -2,6 +2,8 @@
 import signal
 import sys
 
+import docopt
+
 
 class Stop(Exception):
     """Raised by the SIGTERM/SIGINT handler to leave whatever blocking call is running."""
@@ -41,3 +43,15 @@ def checked_host(prog, host):
     except UnicodeError:
         usage_error(prog, "bad --host %r: not a host name or address" % host)
     return host
+
+
+def parse(prog, usage, argv, value_options):
+    """docopt's dictionary for argv, or exit 2 with one line naming what is wrong."""
+    check_options(prog, argv, value_options)  # unknown options first, named as typed
+    try:
+        return docopt.docopt(usage, argv=argv)
+    except docopt.DocoptExit as exc:
+        first = str(exc).splitlines()[0]
+        if not any(arg.split("=", 1)[0] == "--port" for arg in argv):
+            usage_error(prog, "missing --port PORT")
+        usage_error(prog, first if "requires argument" in first else "unexpected or repeated arguments")

@@ -18,9 +18,7 @@ import socket
 import sys
 import time
 
-import docopt
-
-from fakes.cli import Stop, check_options, checked_host, handle_stop, say, usage_error
+from fakes.cli import Stop, checked_host, handle_stop, parse, say, usage_error
 
 PROG = "fake-destination"
 VALUE_OPTIONS = ("--port", "--host")
@@ -30,14 +28,7 @@ MAX_LINE = 65536  # a longer unterminated run is printed as a partial line rathe
 
 def parse_args(argv):
     """(host, port) from argv, or exit 2 naming what is wrong."""
-    check_options(PROG, argv, VALUE_OPTIONS)  # unknown options first, named as typed
-    try:
-        args = docopt.docopt(__doc__, argv=argv)
-    except docopt.DocoptExit as exc:
-        first = str(exc).splitlines()[0]
-        if not any(arg.split("=", 1)[0] == "--port" for arg in argv):
-            usage_error(PROG, "missing --port PORT")
-        usage_error(PROG, first if "requires argument" in first else "unexpected or repeated arguments")
+    args = parse(PROG, __doc__, argv, VALUE_OPTIONS)
     text = args["--port"]
     if not (text.isascii() and text.isdigit() and int(text) <= 65535):
         usage_error(PROG, "bad --port %r: expected 0-65535" % text)

@@ -25,9 +25,7 @@ import string
 import sys
 import time
 
-import docopt
-
-from fakes.cli import Stop, check_options, checked_host, handle_stop, say, usage_error
+from fakes.cli import Stop, checked_host, handle_stop, parse, say, usage_error
 
 PROG = "fake-source"
 VALUE_OPTIONS = ("--port", "--host", "--interval", "--id")
@@ -48,14 +46,7 @@ def number(text, kind, option, expected, valid):
 
 def parse_args(argv):
     """(host, port, interval_s, source_id) from argv, or exit 2 naming what is wrong."""
-    check_options(PROG, argv, VALUE_OPTIONS)
-    try:
-        args = docopt.docopt(__doc__, argv=argv)
-    except docopt.DocoptExit as exc:
-        first = str(exc).splitlines()[0]
-        if not any(arg.split("=", 1)[0] == "--port" for arg in argv):
-            usage_error(PROG, "missing --port PORT")
-        usage_error(PROG, first if "requires argument" in first else "unexpected or repeated arguments")
+    args = parse(PROG, __doc__, argv, VALUE_OPTIONS)
     port = number(args["--port"], int, "--port", "1-65535", lambda n: 1 <= n <= 65535)
     interval_s = number(args["--interval"], float, "--interval", "seconds > 0", lambda n: 0 < n < math.inf)
     source_id = "src-%d" % os.getpid() if args["--id"] == "src-PID" else args["--id"]
