@@ -20,16 +20,19 @@ Options:
   -h --help               show this help
   --version               show the version
 """
+import collections
 import ctypes
 import encodings.idna  # noqa: F401  getaddrinfo in forwarders needs it: import once, before fork
 import errno
 import os
 import re
+import select
 import signal
 import socket
 import sys
 import time
 
+import psutil
 import setproctitle
 
 import docopt
@@ -46,11 +49,10 @@ STOP_KILL_S = 0.8  # ... then SIGKILL to their groups and this long to be collec
 ACCEPT_PAUSE_S = 0.1  # out of descriptors: pause, then accept again
 PR_SET_CHILD_SUBREAPER = 36
 TRANSIENT_ACCEPT_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT)
-
-
-class Shutdown(Exception):
-    """Raised by the SIGTERM/SIGINT handler to leave the blocking accept()."""
+HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+ACCEPT_BATCH = 64  # sources accepted per wake-up before signals are looked at again
+REFUSAL_SUMMARY_S = 1.0  # refused sources in a burst: one summary line per this period
+COLLECT_POLL_S = 0.05
 
 
 def usage_error(message):
@@ -116,6 +118,8 @@ def bind_listener(config):
     family = socket.AF_INET6 if ":" in config.listen_host else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:  # "::" takes IPv4 sources too, whatever net.ipv6.bindv6only says
+        listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     try:
         listener.bind((config.listen_host, config.listen_port))
         listener.listen(BACKLOG)
@@ -131,16 +135,127 @@ def format_peer(address):
     return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
 
+def notify_service_manager(state):
+    """Tell systemd (Type=notify) our state, when it asked by setting NOTIFY_SOCKET."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):  # an abstract socket
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(state.encode())
+    except OSError as exc:
+        log.warning("cannot notify the service manager (%s) of %s: %s", address, state, exc.strerror or exc)
+
+
+class RefusalLog:
+    """Refused sources as one line each when rare, as one summary line a second in a burst."""
+
+    def __init__(self):
+        self.counts = collections.Counter()  # reason -> refusals not yet logged
+        self.window_end = 0.0
+
+    def refused(self, peer, reason):
+        now = time.monotonic()
+        if not self.counts and now >= self.window_end:
+            log.warning("refused %s: %s", peer, reason)
+            self.window_end = now + REFUSAL_SUMMARY_S
+        else:
+            self.counts[reason] += 1
+
+    def timeout_s(self):
+        """How long main may sleep before a summary is due (None: none pending)."""
+        if not self.counts:
+            return None
+        return max(0.0, self.window_end - time.monotonic())
+
+    def flush(self):
+        if self.counts and time.monotonic() >= self.window_end:
+            log.warning("refused %d more sources in the last %.0f s: %s", sum(self.counts.values()),
+                        REFUSAL_SUMMARY_S, ", ".join("%d %s" % (n, why) for why, n in self.counts.items()))
+            self.counts.clear()
+            self.window_end = time.monotonic() + REFUSAL_SUMMARY_S
+
+
 class Proxy:
-    """The parent process: accept loop, one receiver per source, reaping, shutdown."""
+    """The parent process: accept loop, one receiver per source, reaping, orderly stop.
+
+    Signal handlers only record the signal; the wake-up pipe (signal.set_wakeup_fd) makes the
+    loop's poll return, and the loop accepts, reaps, logs and stops outside any handler.
+    """
 
     def __init__(self, config, listener):
         self.config = config
         self.listener = listener
         self.receivers = {}  # pid (== pgid) -> peer
         self.lifeline_r, self.lifeline_w = os.pipe2(os.O_CLOEXEC)
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.signals = set()  # signal numbers received and not yet handled
+        self.refusals = RefusalLog()
+        self.poller = select.poll()
 
-    def handle_chld(self, *_):
+    def record_signal(self, signum, _frame):
+        self.signals.add(signum)
+
+    def install_signal_handlers(self):
+        listener_fd = self.listener.fileno()
+        self.listener.setblocking(False)
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, self.record_signal)
+        self.poller.register(self.wake_r, select.POLLIN)
+        self.poller.register(listener_fd, select.POLLIN)
+
+    def serve(self):
+        """Accept until SIGTERM/SIGINT; returns the signal's name."""
+        self.install_signal_handlers()
+        log.info("listening on %s port %d; destinations: %s", self.config.listen_host,
+                 self.config.listen_port, " ".join(str(d) for d in self.config.dests))
+        notify_service_manager("READY=1\nSTATUS=listening on port %d" % self.config.listen_port)
+        while True:
+            timeout_s = self.refusals.timeout_s()
+            events = self.poller.poll(None if timeout_s is None else timeout_s * 1000)
+            stop = self.handle_signals()
+            if stop:
+                return stop
+            if any(fd != self.wake_r for fd, _ in events):
+                self.accept_some()
+            self.refusals.flush()
+
+    def handle_signals(self):
+        """Act on the signals recorded since the last call; the name of a stop signal, if any."""
+        try:
+            os.read(self.wake_r, 4096)
+        except BlockingIOError:
+            pass
+        received, self.signals = self.signals, set()
+        if signal.SIGCHLD in received:
+            self.reap()
+        if signal.SIGHUP in received:
+            log.info("SIGHUP ignored: nothing to reload; serving %d sources", len(self.receivers))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            if sig in received:
+                return signal.Signals(sig).name
+        return None
+
+    def accept_some(self):
+        """Accept the sources waiting now (a bounded batch, so signals are seen between batches)."""
+        for _ in range(ACCEPT_BATCH):
+            try:
+                source, address = self.listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self.accept_failed(exc)
+                return
+            try:
+                self.admit(source, address)
+            finally:
+                source.close()  # the receiver has its own copy
+
+    def reap(self):
         """Reap every exited child; a receiver that died abnormally has its group killed."""
         while True:
             try:
@@ -159,35 +274,11 @@ class Proxy:
             else:
                 log.info("receiver %d for %s ended: %s", pid, peer, text)
 
-    def handle_stop(self, signum, _frame):
-        raise Shutdown(signal.Signals(signum).name)
-
     def kill_group(self, pgid, sig=signal.SIGKILL):
         try:
             os.killpg(pgid, sig)
         except (ProcessLookupError, PermissionError):
             pass  # the group is already gone
-
-    def serve(self):
-        """Accept until SIGTERM/SIGINT; returns the signal's name."""
-        signal.signal(signal.SIGCHLD, self.handle_chld)
-        signal.signal(signal.SIGTERM, self.handle_stop)
-        signal.signal(signal.SIGINT, self.handle_stop)
-        log.info("listening on %s port %d; destinations: %s", self.config.listen_host,
-                 self.config.listen_port, " ".join(str(d) for d in self.config.dests))
-        try:
-            while True:
-                try:
-                    source, address = self.listener.accept()
-                except OSError as exc:
-                    self.accept_failed(exc)
-                    continue
-                try:
-                    self.admit(source, address)
-                finally:
-                    source.close()  # the receiver has its own copy
-        except Shutdown as stop:
-            return str(stop)
 
     def accept_failed(self, exc):
         if exc.errno in TRANSIENT_ACCEPT_ERRORS:
@@ -200,65 +291,59 @@ class Proxy:
         """Refuse the source, or fork its receiver."""
         peer = format_peer(address)
         if not endpoints.is_allowed(address[0], self.config.allow):
-            log.warning("refused %s: not in --allow", peer)
+            self.refusals.refused(peer, "not in --allow")
             return
         if len(self.receivers) >= self.config.max_connections:
-            log.warning("refused %s: already serving --max-connections %d sources", peer,
-                        self.config.max_connections)
+            self.refusals.refused(peer, "already serving --max-connections %d sources" % self.config.max_connections)
             return
-        # A child that dies at once must not be reaped before it is recorded, and a Shutdown
-        # must not leave a receiver unrecorded: hold the signals across fork + record.
-        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        source.setblocking(True)
         try:
             pid = forking.fork_child("socketproxy: receiver %s" % peer, receiver.run_receiver,
                                      source, peer, self.config, self.lifeline_r,
                                      keep=[source.fileno(), self.lifeline_r], close=[self.listener])
-            try:
-                os.setpgid(pid, pid)
-            except OSError:
-                pass  # it already did, or it is already gone (reaped below)
-            self.receivers[pid] = peer
         except OSError as exc:
             log.error("cannot start a receiver for %s: %s", peer, exc.strerror)
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+            return
+        try:
+            os.setpgid(pid, pid)
+        except OSError:
+            pass  # it already did, or it is already gone (reaped by the loop, which knows it now)
+        self.receivers[pid] = peer
 
     def shutdown(self, why):
-        """Stop accepting, end every group (bounded), collect every child; no process is left."""
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        """Stop accepting, end every group (bounded), collect every process of the tree."""
+        notify_service_manager("STOPPING=1")
+        self.poller.unregister(self.listener.fileno())
         self.listener.close()
         log.info("stopping (%s): ending %d receivers", why, len(self.receivers))
         for pid in self.receivers:
-            self.signal_receiver(pid)
-        self.collect(time.monotonic() + STOP_TERM_S)
-        for pid in list(self.receivers):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        self.collect(time.monotonic() + STOP_TERM_S, lambda: not self.receivers)
+        for pid in self.receivers:
             self.kill_group(pid)
-        self.collect(time.monotonic() + STOP_KILL_S, until_no_children=True)
+        # Forwarders whose receiver is gone are our children now (subreaper): wait for them too.
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.collect(time.monotonic() + STOP_KILL_S, lambda: not psutil.Process().children())
         os.close(self.lifeline_w)
+        signal.set_wakeup_fd(-1)
         log.info("stopped")
 
-    def signal_receiver(self, pid):
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-
-    def collect(self, deadline, until_no_children=False):
-        """Reap children until the receivers (or, with until_no_children, all children) are gone."""
-        while time.monotonic() < deadline:
-            self.handle_chld()
-            if not self.receivers:
-                if not until_no_children:
-                    return
-                try:
-                    if os.waitpid(-1, os.WNOHANG) == (0, 0):
-                        time.sleep(0.02)
-                        continue
-                except ChildProcessError:
-                    return
-            time.sleep(0.02)
+    def collect(self, deadline, done):
+        """Reap children (woken by SIGCHLD) until done() or the deadline."""
+        while not done():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self.poller.poll(min(remaining, COLLECT_POLL_S) * 1000)
+            self.handle_signals()
+            self.reap()
 
 
 def main(argv=None):

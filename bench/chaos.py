@@ -836,7 +836,7 @@ class Chaos:
 
 # -- analysis --------------------------------------------------------------------------------------
 
-LOG_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) (\w+) \[(\d+)\] (?:src=(\S+) )?(?:dst=(\S+) )?(.*)$")
+LOG_RE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\.(\d{3})[+-]\d\d:\d\d (\w+) \[(\d+)\] (?:src=(\S+) )?(?:dst=(\S+) )?(.*)$")
 RE_ACCEPTED = re.compile(r"accepted; forwarders: (.*)$")
 RE_CONNECTED = re.compile(r"connected to \S+$")
 RE_RECONNECTED = re.compile(r"connected to \S+ after (\d+) attempts; dropped (\d+) bytes while down")
@@ -905,7 +905,7 @@ class Analysis:
         return best
 
     def log_time(self, stamp, millis):
-        epoch = time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(millis) / 1000.0
+        epoch = time.mktime(time.strptime(stamp, "%Y-%m-%dT%H:%M:%S")) + int(millis) / 1000.0
         return epoch - self.c.clock_offset
 
     def read_log(self):

@@ -161,7 +161,7 @@ class Demo:
 
     def copy(self, name, proc):
         for raw in iter(proc.stdout.readline, b""):  # the proxy's log: drop the date, keep the time
-            self.out.put(name, re.sub(r"^\d{4}-\d\d-\d\d ", "", raw.decode("utf-8", "replace").rstrip()))
+            self.out.put(name, re.sub(r"^\d{4}-\d\d-\d\dT(\d\d:\d\d:\d\d\.\d{3})\S*", r"\1", raw.decode("utf-8", "replace").rstrip()))
         proc.stdout.close()
 
     def stop(self, name):

@@ -140,6 +140,6 @@ def test_each_process_holds_only_its_own_descriptors(proxy, recorder):
     for fwd in by_role(px.pid, "forwarder"):
         # forwarder: its pipe's read end, /dev/null (drops), its destination socket
         assert open_fds(fwd) == ["null", "pipe", "socket"], open_fds(fwd)
-    # main: the listener and its lifeline write end; the source socket went with the fork
-    assert open_fds(psutil.Process(px.pid)) == ["pipe", "pipe", "socket"], open_fds(psutil.Process(px.pid))
+    # main: the listener, its lifeline and wake-up pipes; the source socket went with the fork
+    assert open_fds(psutil.Process(px.pid)) == ["pipe", "pipe", "pipe", "pipe", "socket"], open_fds(psutil.Process(px.pid))
     source.close()
