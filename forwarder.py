@@ -8,8 +8,10 @@ import errno
 import fcntl
 import os
 import select
+import signal
 import socket
 import struct
+import sys
 import termios
 import threading
 import time
@@ -23,6 +25,7 @@ DRAIN_FLAGS = os.SPLICE_F_NONBLOCK
 CLOSE_LINGER_S = 1.0  # after our FIN, how long to wait for the destination's
 ACK_POLL_S = 0.02  # while waiting for the last bytes to be acknowledged
 STILL_DOWN_LOG_S = 60.0
+PROGRESS_POLL_S = 0.1  # while a destination's socket is full: how often its progress is checked
 POLL_IN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 ERR_REASONS = {
     errno.ECONNREFUSED: "connection refused",
@@ -76,7 +79,7 @@ class Lookup:
     def run(self, dest):
         info = error = None
         try:
-            info = socket.getaddrinfo(dest.host, dest.port, type=socket.SOCK_STREAM)[0]
+            info = socket.getaddrinfo(dest.host, dest.port, type=socket.SOCK_STREAM)
         except (OSError, UnicodeError) as exc:  # UnicodeError: a name IDNA cannot encode
             error = exc
         os.write(self.done_w, b"x")  # before finished() can be true: result() closes this pipe
@@ -86,20 +89,30 @@ class Lookup:
         return self.info is not None or self.error is not None
 
     def result(self):
-        """(family, address), or the resolver's error raised; closes the notification pipe."""
+        """[(family, address), ...] in the resolver's order, or its error raised; closes the pipe."""
         os.close(self.done_fd)
         os.close(self.done_w)
         if self.error is not None:
             raise self.error
-        family, _, _, _, address = self.info
-        return family, address
+        addresses = []
+        for family, _, _, _, address in self.info:
+            if (family, address) not in addresses:
+                addresses.append((family, address))
+        return addresses
 
 
 class Forwarder:
     """Copies one pipe to one destination for the life of one source connection."""
 
-    def __init__(self, pipe_fd, dest, config):
+    def __init__(self, pipe_fd, dest, config, receiver_pid=None):
         self.pipe_fd = pipe_fd
+        self.receiver_pid = receiver_pid
+        self.receiver_pidfd = None
+        if receiver_pid is not None:
+            try:
+                self.receiver_pidfd = os.pidfd_open(receiver_pid)
+            except ProcessLookupError:
+                pass  # already gone: receiver_gone() says so
         self.dest = dest
         self.config = config
         self.sock = None
@@ -113,6 +126,7 @@ class Forwarder:
         self.attempts = 0
         self.lookup = None  # a name lookup still running from an earlier attempt
         self.pipe_eof = False
+        self.hold_until = 0.0  # during the first attempt: when the pipe stops being held
         self.devnull_fd = os.open(os.devnull, os.O_WRONLY)
         self.discard = bytearray(16384)
 
@@ -138,72 +152,121 @@ class Forwarder:
         """One connection attempt within --connect-timeout; True when connected.
 
         While it runs the pipe is drained (the source must not stall), except on the very first
-        attempt: data sent the moment a source connects waits for it (hold_pipe).
+        attempt: data sent the moment a source connects waits for it (hold_pipe), for at most
+        --send-timeout. A name's addresses are tried in order, each given at least its share of
+        the time left, as socket.create_connection tries them.
         """
         self.attempts += 1
-        deadline = time.monotonic() + self.config.connect_timeout
+        now = time.monotonic()
+        deadline = now + self.config.connect_timeout
+        self.hold_until = now + self.config.send_timeout if hold_pipe else now
         try:
-            family, address = self.resolve(deadline, hold_pipe)
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            addresses = self.resolve(deadline)
         except (OSError, UnicodeError) as exc:
             self.note_failure(describe(exc))
             return False
+        if addresses is None:
+            return False  # the source finished while we waited: nothing is left to deliver
+        failures = []
+        for index, (family, address) in enumerate(addresses):
+            share = (deadline - time.monotonic()) / (len(addresses) - index)
+            try:
+                sock = self.connect_to(family, address, time.monotonic() + max(share, 0.0))
+            except OSError as exc:
+                failures.append((address[0], describe(exc)))
+                continue
+            if sock is None:
+                return False  # the source finished while we waited
+            self.connected(sock, address[0])
+            return True
+        self.note_failure(self.failure_text(failures))
+        return False
+
+    def failure_text(self, failures):
+        """Why every address failed: the reason alone for an address, per address for a name."""
+        if self.dest.family or not failures:
+            return failures[0][1] if failures else "no address"
+        reasons = {reason for _, reason in failures}
+        if len(reasons) == 1:
+            return "%s (tried %s)" % (reasons.pop(), ", ".join(host for host, _ in failures))
+        return ", ".join("%s: %s" % failure for failure in failures)
+
+    def connect_to(self, family, address, deadline):
+        """A connected socket, None when the pipe ended meanwhile; raises OSError on failure."""
+        sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
         err = sock.connect_ex(address)
-        poller = select.poll()
-        poller.register(sock, select.POLLOUT)
-        if not hold_pipe:
-            poller.register(self.pipe_fd, POLL_IN)
         while err == errno.EINPROGRESS:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                err = errno.ETIMEDOUT
-                break
-            for fd, _ in poller.poll(remaining * 1000):
-                if fd == self.pipe_fd:
-                    self.drain()
-                else:
-                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            events = self.wait_draining(sock.fileno(), select.POLLOUT, deadline)
+            if events is None:
+                sock.close()
+                return None
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if events else errno.ETIMEDOUT
         if err:
             sock.close()
-            self.note_failure(describe(OSError(err, os.strerror(err))))
-            return False
+            raise OSError(err, os.strerror(err))
+        return sock
+
+    def connected(self, sock, host):
         self.configure(sock)
         self.sock = sock
         self.connected_at = time.monotonic()
+        where = "" if self.dest.family else " (%s)" % host
         if self.outage_started:
-            log.info("connected to %s after %d attempts; dropped %d bytes while down for %.1f s",
-                     self.dest, self.attempts, self.outage_dropped, self.connected_at - self.outage_started)
+            log.info("connected to %s%s after %d attempts; dropped %d bytes while down for %.1f s",
+                     self.dest, where, self.attempts, self.outage_dropped, self.connected_at - self.outage_started)
         else:
-            log.info("connected to %s", self.dest)
+            log.info("connected to %s%s", self.dest, where)
         self.attempts = 0
         self.outage_started = 0.0
         self.outage_dropped = 0
-        return True
 
-    def resolve(self, deadline, hold_pipe):
-        """(family, address) of the destination, its name resolved afresh by the time of deadline.
+    def wait_draining(self, fd, events, deadline):
+        """Wait for events on fd until deadline, draining the pipe meanwhile (after hold_until).
+
+        Returns the events seen, 0 at the deadline, None once the pipe has ended: the source is done
+        and what it sent is dropped, so there is nothing left to connect for. The pipe leaves the poll
+        set at its end, so a hung-up pipe cannot make this spin.
+        """
+        poller = select.poll()
+        poller.register(fd, events)
+        draining = False
+        while True:
+            now = time.monotonic()
+            if not draining and now >= self.hold_until:
+                if self.pipe_eof:
+                    return None
+                poller.register(self.pipe_fd, POLL_IN)
+                draining = True
+            wait = deadline - now if draining else min(deadline, self.hold_until) - now
+            if deadline - now <= 0:
+                return 0
+            for ready_fd, revents in poller.poll(max(wait, 0.0) * 1000):
+                if ready_fd != self.pipe_fd:
+                    return revents
+                self.drain()
+                if self.pipe_eof:
+                    return None
+
+    def resolve(self, deadline):
+        """[(family, address), ...] of the destination, its name resolved afresh by the deadline;
+        None when the pipe ended meanwhile.
 
         getaddrinfo cannot be interrupted, and a resolver that hangs must not stall the source: it
         runs in a thread (this process never forks) while we keep draining the pipe, as connect does.
         A lookup that outlives its attempt is waited for by the next attempt, never started twice.
         """
         if self.dest.family:  # an address: nothing to resolve
-            return self.dest.family, (self.dest.host, self.dest.port)
+            return [(self.dest.family, (self.dest.host, self.dest.port))]
         if self.lookup is None:
             self.lookup = Lookup(self.dest)
         lookup = self.lookup
-        poller = select.poll()
-        poller.register(lookup.done_fd, select.POLLIN)
-        if not hold_pipe:
-            poller.register(self.pipe_fd, POLL_IN)
         while not lookup.finished():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            events = self.wait_draining(lookup.done_fd, select.POLLIN, deadline)
+            if events is None:
+                return None
+            if not events and not lookup.finished():
                 raise OSError(errno.ETIMEDOUT, "name resolution timed out")
-            for fd, _ in poller.poll(remaining * 1000):
-                if fd == self.pipe_fd:
-                    self.drain()
         self.lookup = None
         return lookup.result()
 
@@ -213,48 +276,91 @@ class Forwarder:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(self.config.send_timeout * 1000))
 
+    def receiver_gone(self):
+        """Whether the receiver that feeds our pipe has died (we were adopted by main)."""
+        return self.receiver_pid is not None and os.getppid() != self.receiver_pid
+
+    def receiver_died(self):
+        """The pipe ended because the receiver died, not because the source finished: say so, and
+        what the pipe still held (dropped: the group is being ended), then exit."""
+        held = pipe_bytes(self.pipe_fd)
+        self.dropped += held
+        log.error("receiver %d died: the source's connection is lost; its pipe still held %d bytes, dropped",
+                  self.receiver_pid, held)
+        if self.sock is not None:
+            lost = unsent_bytes(self.sock)
+            reset(self.sock)
+            self.sent -= lost
+            self.dropped += lost
+        log.info("forwarder done: sent %d bytes, dropped %d bytes", self.sent, self.dropped)
+        sys.exit(1)
+
     def pump(self):
-        """Copy pipe -> socket while connected; returns at pipe EOF after closing the connection."""
+        """Copy pipe -> socket while connected; returns at pipe EOF after closing the connection.
+
+        A full socket is not a stalled destination: while data waits, the bytes the destination has
+        acknowledged (handed to the socket minus its send queue, SIOCOUTQ) are checked every
+        PROGRESS_POLL_S, and only --send-timeout without any acknowledged byte disconnects it. The
+        socket is retried at each check too: POLLOUT needs a third of a large send buffer free,
+        which a slow reader can take many seconds to make.
+        """
         sock_fd, pipe_fd = self.sock.fileno(), self.pipe_fd
-        send_timeout_ms = self.config.send_timeout * 1000
         poller = select.poll()
         poller.register(pipe_fd, POLL_IN)
         poller.register(sock_fd, select.POLLIN)
-        blocked_since = 0.0  # when the socket last refused data while data waited
+        if self.receiver_pidfd is not None:
+            poller.register(self.receiver_pidfd, select.POLLIN)
+        progress_at = 0.0  # while blocked: when the destination last acknowledged a byte
+        acknowledged = 0
         splice = os.splice
         while True:
-            if blocked_since:
-                timeout_ms = send_timeout_ms - (time.monotonic() - blocked_since) * 1000
-                if timeout_ms <= 0:
+            timeout_ms = None
+            if progress_at:
+                now = time.monotonic()
+                now_acknowledged = self.sent - unsent_bytes(self.sock)
+                if now_acknowledged > acknowledged:
+                    acknowledged, progress_at = now_acknowledged, now
+                elif now - progress_at >= self.config.send_timeout:
                     raise Disconnected("no progress for %.1f s (send timeout)" % self.config.send_timeout)
-            else:
-                timeout_ms = None
+                timeout_ms = min(PROGRESS_POLL_S, progress_at + self.config.send_timeout - now) * 1000
             events = poller.poll(timeout_ms)
+            if progress_at and not events:
+                events = [(pipe_fd, select.POLLIN)]  # try the socket again
             for fd, event in events:
                 if fd == sock_fd:
                     if event & select.POLLIN or event & (select.POLLERR | select.POLLHUP):
                         self.read_replies()
                     if event & select.POLLOUT:
-                        blocked_since = 0.0
+                        progress_at = 0.0
                         poller.modify(sock_fd, select.POLLIN)
                         poller.register(pipe_fd, POLL_IN)
                     continue
+                if fd == self.receiver_pidfd:
+                    self.receiver_died()
                 # The pipe has data (or its writers are gone): move as much as the socket takes.
                 while True:
                     try:
                         moved = splice(pipe_fd, sock_fd, SPLICE_CHUNK, flags=SPLICE_FLAGS)
                     except BlockingIOError:
-                        blocked_since = blocked_since or time.monotonic()
-                        poller.unregister(pipe_fd)
-                        poller.modify(sock_fd, select.POLLIN | select.POLLOUT)
+                        if not progress_at:
+                            progress_at = time.monotonic()
+                            acknowledged = self.sent - unsent_bytes(self.sock)
+                            poller.unregister(pipe_fd)
+                            poller.modify(sock_fd, select.POLLIN | select.POLLOUT)
                         break
                     except OSError as exc:
                         raise Disconnected(describe(exc)) from None
                     if not moved:
                         self.pipe_eof = True
+                        if self.receiver_gone():
+                            self.receiver_died()
                         self.close_gracefully()
                         return
                     self.sent += moved
+                    if progress_at:  # the socket took data again: not blocked any more
+                        progress_at = 0.0
+                        poller.modify(sock_fd, select.POLLIN)
+                        poller.register(pipe_fd, POLL_IN)
                     if moved < SPLICE_CHUNK:
                         break
 
@@ -378,6 +484,8 @@ class Forwarder:
                 return
             if not moved:
                 self.pipe_eof = True
+                if self.receiver_gone():
+                    self.receiver_died()
                 return
             self.dropped += moved
             self.outage_dropped += moved
@@ -385,7 +493,29 @@ class Forwarder:
                 return
 
 
-def run_forwarder(pipe_fd, dest, config):
-    """Body of the forwarder process (see forking.fork_child)."""
+def pipe_bytes(fd):
+    """Bytes waiting in a pipe (FIONREAD)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
+
+
+def run_forwarder(pipe_fd, dest, config, receiver_pid=None):
+    """Body of the forwarder process (see forking.fork_child).
+
+    SIGTERM or SIGINT asks the receiver to stop the group in order (so a stop that signals every
+    process at once, as systemd does, is the same orderly stop as one that signals main alone);
+    this forwarder goes on until its pipe ends. SIGHUP is ignored.
+    """
     os.set_blocking(pipe_fd, False)
-    return Forwarder(pipe_fd, dest, config).run()
+    fwd = Forwarder(pipe_fd, dest, config, receiver_pid)
+
+    def ask_receiver_to_stop(_signum, _frame):
+        if fwd.receiver_pidfd is not None and not fwd.receiver_gone():
+            signal.pidfd_send_signal(fwd.receiver_pidfd, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, ask_receiver_to_stop)
+    signal.signal(signal.SIGINT, ask_receiver_to_stop)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    return fwd.run()

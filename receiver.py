@@ -78,8 +78,9 @@ class Receiver:
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wake_fd = wake_r
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: None)  # the wake-up pipe tells the loop
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         for dest in self.config.dests:
             self.spawn_forwarder(dest)
         self.poller.register(self.source, select.POLLIN)
@@ -95,7 +96,8 @@ class Receiver:
         title = "socketproxy: forwarder %s -> %s" % (self.peer, dest)
         # The forwarder must not hold the source (else killing us would not close it) nor any
         # sibling's write end (else that pipe would never read EOF): it keeps its read end only.
-        pid = forking.fork_child(title, self.run_forwarder, read_fd, dest, keep=[read_fd], close=[self.source])
+        pid = forking.fork_child(title, self.run_forwarder, read_fd, dest, os.getpid(), keep=[read_fd],
+                                 close=[self.source])
         os.close(read_fd)
         os.set_blocking(write_fd, False)
         self.pipes[write_fd] = dest
@@ -104,9 +106,9 @@ class Receiver:
         self.forwarders[pidfd] = (pid, dest)
         self.poller.register(pidfd, select.POLLIN)
 
-    def run_forwarder(self, read_fd, dest):
+    def run_forwarder(self, read_fd, dest, receiver_pid):
         proxylog.set_connection("src=%s dst=%s" % (self.peer, dest))
-        return forwarder.run_forwarder(read_fd, dest, self.config)
+        return forwarder.run_forwarder(read_fd, dest, self.config, receiver_pid)
 
     # -- the loop ---------------------------------------------------------------------------------
 
