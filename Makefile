@@ -1,20 +1,22 @@
-# Every target builds its own virtual environment from nothing.
-PYTHON ?= python3
+# Every target builds its own virtual environment from nothing, from a Python every user can run
+# (the tests also run the proxy as the unprivileged user nobody): the system's, where it is 3.10+.
+PYTHON ?= $(shell /usr/bin/python3 -c 'import sys, ensurepip; assert sys.version_info >= (3, 10)' \
+            >/dev/null 2>&1 && echo /usr/bin/python3 || echo python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo demo-live bench chaos soak clean
+.PHONY: venv test demo demo-live bench chaos soak service-check clean
 
 venv: $(STAMP)
 
-$(STAMP): setup.py
-	$(PYTHON) -m venv $(VENV)
+$(STAMP): setup.py Makefile
+	$(PYTHON) -m venv --clear $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) service-check
 	$(PY) -m pytest
 
 demo: $(STAMP)
@@ -34,6 +36,23 @@ chaos: $(STAMP)
 
 soak: $(STAMP)
 	$(PY) bench/soak.py
+
+# systemd-analyze verify of contrib/socketproxy.service. verify fails when ExecStart's binary does
+# not exist, so a copy with ExecStart pointed at the venv's command is checked. It may print a warning
+# and still exit 0: any line of its output naming the unit fails the check.
+UNIT := contrib/socketproxy.service
+service-check: $(STAMP)
+	@command -v systemd-analyze >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && apt-get install -y -qq systemd) >/dev/null 2>&1 && echo "service-check: installed systemd for systemd-analyze"; } || true
+	@if ! command -v systemd-analyze >/dev/null 2>&1; then \
+	  echo "service-check: systemd-analyze is not installed and could not be installed: check skipped"; exit 0; fi; \
+	dir=$$(mktemp -d) && trap 'rm -rf "$$dir"' EXIT && \
+	sed 's|^ExecStart=[^ ]*|ExecStart=$(CURDIR)/$(VENV)/bin/socketproxy|' $(UNIT) > "$$dir/socketproxy.service" && \
+	out=$$(systemd-analyze verify "$$dir/socketproxy.service" 2>&1); rc=$$?; \
+	test -z "$$out" || printf '%s\n' "$$out"; \
+	if [ $$rc -ne 0 ] || printf '%s\n' "$$out" | grep -q 'socketproxy\.service'; then \
+	  echo "service-check: FAILED: systemd-analyze verify $(UNIT) (exit $$rc)"; exit 1; fi; \
+	echo "service-check: $(UNIT) verified (ExecStart=$(CURDIR)/$(VENV)/bin/socketproxy ...)"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -41,6 +41,7 @@ class Config:
     send_timeout: float = 5.0
     allow: tuple = ()  # ip_network objects; empty = everyone
     log_level: str = "info"
+    pipe_size: int = 1 << 20  # each pipe of a group, planned by main for the user's pipe budget
 
 
 def parse_port(text, what="port"):

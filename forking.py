@@ -1,25 +1,40 @@
 """The project's only fork: a child that holds exactly the descriptors it needs and never returns."""
 import gc
 import os
+import resource
 import signal
 import sys
 import traceback
 
 import setproctitle
 
-MAX_FD = 1 << 30  # closerange's upper bound: close_range(2) skips what is not open
+FALLBACK_MAX_FD = 1 << 20  # when RLIMIT_NOFILE is unlimited
 # Signals whose handlers or mask the child must not inherit from its parent.
 RESET_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
+def fd_limit():
+    """One more than the highest descriptor this process can hold (RLIMIT_NOFILE).
+
+    os.closerange uses close_range(2), which skips what is not open; where that call is missing
+    (kernels before 5.9) or denied (seccomp), CPython closes every number one by one, so the range
+    must end at the limit, not at some huge constant.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for limit in (soft, hard):
+        if limit != resource.RLIM_INFINITY:
+            return limit
+    return FALLBACK_MAX_FD
+
+
 def close_fds_except(keep):
-    """Close every descriptor above 2 that is not in keep (close_range(2): no listing needed)."""
+    """Close every descriptor above 2 that is not in keep."""
     low = 3
     for fd in sorted(set(keep)):
         if fd >= low:
             os.closerange(low, fd)
             low = fd + 1
-    os.closerange(low, MAX_FD)
+    os.closerange(low, max(fd_limit(), low))
 
 
 def fork_child(title, target, *args, keep=(), close=()):

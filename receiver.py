@@ -5,6 +5,7 @@ in its poll set, psutil to collect their exit) and kills the whole group when on
 source sees its connection close and reconnects.
 """
 import fcntl
+import mmap
 import os
 import select
 import signal
@@ -21,7 +22,12 @@ from proxylog import log
 from zerocopy import tee
 
 CHUNK = 1024 * 1024
-PIPE_SIZE = 1024 * 1024
+PIPE_SIZE_MAX = 1024 * 1024
+PIPE_SIZE_MIN = 16 * 1024
+PIPE_BUDGET_SHARE = 0.75  # of the user's pipe budget: the rest is left to its other programs
+PAGE = os.sysconf("SC_PAGE_SIZE")
+F_GETPIPE_SZ = 1032
+CAP_SYS_ADMIN, CAP_SYS_RESOURCE = 21, 24
 SPLICE_F_NONBLOCK = os.SPLICE_F_NONBLOCK
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 splice = os.splice
@@ -31,12 +37,60 @@ F_SETPIPE_SZ = 1031
 KEEPALIVE = ((socket.TCP_KEEPIDLE, 60), (socket.TCP_KEEPINTVL, 10), (socket.TCP_KEEPCNT, 6))
 
 
-def set_pipe_size(fd):
-    """Enlarge a pipe to PIPE_SIZE where the system allows it (else it keeps its default)."""
+def pipe_budget():
+    """Bytes of pipe buffers this user may hold (fs.pipe-user-pages-soft), None when unlimited.
+
+    The kernel does not count the pipes of a process with CAP_SYS_RESOURCE or CAP_SYS_ADMIN (root).
+    """
     try:
-        fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
-    except OSError:
-        pass  # above /proc/sys/fs/pipe-max-size
+        with open("/proc/self/status") as status:
+            caps = next(int(line.split()[1], 16) for line in status if line.startswith("CapEff:"))
+        if caps & (1 << CAP_SYS_RESOURCE | 1 << CAP_SYS_ADMIN):
+            return None
+        with open("/proc/sys/fs/pipe-user-pages-soft") as soft:
+            pages = int(soft.read())
+    except (OSError, ValueError, StopIteration):
+        return None
+    return pages * PAGE if pages else None
+
+
+def plan_pipe_size(max_connections, dest_count, budget):
+    """The size of each pipe: (1 + D) pipes per source, --max-connections sources in a share of the
+    budget, a power of two from PIPE_SIZE_MIN to PIPE_SIZE_MAX (where splice gains no more)."""
+    if budget is None:
+        return PIPE_SIZE_MAX
+    fair = budget * PIPE_BUDGET_SHARE / (max_connections * (1 + dest_count))
+    size = PIPE_SIZE_MIN
+    while size * 2 <= min(fair, PIPE_SIZE_MAX):
+        size *= 2
+    return size
+
+
+class PipeRefusal:
+    """Whether a pipe size refusal was logged by any process of the tree (shared memory, one byte)."""
+
+    flag = mmap.mmap(-1, 1)  # made in main at import, before any fork: every process shares it
+
+    @classmethod
+    def report(cls, size, got, exc):
+        if cls.flag[0]:
+            return
+        cls.flag[0] = 1
+        log.warning("the kernel refused a pipe of %d KiB (%s); this pipe has %d KiB, and others may too: this "
+                    "user's pipe budget is used up (fs.pipe-user-pages-soft), so throughput suffers; raise it or "
+                    "lower --max-connections", size // 1024, exc or "smaller", got // 1024)
+
+
+def set_pipe_size(fd, size):
+    """Give a pipe the planned size; a refusal by the kernel is logged once for the whole tree."""
+    error = None
+    try:
+        fcntl.fcntl(fd, F_SETPIPE_SZ, size)
+    except OSError as exc:
+        error = exc.strerror
+    got = fcntl.fcntl(fd, F_GETPIPE_SZ)
+    if got < size:
+        PipeRefusal.report(size, got, error)
 
 
 class Receiver:
@@ -71,7 +125,7 @@ class Receiver:
         self.source_fd = self.source.fileno()
         # The staging pipe the source is spliced into (non-blocking, as large as a forwarder's).
         self.stage_r, self.stage_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        set_pipe_size(self.stage_w)
+        set_pipe_size(self.stage_w, self.config.pipe_size)
         self.source.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         for option, value in KEEPALIVE:
             self.source.setsockopt(socket.IPPROTO_TCP, option, value)
@@ -92,7 +146,7 @@ class Receiver:
     def spawn_forwarder(self, dest):
         """Fork one forwarder fed by a new pipe; the receiver keeps the write end only."""
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-        set_pipe_size(write_fd)
+        set_pipe_size(write_fd, self.config.pipe_size)
         title = "socketproxy: forwarder %s -> %s" % (self.peer, dest)
         # The forwarder must not hold the source (else killing us would not close it) nor any
         # sibling's write end (else that pipe would never read EOF): it keeps its read end only.

@@ -22,6 +22,7 @@ Options:
 """
 import collections
 import ctypes
+import dataclasses
 import encodings.idna  # noqa: F401  getaddrinfo in forwarders needs it: import once, before fork
 import errno
 import os
@@ -346,6 +347,17 @@ class Proxy:
             self.reap()
 
 
+def plan_pipes(config):
+    """The config with a pipe size that fits --max-connections sources in the user's pipe budget."""
+    budget = receiver.pipe_budget()
+    size = receiver.plan_pipe_size(config.max_connections, len(config.dests), budget)
+    if budget is not None:
+        log.info("pipes of %d KiB: %d sources x %d pipes fit in %d%% of this user's pipe budget of %d MiB "
+                 "(fs.pipe-user-pages-soft)", size // 1024, config.max_connections, 1 + len(config.dests),
+                 receiver.PIPE_BUDGET_SHARE * 100, budget >> 20)
+    return dataclasses.replace(config, pipe_size=size)
+
+
 def main(argv=None):
     """Entry point of the socketproxy command."""
     setproctitle.getproctitle()  # before anything touches os.environ (the title reuses its memory)
@@ -356,6 +368,7 @@ def main(argv=None):
         if dest in seen:
             log.warning("destination %s is named more than once: it gets one connection per mention", dest)
         seen.add(dest)
+    config = plan_pipes(config)
     listener = bind_listener(config)
     become_subreaper()
     setproctitle.setproctitle("socketproxy: main %s:%d -> %s" % (
