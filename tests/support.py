@@ -7,6 +7,7 @@ import ctypes
 import os
 import random
 import re
+import select
 import selectors
 import signal
 import socket
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 
 import psutil
 
@@ -90,7 +92,8 @@ def free_port():
 class Recorder:
     """A destination on 127.0.0.1 that records each accepted connection's bytes, in a thread."""
 
-    def __init__(self, port=None, host="127.0.0.1", family=socket.AF_INET, read_rate=None, rcvbuf=None):
+    def __init__(self, port=None, host="127.0.0.1", family=socket.AF_INET, read_rate=None, rcvbuf=None,
+                 slow_for=None):
         self.listener = socket.socket(family, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if rcvbuf:  # inherited by accepted connections: a small window holds little unread data
@@ -99,6 +102,7 @@ class Recorder:
         self.listener.listen(128)
         self.port = self.listener.getsockname()[1]
         self.read_rate = read_rate  # bytes per second, None = as fast as possible
+        self.slow_until = time.monotonic() + slow_for if slow_for else None  # then as fast as possible
         self.paused = threading.Event()
         self.lock = threading.Lock()
         self.connections = []  # list of dicts: data bytearray, open bool, peer
@@ -128,6 +132,8 @@ class Recorder:
                 else:
                     record = key.data
                     size = 262144
+                    if self.slow_until and time.monotonic() >= self.slow_until:
+                        self.read_rate = None
                     if self.read_rate:
                         size = max(1, int(self.read_rate * 0.05))
                     try:
@@ -170,14 +176,23 @@ class Recorder:
         self.listener.close()
 
 
-def start_proxy(tmp_path, dests, *options, listen_port=None, name="proxy"):
-    """Start socketproxy.py as its own session; return (Popen, port, log path) once it listens."""
+def start_proxy(tmp_path, dests, *options, listen_port=None, name="proxy", listen_host="127.0.0.1",
+                prefix=(), env=None, journal=False):
+    """Start socketproxy.py as its own session; return (Popen, port, log path) once it listens.
+
+    prefix runs it through another program (setpriv, unshare); env adds environment variables;
+    journal makes its log file look like systemd's journal stream (JOURNAL_STREAM names it).
+    """
     port = listen_port or free_port()
     log_path = tmp_path / ("%s.log" % name)
-    argv = [sys.executable, os.path.join(ROOT, "socketproxy.py"), "--listen-host", "127.0.0.1",
+    argv = [*prefix, sys.executable, os.path.join(ROOT, "socketproxy.py"), "--listen-host", listen_host,
             "--listen-port", str(port), *options, *dests]
+    full_env = dict(os.environ, **(env or {}))
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        if journal:
+            stat = os.fstat(log.fileno())
+            full_env["JOURNAL_STREAM"] = "%d:%d" % (stat.st_dev, stat.st_ino)
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=full_env)
     wait_until(lambda: "listening on" in log_path.read_text() or proc.poll() is not None, 20,
                message=lambda: "proxy did not start: " + log_path.read_text())
     assert proc.poll() is None, log_path.read_text()
@@ -285,3 +300,94 @@ def tcp_queues(local_port, remote_port):
             tx, rx = queues.split(":")
             return int(tx, 16), int(rx, 16)
     return None
+
+
+def blackhole():
+    """A listening socket on 127.0.0.1 that never answers a SYN: its accept queue is kept full.
+
+    Returns (listener, fillers); close them all to end it.
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = []
+    for _ in range(8):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(listener.getsockname())
+        fillers.append(filler)
+        if not wait_for_connect(filler):
+            fillers.pop().close()  # this one got no answer: the queue is full
+            break
+    return listener, fillers
+
+
+def wait_for_connect(sock, timeout=0.5):
+    """Whether a non-blocking connect completed within timeout."""
+    _, writable, _ = select.select([], [sock], [], timeout)
+    return bool(writable) and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+
+
+def syn_sent_to(port):
+    """Whether some IPv4 loopback socket is in SYN_SENT towards port (a connect attempt in flight)."""
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "02" and int(fields[2].split(":")[1], 16) == port:
+            return True
+    return False
+
+
+class CountingSink:
+    """A destination on 127.0.0.1 for bulk data: a thread per connection keeps only its byte count and
+    crc32 (a Recorder's single Python thread would be the bottleneck a rate measurement sees)."""
+
+    def __init__(self):
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(256)
+        self.port = self.listener.getsockname()[1]
+        self.lock = threading.Lock()
+        self.connections = []  # dicts: bytes, crc, open
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            record = {"bytes": 0, "crc": 0, "open": True}
+            with self.lock:
+                self.connections.append(record)
+            threading.Thread(target=self._read, args=(conn, record), daemon=True).start()
+
+    def _read(self, conn, record):
+        buf = bytearray(1 << 20)
+        view = memoryview(buf)
+        with conn:
+            while True:
+                try:
+                    size = conn.recv_into(buf)
+                except OSError:
+                    size = 0
+                if not size:
+                    break
+                record["crc"] = zlib.crc32(view[:size], record["crc"])
+                record["bytes"] += size
+        record["open"] = False
+
+    def total(self):
+        with self.lock:
+            return sum(c["bytes"] for c in self.connections)
+
+    def summary(self):
+        """Sorted (bytes, crc32) of every connection, to compare with what the sources sent."""
+        with self.lock:
+            return sorted((c["bytes"], c["crc"]) for c in self.connections)
+
+    def closed_count(self):
+        with self.lock:
+            return sum(1 for c in self.connections if not c["open"])
+
+    def stop(self):
+        self.listener.close()
