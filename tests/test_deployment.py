@@ -322,7 +322,7 @@ def test_first_attempt_holds_the_source_at_most_send_timeout(proxy, recorder):
                "--connect-timeout", "10", "--send-timeout", "2")
     try:
         source = connect_source(px.port)
-        payload = os.urandom(24 << 20)
+        payload = os.urandom(96 << 20)  # more than the kernel may buffer (tcp_rmem allows 32 MiB)
         start = time.monotonic()
         sender = send_in_thread(source, payload)
         wait_until(lambda: not sender.is_alive(), 8, message="the source was held past --send-timeout")
