@@ -104,15 +104,16 @@ class Lookup:
 class Forwarder:
     """Copies one pipe to one destination for the life of one source connection."""
 
-    def __init__(self, pipe_fd, dest, config, receiver_pid=None):
+    def __init__(self, pipe_fd, dest, config, receiver_pid=None, clean_end=None):
         self.pipe_fd = pipe_fd
         self.receiver_pid = receiver_pid
+        self.clean_end = clean_end  # shared with the receiver: set before it closes our pipe on purpose
         self.receiver_pidfd = None
         if receiver_pid is not None:
             try:
                 self.receiver_pidfd = os.pidfd_open(receiver_pid)
             except ProcessLookupError:
-                pass  # already gone: receiver_gone() says so
+                pass  # already gone: its pipe will end without clean_end set
         self.dest = dest
         self.config = config
         self.sock = None
@@ -277,8 +278,12 @@ class Forwarder:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(self.config.send_timeout * 1000))
 
     def receiver_gone(self):
-        """Whether the receiver that feeds our pipe has died (we were adopted by main)."""
-        return self.receiver_pid is not None and os.getppid() != self.receiver_pid
+        """At pipe EOF: whether it came from the receiver's death rather than from its close_pipes.
+
+        A dying process closes its descriptors before its parent or a pidfd learns of its death,
+        so neither getppid nor the pidfd can tell at EOF; the flag the receiver sets first can.
+        """
+        return self.clean_end is not None and not self.clean_end[0]
 
     def receiver_died(self):
         """The pipe ended because the receiver died, not because the source finished: say so, and
@@ -501,7 +506,7 @@ def pipe_bytes(fd):
         return 0
 
 
-def run_forwarder(pipe_fd, dest, config, receiver_pid=None):
+def run_forwarder(pipe_fd, dest, config, receiver_pid=None, clean_end=None):
     """Body of the forwarder process (see forking.fork_child).
 
     SIGTERM or SIGINT asks the receiver to stop the group in order (so a stop that signals every
@@ -509,11 +514,14 @@ def run_forwarder(pipe_fd, dest, config, receiver_pid=None):
     this forwarder goes on until its pipe ends. SIGHUP is ignored.
     """
     os.set_blocking(pipe_fd, False)
-    fwd = Forwarder(pipe_fd, dest, config, receiver_pid)
+    fwd = Forwarder(pipe_fd, dest, config, receiver_pid, clean_end)
 
     def ask_receiver_to_stop(_signum, _frame):
-        if fwd.receiver_pidfd is not None and not fwd.receiver_gone():
-            signal.pidfd_send_signal(fwd.receiver_pidfd, signal.SIGTERM)
+        if fwd.receiver_pidfd is not None:
+            try:
+                signal.pidfd_send_signal(fwd.receiver_pidfd, signal.SIGTERM)
+            except ProcessLookupError:
+                pass  # it is gone: the group ends anyway
 
     signal.signal(signal.SIGTERM, ask_receiver_to_stop)
     signal.signal(signal.SIGINT, ask_receiver_to_stop)

@@ -113,6 +113,9 @@ class Receiver:
         self.stop_deadline = None  # set when stopping: no more reading, bounded flush
         self.end_reason = "ended"
         self.poller = select.poll()
+        # Shared with the forwarders: set just before the pipes are closed on purpose, so a forwarder
+        # can tell that end from the receiver's death (which closes them too).
+        self.clean_end = mmap.mmap(-1, 1)
 
     def start(self):
         """Own process group, keepalive on the source, wake-up pipe for signals, forwarders."""
@@ -162,7 +165,7 @@ class Receiver:
 
     def run_forwarder(self, read_fd, dest, receiver_pid):
         proxylog.set_connection("src=%s dst=%s" % (self.peer, dest))
-        return forwarder.run_forwarder(read_fd, dest, self.config, receiver_pid)
+        return forwarder.run_forwarder(read_fd, dest, self.config, receiver_pid, self.clean_end)
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -314,6 +317,7 @@ class Receiver:
             self.source.close()
 
     def close_pipes(self):
+        self.clean_end[0] = 1
         for fd in self.pipes:
             os.close(fd)
         self.pipes.clear()

@@ -62,8 +62,9 @@ def test_slow_destination_that_makes_progress_is_never_dropped(proxy, recorder, 
     payload = os.urandom(12 << 20)
     port = source.getsockname()[1]
     sender = send_in_thread(source, payload, close=False)
-    # The source is slowed down: the proxy stops reading it while the slow destination catches up.
-    wait_until(lambda: (tcp_queues(port, px.port) or (0, 0))[0] > 0, 30)
+    # The source is slowed down: the proxy stops reading it while the slow destination catches up
+    # (its bytes wait in the source's send queue or, up to tcp_rmem's limit, in the proxy's receive queue).
+    wait_until(lambda: sum(tcp_queues(port, px.port) or (0, 0)) + sum(tcp_queues(px.port, port) or (0, 0)) > 0, 30)
     wait_until(lambda: not sender.is_alive(), 60)
     source.close()
     wait_until(lambda: slow.closed_count() == 1 and fast.closed_count() == 1, 60)
