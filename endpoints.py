@@ -8,6 +8,8 @@ import math
 import socket
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+FRAMINGS = ("none", "line")
+SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
 class UsageError(Exception):
@@ -41,6 +43,8 @@ class Config:
     send_timeout: float = 5.0
     allow: tuple = ()  # ip_network objects; empty = everyone
     log_level: str = "info"
+    framing: str = "none"  # none (a byte stream) or line (records end with a newline)
+    buffer: int = 0  # bytes kept per destination of each source while it is down
     pipe_size: int = 1 << 20  # each pipe of a group, planned by main for the user's pipe budget
 
 
@@ -111,6 +115,23 @@ def parse_allow(values):
     return tuple(networks)
 
 
+def parse_size(text, option):
+    """A size in bytes: digits with an optional K, M or G suffix (powers of 1024)."""
+    number, suffix = text[:-1], text[-1:].upper()
+    if suffix.isdigit():
+        number, suffix = text, ""
+    if suffix not in SIZE_SUFFIXES or not (number.isascii() and number.isdigit()):
+        raise UsageError("invalid %s %r: expected a size such as 4M, 512K or 0" % (option, text))
+    return int(number) * SIZE_SUFFIXES[suffix]
+
+
+def parse_framing(text):
+    """One of FRAMINGS."""
+    if text not in FRAMINGS:
+        raise UsageError("invalid --framing %r: expected one of %s" % (text, ", ".join(FRAMINGS)))
+    return text
+
+
 def parse_log_level(text):
     """One of LOG_LEVELS."""
     if text.lower() not in LOG_LEVELS:
@@ -141,6 +162,8 @@ def build_config(args):
         send_timeout=parse_seconds(args["--send-timeout"], "--send-timeout", minimum=0.001),
         allow=parse_allow(args["--allow"]),
         log_level=parse_log_level(args["--log-level"]),
+        framing=parse_framing(args["--framing"]),
+        buffer=parse_size(args["--buffer"], "--buffer"),
     )
 
 
