@@ -16,7 +16,9 @@ import termios
 import threading
 import time
 
+from backlog import Backlog
 from proxylog import log
+from zerocopy import tee
 
 BACKOFF_START_S = 0.1
 SPLICE_CHUNK = 1 << 20
@@ -26,6 +28,8 @@ CLOSE_LINGER_S = 1.0  # after our FIN, how long to wait for the destination's
 ACK_POLL_S = 0.02  # while waiting for the last bytes to be acknowledged
 STILL_DOWN_LOG_S = 60.0
 PROGRESS_POLL_S = 0.1  # while a destination's socket is full: how often its progress is checked
+KEEP_ACKED = 64 * 1024  # framed: acknowledged bytes kept, to resend a cut record whole
+F_SETPIPE_SZ = 1031
 POLL_IN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 ERR_REASONS = {
     errno.ECONNREFUSED: "connection refused",
@@ -130,12 +134,19 @@ class Forwarder:
         self.hold_until = 0.0  # during the first attempt: when the pipe stops being held
         self.devnull_fd = os.open(os.devnull, os.O_WRONLY)
         self.discard = bytearray(16384)
+        # Retaining (--buffer or --framing): what is sent stays in a shadow pipe until acknowledged,
+        # and what arrives while down is kept in the backlog, both resent on the next connection.
+        self.framed = config.framing != "none"
+        self.retaining = config.buffer > 0 or self.framed
+        self.backlog = Backlog(config.buffer, self.framed)
+        self.shadow_r = self.shadow_w = None
+        self.outage_records_base = 0
 
     # -- the loop ---------------------------------------------------------------------------------
 
     def run(self):
         """Serve until the pipe ends; returns the exit code."""
-        first = True
+        first = not self.retaining
         while not self.pipe_eof:
             if not self.connect(hold_pipe=first):
                 first = False
@@ -143,10 +154,17 @@ class Forwarder:
                 continue
             first = False
             try:
-                self.pump()
+                if self.retaining:
+                    self.pump_retaining()
+                else:
+                    self.pump()
             except Disconnected as reason:
                 self.lose_connection(str(reason))
-        log.info("forwarder done: sent %d bytes, dropped %d bytes", self.sent, self.dropped)
+        if self.framed:
+            log.info("forwarder done: sent %d bytes, dropped %d bytes (%d records)", self.sent, self.dropped,
+                     self.backlog.dropped_records)
+        else:
+            log.info("forwarder done: sent %d bytes, dropped %d bytes", self.sent, self.dropped)
         return 0
 
     def connect(self, hold_pipe):
@@ -213,7 +231,12 @@ class Forwarder:
         self.sock = sock
         self.connected_at = time.monotonic()
         where = "" if self.dest.family else " (%s)" % host
-        if self.outage_started:
+        if self.outage_started and self.retaining:
+            log.info("connected to %s%s after %d attempts; resending %d bytes kept while down for %.1f s, "
+                     "dropped %d bytes%s", self.dest, where, self.attempts, len(self.backlog),
+                     self.connected_at - self.outage_started, self.outage_dropped,
+                     " (%d records)" % self.outage_dropped_records() if self.framed else "")
+        elif self.outage_started:
             log.info("connected to %s%s after %d attempts; dropped %d bytes while down for %.1f s",
                      self.dest, where, self.attempts, self.outage_dropped, self.connected_at - self.outage_started)
         else:
@@ -221,6 +244,7 @@ class Forwarder:
         self.attempts = 0
         self.outage_started = 0.0
         self.outage_dropped = 0
+        self.outage_records_base = self.backlog.dropped_records
 
     def wait_draining(self, fd, events, deadline):
         """Wait for events on fd until deadline, draining the pipe meanwhile (after hold_until).
@@ -435,21 +459,250 @@ class Forwarder:
                 return max(now_queued - 1, 0)
         return 0
 
-    # -- while down -------------------------------------------------------------------------------
+    # -- retaining: --buffer and --framing ---------------------------------------------------------
 
-    def lose_connection(self, reason):
-        """Close a failed connection; bytes still queued in it are counted as dropped."""
-        lost = unsent_bytes(self.sock)
+    def pump_retaining(self):
+        """Like pump, but every byte sent stays retained until the destination acknowledges it.
+
+        The connection's stream is the replayed backlog, then the pipe. The backlog is sent from
+        memory and kept until acknowledged; the pipe is tee'd into a shadow pipe, then spliced to the
+        socket, so the healthy path copies nothing through Python. Acknowledged bytes leave the
+        shadow (all but KEEP_ACKED when framed, so a cut record can be resent whole). `ahead` bytes
+        were tee'd but not yet taken by the socket: they sit both at the head of the pipe and at the
+        tail of the shadow.
+        """
+        if self.shadow_r is None:
+            self.shadow_r, self.shadow_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                fcntl.fcntl(self.shadow_w, F_SETPIPE_SZ, self.config.pipe_size)
+            except OSError:
+                pass  # the receiver logs refusals once; a smaller shadow only limits bytes in flight
+        self.shadow_capacity = fcntl.fcntl(self.shadow_w, 1032)
+        self.conn_sent = 0  # bytes of this connection's stream handed to the socket
+        self.retained_from = 0  # offset in this connection's stream of the first retained byte
+        self.shadow_len = 0
+        self.ahead = 0
+        self.replay = self.backlog.take()
+        self.skip_to_boundary()
+        sock_fd, pipe_fd = self.sock.fileno(), self.pipe_fd
+        poller = select.poll()
+        poller.register(sock_fd, select.POLLIN)
+        if self.receiver_pidfd is not None:
+            poller.register(self.receiver_pidfd, select.POLLIN)
+        progress_at = 0.0
+        acknowledged = 0
+        while True:
+            if self.replay and self.conn_sent < len(self.replay):
+                waiting = self.send_replay()
+            else:
+                waiting = self.splice_retained()
+            if waiting == "eof":
+                self.release_acknowledged(final=True)
+                self.pipe_eof = True
+                if self.receiver_gone():
+                    self.receiver_died()
+                self.close_gracefully()
+                return
+            now = time.monotonic()
+            if waiting == "socket":
+                now_acknowledged = self.conn_sent - unsent_bytes(self.sock)
+                if not progress_at or now_acknowledged > acknowledged:
+                    acknowledged, progress_at = now_acknowledged, now
+                elif now - progress_at >= self.config.send_timeout:
+                    raise Disconnected("no progress for %.1f s (send timeout)" % self.config.send_timeout)
+                poller.modify(sock_fd, select.POLLIN | select.POLLOUT)
+                timeout_ms = min(PROGRESS_POLL_S, progress_at + self.config.send_timeout - now) * 1000
+                watch_pipe = False
+            else:  # waiting for the pipe
+                progress_at = 0.0
+                poller.modify(sock_fd, select.POLLIN)
+                timeout_ms = None
+                watch_pipe = True
+            if watch_pipe:
+                poller.register(pipe_fd, POLL_IN)
+            for fd, event in poller.poll(timeout_ms):
+                if fd == sock_fd and event & (select.POLLIN | select.POLLERR | select.POLLHUP):
+                    self.read_replies()
+                elif fd == self.receiver_pidfd:
+                    self.receiver_died()
+            if watch_pipe:
+                poller.unregister(pipe_fd)
+
+    def skip_to_boundary(self):
+        """Framed, when the start of the record in progress was dropped: read the pipe up to that
+        record's end (dropping it), so this connection starts at a record boundary."""
+        while self.backlog.skipping and not self.pipe_eof:
+            select.select([self.pipe_fd], [], [], PROGRESS_POLL_S)
+            try:
+                chunk = os.read(self.pipe_fd, SPLICE_CHUNK)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                return  # the pipe's end is seen by the caller
+            before = self.backlog.dropped
+            rest = self.backlog.skip_partial_record(chunk)
+            self.dropped += self.backlog.dropped - before
+            self.replay += rest
+
+    def send_replay(self):
+        """Send the backlog from memory; what it waits for: "socket" (full) or None (all sent)."""
+        try:
+            sent = self.sock.send(memoryview(self.replay)[self.conn_sent:])
+        except BlockingIOError:
+            return "socket"
+        except OSError as exc:
+            raise Disconnected(describe(exc)) from None
+        self.conn_sent += sent
+        self.sent += sent
+        return "socket" if self.conn_sent < len(self.replay) else None
+
+    def splice_retained(self):
+        """Move pipe -> socket through the shadow; what it now waits for: "socket", "pipe" or "eof"."""
+        sock_fd = self.sock.fileno()
+        while True:
+            if not self.ahead:
+                if self.shadow_len + SPLICE_CHUNK > self.shadow_capacity:
+                    self.release_acknowledged()
+                room = self.shadow_capacity - self.shadow_len
+                if room <= 0:
+                    return "socket"  # everything retained is unacknowledged: wait for the destination
+                try:
+                    teed = tee(self.pipe_fd, self.shadow_w, min(room, SPLICE_CHUNK), os.SPLICE_F_NONBLOCK)
+                except BlockingIOError:
+                    if not pipe_bytes(self.pipe_fd):
+                        return "pipe"
+                    # The shadow has no free slot (small writes take one each): let go of the
+                    # acknowledged bytes kept for record boundaries too, then wait for acks.
+                    retained = self.shadow_len
+                    self.release_acknowledged(final=True)
+                    if self.shadow_len < retained:
+                        continue
+                    return "socket"
+                if not teed:
+                    return "eof"
+                self.shadow_len += teed
+                self.ahead = teed
+            try:
+                moved = os.splice(self.pipe_fd, sock_fd, self.ahead, flags=SPLICE_FLAGS)
+            except BlockingIOError:
+                return "socket"
+            except OSError as exc:
+                raise Disconnected(describe(exc)) from None
+            self.ahead -= moved
+            self.conn_sent += moved
+            self.sent += moved
+            if self.ahead:
+                return "socket"
+
+    def release_acknowledged(self, final=False):
+        """Let go of what the destination has acknowledged: the replayed backlog, then the shadow's
+        head (all but KEEP_ACKED when framed)."""
+        acknowledged = self.conn_sent - unsent_bytes(self.sock)
+        if self.replay and acknowledged >= len(self.replay):
+            self.retained_from = len(self.replay)
+            self.replay = bytearray()
+        if self.replay:
+            return
+        keep = min(KEEP_ACKED, self.shadow_capacity // 4) if self.framed and not final else 0
+        release = acknowledged - self.retained_from - keep
+        if release > 0:
+            release = min(release, self.shadow_len - self.ahead)
+            while release > 0:
+                moved = os.splice(self.shadow_r, self.devnull_fd, release, flags=DRAIN_FLAGS)
+                release -= moved
+                self.shadow_len -= moved
+                self.retained_from += moved
+
+    def retained_bytes(self):
+        """Everything retained for this connection, the pipe's `ahead` bytes excluded (they stay in the
+        pipe); empties the shadow."""
+        data = bytearray(self.replay)
+        self.replay = bytearray()
+        while self.shadow_len:
+            chunk = os.read(self.shadow_r, self.shadow_len)
+            self.shadow_len -= len(chunk)
+            data += chunk
+        if self.ahead:
+            del data[-self.ahead:]
+            self.ahead = 0
+        return data
+
+    def lose_retaining_connection(self):
+        """A failed connection's unacknowledged bytes go back to the backlog, framed from the start of
+        the record they cut (or with that record dropped whole when its start is gone).
+
+        Returns (unacknowledged bytes, bytes resent from already acknowledged ones).
+        """
+        unacknowledged = unsent_bytes(self.sock)
         reset(self.sock)
         self.sock = None
-        self.sent -= lost  # handed to the socket, counted as sent, but never delivered
+        data = self.retained_bytes()
+        acked_at = self.conn_sent - unacknowledged - self.retained_from  # in data
+        acked_at = max(0, min(acked_at, len(data)))
+        start = acked_at
+        if self.framed and acked_at:
+            boundary = data.rfind(b"\n", 0, acked_at)
+            if boundary >= 0:
+                start = boundary + 1
+            elif self.retained_from == 0:
+                start = 0  # the connection's stream began at a record boundary
+            else:  # the cut record began before what was kept: it is dropped whole
+                self.backlog.skipping = True
+        handed = self.conn_sent - self.retained_from  # bytes of data handed to the socket: counted as sent
+        self.sent -= handed - start  # counted again when resent
+        self.keep(memoryview(data)[start:])
+        return handed - acked_at, acked_at - start
+
+    def outage_dropped_records(self):
+        return self.backlog.dropped_records - self.outage_records_base
+
+    def keep(self, chunk):
+        """Add to the backlog, counting what it drops."""
+        before = self.backlog.dropped
+        self.backlog.add(chunk)
+        dropped = self.backlog.dropped - before
+        self.dropped += dropped
+        self.outage_dropped += dropped
+
+    # -- while down -------------------------------------------------------------------------------
+
+    def drain_to_backlog(self):
+        """Move what the pipe holds now into the backlog (the newest --buffer bytes stay); notes EOF."""
+        while True:
+            try:
+                chunk = os.read(self.pipe_fd, SPLICE_CHUNK)
+            except BlockingIOError:
+                return
+            if not chunk:
+                self.pipe_eof = True
+                if self.receiver_gone():
+                    self.receiver_died()
+                return
+            self.keep(chunk)
+            if len(chunk) < SPLICE_CHUNK:
+                return
+
+    def lose_connection(self, reason):
+        """Close a failed connection; bytes still queued in it are counted as dropped (or, retaining,
+        kept to be resent)."""
         if time.monotonic() - self.connected_at >= self.config.retry_interval:
             self.backoff_s = BACKOFF_START_S
         self.outage_started = self.last_down_log = time.monotonic()
-        self.outage_dropped = lost
-        self.dropped += lost
-        log.warning("disconnected from %s: %s; %d unsent bytes dropped; reconnecting in %.1f s",
-                    self.dest, reason, lost, self.backoff_s)
+        self.outage_dropped = 0
+        if self.retaining:
+            unacknowledged, again = self.lose_retaining_connection()
+            log.warning("disconnected from %s: %s; %d unacknowledged bytes kept to resend (%d more to resend "
+                        "a cut record whole), %d bytes in the backlog; reconnecting in %.1f s", self.dest,
+                        reason, unacknowledged, again, len(self.backlog), self.backoff_s)
+        else:
+            lost = unsent_bytes(self.sock)
+            reset(self.sock)
+            self.sock = None
+            self.sent -= lost  # handed to the socket, counted as sent, but never delivered
+            self.outage_dropped = lost
+            self.dropped += lost
+            log.warning("disconnected from %s: %s; %d unsent bytes dropped; reconnecting in %.1f s",
+                        self.dest, reason, lost, self.backoff_s)
         self.wait_down()
 
     def note_failure(self, reason):
@@ -477,11 +730,20 @@ class Forwarder:
                 break
             if poller.poll(remaining * 1000):
                 self.drain()
+        if self.pipe_eof and len(self.backlog):
+            kept = self.backlog.take()
+            self.dropped += len(kept)
+            self.outage_dropped += len(kept)
+            self.backlog.dropped += len(kept)
+            self.backlog.dropped_records += kept.count(b"\n")
         if self.pipe_eof and self.outage_dropped:
             log.warning("dropped %d bytes for %s while it was down", self.outage_dropped, self.dest)
 
     def drain(self):
-        """Discard what the pipe holds now, counting it; notes pipe EOF."""
+        """Discard what the pipe holds now, counting it (retaining: keep it); notes pipe EOF."""
+        if self.retaining:
+            self.drain_to_backlog()
+            return
         while True:
             try:
                 moved = os.splice(self.pipe_fd, self.devnull_fd, SPLICE_CHUNK, flags=DRAIN_FLAGS)
