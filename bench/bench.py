@@ -5,8 +5,9 @@ Usage:
 
   --quick       sizes x 0.02 and one round: a smoke test of every figure in well under a minute
   --scale X     multiply every size and count by X (also BENCH_SCALE=X); default 1
-  --rounds N    rounds of the repeated figures (throughput, connections, latency); default 3
-  --only FIGS   comma-separated subset of: thr,conn,lat,mem,scale
+  --rounds N    rounds of the repeated figures (throughput, connections, latency, unprivileged);
+                default 3
+  --only FIGS   comma-separated subset of: thr,conn,lat,mem,scale,unprivileged (default: all)
   --no-crc      sinks skip the crc32 (byte count and the byte-by-byte compare remain)
   --json PATH   where to write the results; default bench/results.json
 
@@ -25,6 +26,22 @@ and a crc32. Systems:
   socat+tee   socat TCP-LISTEN:P,fork,reuseaddr EXEC:script, the script being
               tee >(socat -u - TCP:A) ... | socat -u - TCP:Z              (D >= 2, bash)
   socketproxy python socketproxy.py --listen-host 127.0.0.1 --listen-port P --log-level warning DEST...
+  socketproxy-nobody  the same as the unprivileged user nobody, as a service runs it:
+              setpriv --reuid nobody --regid nogroup --clear-groups python socketproxy.py ... --log-level info
+              (info for the line `pipes of N KiB` it logs at start; a handful of lines per source). Its
+              pipes must fit nobody's fs.pipe-user-pages-soft (64 MiB), so they are smaller than root's
+              1 MiB. Only when the bench runs as root, setpriv exists and nobody can run this Python
+              (make builds .venv from /usr/bin/python3 so it can); otherwise its rows are skipped, with
+              one line saying why. Its log goes to the bench's log file like root's (the bench opens it).
+
+Figure "unprivileged": the proxy as root and as nobody, D=2, both at --log-level info,
+--max-connections at its default (256, which sizes nobody's pipes): a first source streams the
+throughput size (at least 64 MiB: shorter streams measure the proxy's forks and connects more than
+its pipes), then 48 more sources connect, send 1 KiB and stay connected, then a 50th source streams
+the same size. Per system: MB/s of the first and of the 50th stream (from the source's start to the
+last sink's EOF), their ratio (target: >= 0.5, the 50th within 2x of the first; pipes that outgrow
+the budget leave later sources 8 KiB pipes, 0.17x), the pipe size the proxy logged, any pipe
+refusal it logged, and every byte of the 50 streams checked at both sinks.
 
 The bench raises its own RLIMIT_NOFILE soft limit to the hard limit before it starts anything, so
 every process it starts (the proxy included) inherits the raised limit. It makes itself a child
@@ -35,7 +52,9 @@ import argparse
 import json
 import os
 import platform
+import pwd
 import queue
+import re
 import resource
 import shutil
 import signal
@@ -55,6 +74,7 @@ ROOT = os.path.dirname(HERE)
 PEERS = os.path.join(HERE, "peers.py")
 GIB = 1 << 30
 MIB = 1 << 20
+FIGURES = ("thr", "conn", "lat", "mem", "scale", "unprivileged")
 BACKLOG = 1024  # socat's default listen backlog (5) drops SYNs at concurrency 8: 1 s retransmits
 
 
@@ -226,9 +246,9 @@ class Peer:
 SINK_FLAGS = []  # ["--no-crc"] with bench.py --no-crc
 
 
-def start_sinks(count, mode, expect, size, timeout):
+def start_sinks(count, mode, expect, size, timeout, extra=()):
     sinks = [Peer("sink%d" % i, ["sink", "--mode", mode, "--expect", expect, "--size", size,
-                                 "--timeout", timeout] + SINK_FLAGS) for i in range(count)]
+                                 "--timeout", timeout] + SINK_FLAGS + list(extra)) for i in range(count)]
     ports = [int(s.expect("port", 10)) for s in sinks]
     return sinks, ports
 
@@ -350,17 +370,41 @@ class SocatTee(System):
         return ["127.0.0.1:%d" % port]
 
 
+AS_NOBODY = ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups"]
+
+
+def why_not_nobody():
+    """None when the proxy can run as nobody here, else why not (for the skip line)."""
+    if os.geteuid() != 0:
+        return "the bench is not running as root, so it cannot switch to nobody"
+    if not shutil.which("setpriv"):
+        return "setpriv is not installed (util-linux)"
+    try:
+        probe = subprocess.run(AS_NOBODY + [sys.executable, "-c", "import psutil, docopt, setproctitle"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return "setpriv failed: %s" % exc
+    if probe.returncode:
+        last = (probe.stderr.strip().splitlines() or ["exit %d" % probe.returncode])[-1]
+        return "nobody cannot run %s (%s; make builds .venv from /usr/bin/python3 so it can)" % (
+            sys.executable, last)
+    return None
+
+
 class SocketProxy(System):
     key = "socketproxy"
+    prefix = []  # what runs the proxy (setpriv for nobody)
+    log_level = "warning"
 
     def __init__(self, tmpdir):
         self.log_path = os.path.join(tmpdir, "socketproxy.log")
 
     def start(self, ports, extra=()):
         port = free_port()
-        argv = [sys.executable, os.path.join(ROOT, "socketproxy.py"), "--listen-host", "127.0.0.1",
-                "--listen-port", str(port), "--log-level", "warning"] + list(extra) + [
-                    "127.0.0.1:%d" % p for p in ports]
+        level = [] if "--log-level" in extra else ["--log-level", self.log_level]
+        argv = self.prefix + [sys.executable, os.path.join(ROOT, "socketproxy.py"), "--listen-host", "127.0.0.1",
+                              "--listen-port", str(port)] + level + list(extra) + [
+                                  "127.0.0.1:%d" % p for p in ports]
         self.log_start = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
         with open(self.log_path, "a") as err:
             self.popen = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stderr=err)
@@ -377,14 +421,25 @@ class SocketProxy(System):
         return (": " + " | ".join(lines[-3:])) if lines else ""
 
     def log_summary(self):
-        """Warnings and errors the proxy logged during the trial."""
+        """Warnings and errors the proxy logged during the trial; the pipe size it logged at start
+        (at info level: `pipes of N KiB`, logged only under a pipe budget) and any pipe refusal."""
         try:
             with open(self.log_path) as f:
                 f.seek(self.log_start)
-                lines = [l for l in f.read().splitlines() if " WARNING " in l or " ERROR " in l]
+                text = f.read()
         except OSError:
             return {}
-        return {"proxy_log_lines": len(lines), "proxy_log_first": lines[:3]} if lines else {}
+        lines = [l for l in text.splitlines() if " WARNING " in l or " ERROR " in l]
+        out = {"proxy_log_lines": len(lines), "proxy_log_first": lines[:3]} if lines else {}
+        planned = re.search(r"pipes of (\d+) KiB", text)
+        if planned:
+            out["pipe_kib"] = int(planned.group(1))
+        if "kernel refused a pipe" in text:
+            out["pipe_refused"] = True
+        if "Traceback" in text:  # the exception line that follows each traceback
+            tail = text.split("Traceback")[-1].strip().splitlines()
+            out["proxy_traceback"] = tail[-1] if tail else "?"
+        return out
 
     def stop(self):
         """SIGTERM first (the proxy ends its own tree within 3 s), then kill what is left."""
@@ -394,8 +449,22 @@ class SocketProxy(System):
             self.popen.send_signal(signal.SIGTERM)
             self.popen.wait(timeout=5)
         except subprocess.TimeoutExpired:
-            log("  socketproxy did not exit within 5 s of SIGTERM; killing its tree")
+            log("  %s did not exit within 5 s of SIGTERM; killing its tree" % self.key)
         super().stop()
+
+
+class SocketProxyNobody(SocketProxy):
+    """The proxy as the unprivileged user nobody (setpriv), its pipes within nobody's pipe budget."""
+    key = "socketproxy-nobody"
+    prefix = AS_NOBODY
+    log_level = "info"  # for `pipes of N KiB`
+
+    def start(self, ports, extra=()):
+        addrs = super().start(ports, extra)
+        uid = psutil.Process(self.popen.pid).uids().effective
+        if uid != pwd.getpwnam("nobody").pw_uid:
+            raise BenchError("%s runs as uid %d, not nobody" % (self.key, uid))
+        return addrs
 
 
 # -- figures ------------------------------------------------------------------------------------
@@ -550,6 +619,51 @@ def trial_scale(system, dests, count, duration, messages=10, size=1000):
     return out
 
 
+def trial_unprivileged(system, dests, size, held=48, small=1024):
+    """A first source streams size bytes; held more connect, send small bytes each and stay; then
+    one more streams size bytes. MB/s of the first and of the last stream, every byte checked."""
+    count = held + 2
+    first_id, last_id = held, held + 1  # hold numbers its streams 0 .. held - 1
+    timeout = 60 + 4 * size * dests / 20e6
+    sinks, ports = start_sinks(dests, "stream", count, small, timeout,
+                               ["--sizes", "%d:%d,%d:%d" % (first_id, size, last_id, size)])
+    addrs = system.start(ports, ["--log-level", "info"])  # `pipes of N KiB` under any pipe budget
+    per_source = addrs if system.popen is None else addrs[:1]
+
+    def stream(ident):
+        src = Peer("source%d" % ident, ["bulk", "--addrs", ",".join(per_source), "--size", size, "--ident", ident])
+        eofs = []
+        for sink in sinks:
+            got, t = sink.expect("eof", timeout).split()
+            if int(got) != ident:
+                raise BenchError("unprivileged: stream %s ended where %d was expected" % (got, ident))
+            eofs.append(int(t))
+        t0 = src.result(10)["t0"]
+        return size / ((max(eofs) - t0) / 1e9) / 1e6
+
+    first = stream(first_id)
+    if system.popen is not None and not system.wait_idle(10):  # the first source's group has ended
+        raise BenchError("unprivileged: the first source's group still runs 10 s after its end")
+    hold = Peer("held", ["hold", "--addrs", ",".join(per_source), "--count", held, "--messages", 1,
+                         "--size", small], stdin=True)
+    hold.expect("connected", 60)
+    hold.expect("sent", 30)
+    if system.popen is not None:
+        full = 1 + held * (1 + dests)  # main and every held source's group, so every pipe made
+        deadline = time.monotonic() + 60
+        while len(tree(system.popen.pid)) < full:
+            if time.monotonic() > deadline:
+                raise BenchError("unprivileged: %d of %d processes after 60 s" % (len(tree(system.popen.pid)), full))
+            time.sleep(0.05)
+    time.sleep(0.5)  # forwarders connected, the small streams delivered
+    last = stream(last_id)
+    hold.send("close")
+    results = [s.result(timeout) for s in sinks]
+    check_sinks(results, count, "unprivileged")
+    return {"first_mbps": first, "last_mbps": last, "ratio": last / first, "streams": count,
+            "bytes_per_destination": 2 * size + held * small}
+
+
 # -- the run ------------------------------------------------------------------------------------
 
 def rotated(items, k):
@@ -631,6 +745,13 @@ def summarize(out, scale_n=1000):
         value = mem.get("pss_per_conn")
         target("memory D=2: socketproxy PSS per connection <= 1.5 MiB (whole tree / sources)",
                value / MIB if value else None, 1.5, higher_is_better=False, unit="MiB")
+    for key, runs in out.get("unprivileged", {}).items():
+        errors = [t["error"] for t in runs if "error" in t]
+        value = summary["unprivileged"][key].get("ratio")
+        verdict = "n/a" if value is None and not errors else (
+            "PASS" if not errors and value >= 0.5 else "FAIL")
+        targets.append({"target": "unprivileged %s: 50th/1st MB/s >= 0.5, every byte" % key,
+                        "value": value, "limit": 0.5, "verdict": verdict, "unit": "x", "errors": errors})
     scale = out.get("scale", {}).get("socketproxy D=2")
     if scale:
         ok = bool(scale) and all("error" not in t and t.get("back_to_one") and t.get("held_all")
@@ -655,14 +776,14 @@ def print_report(out, summary, targets, params):
     if thr:
         print("\nThroughput: one source, %d MiB, MB/s per destination stream (every byte checked)" % (
             params["thr_bytes"] // MIB))
-        print("  %-16s %3s %9s %9s %10s %11s %9s %6s" % ("system", "D", "MB/s", "x direct", "x socat-b",
+        print("  %-18s %3s %9s %9s %10s %11s %9s %6s" % ("system", "D", "MB/s", "x direct", "x socat-b",
                                                         "x socat+tee", "CPU s/GB", "sink%"))
         for key in thr:
             system, d = key.split(" D=")
             s = summary["throughput"][key]
             cpu = s.get("cpu_s")
             gb = params["thr_bytes"] * int(d) / 1e9
-            print("  %-16s %3s %9s %9s %10s %11s %9s %6s%s" % (
+            print("  %-18s %3s %9s %9s %10s %11s %9s %6s%s" % (
                 system, d, fmt(s.get("mbps")), fmt(paired_ratio(thr, key, "direct D=%s" % d, "mbps"), "%.2f"),
                 fmt(paired_ratio(thr, key, "socat-b256k D=1", "mbps"), "%.2f") if d == "1" else "",
                 fmt(paired_ratio(thr, key, "socat+tee D=%s" % d, "mbps"), "%.2f") if d != "1" else "",
@@ -671,6 +792,12 @@ def print_report(out, summary, targets, params):
         print("  (CPU s/GB: CPU seconds of the system's whole tree per GB delivered to all destinations;\n"
               "   socat+tee misses its orphaned process-substitution socats. sink%: busiest sink's CPU time\n"
               "   from its accept to its last EOF over that time; below 100 = the sinks are not the limit)")
+        for d in ("1", "2", "4"):
+            s = summary["throughput"].get("socketproxy-nobody D=%s" % d)
+            if s:
+                print("  socketproxy-nobody D=%s: the proxy as nobody, pipes of %s KiB (as it logged at start)%s" % (
+                    d, fmt(s.get("pipe_kib")), ", a pipe size REFUSED" if any(
+                        t.get("pipe_refused") for t in thr["socketproxy-nobody D=%s" % d]) else ""))
         runs = [t.get("cpu_s_by_role") for t in thr.get("socketproxy D=1", []) if t.get("cpu_s_by_role")]
         if runs:
             print("  socketproxy D=1 CPU s by process (last round): %s" % ", ".join(
@@ -730,6 +857,27 @@ def print_report(out, summary, targets, params):
                         key, t["connect_s"], fmt(t.get("peak_processes")), held,
                         {True: "yes", False: "NO", None: "-"}[t.get("back_to_one")],
                         " after %.1f s" % t["back_to_one_s"] if "back_to_one_s" in t else ""))
+    unpriv = out.get("unprivileged", {})
+    if unpriv:
+        print("\nUnprivileged: D=2, --max-connections 256; a 1st source streams %d MiB, %d more send 1 KiB "
+              "and stay,\n  then a 50th streams %d MiB; MB/s per destination stream" % (
+                  params["unpriv_bytes"] // MIB, 48, params["unpriv_bytes"] // MIB))
+        print("  %-18s %3s %6s %9s %9s %9s %8s  %s" % ("system", "D", "pipes", "1st MB/s", "50th MB/s",
+                                                      "50th/1st", "refused", "every byte"))
+        for key, runs in unpriv.items():
+            system, d = key.split(" D=")
+            s = summary["unprivileged"][key]
+            good = [t for t in runs if "error" not in t]
+            print("  %-18s %3s %6s %9s %9s %9s %8s  %s%s" % (
+                system, d, fmt(s.get("pipe_kib")), fmt(s.get("first_mbps")),
+                fmt(s.get("last_mbps")), fmt(s.get("ratio"), "%.2f"),
+                "yes" if any(t.get("pipe_refused") for t in runs) else "no",
+                "yes, %d streams x %s destinations checked" % (good[0]["streams"], d) if good else "-",
+                "  ERRORS: %s" % s["errors"] if s["errors"] else ""))
+        print("  (pipes: KiB per pipe as the proxy logged at start; - = none logged: no pipe budget (root), 1 MiB;\n"
+              "   refused: the proxy logged a pipe size the kernel refused; target 50th/1st >= 0.5)")
+    if params.get("nobody_skipped"):
+        print("\n(socketproxy-nobody rows skipped: %s)" % params["nobody_skipped"])
     if targets:
         print("\nTargets (issue 4)")
         for t in targets:
@@ -743,7 +891,7 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--scale", type=float, default=float(os.environ.get("BENCH_SCALE", "1")))
     parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--only", default="thr,conn,lat,mem,scale")
+    parser.add_argument("--only", default=",".join(FIGURES))
     parser.add_argument("--no-crc", action="store_true",
                         help="sinks skip the crc32 (count and byte-by-byte compare remain)")
     parser.add_argument("--json", default=os.path.join(HERE, "results.json"))
@@ -751,6 +899,9 @@ def main():
     scale = 0.02 if args.quick and "BENCH_SCALE" not in os.environ and args.scale == 1 else args.scale
     rounds = args.rounds or (1 if args.quick else 3)
     only = set(args.only.split(","))
+    if only - set(FIGURES):
+        parser.error("--only: unknown figure %s (figures: %s)" % (",".join(sorted(only - set(FIGURES))),
+                                                                ",".join(FIGURES)))
     if args.no_crc:
         SINK_FLAGS.append("--no-crc")
 
@@ -767,31 +918,37 @@ def main():
         "thr_bytes": max(4 * MIB, int(GIB * scale)), "conn_count": max(16, int(500 * scale)),
         "lat_count": max(200, int(2000 * scale)), "mem_sources": max(5, int(100 * scale)),
         "scale_sources": max(10, int(1000 * scale)), "scale_duration": max(0.5, 10 * scale),
+        "unpriv_bytes": max(64 * MIB, int(GIB * scale)),
     }
+    nobody_why = why_not_nobody() if only & {"thr", "unprivileged"} else None
+    if nobody_why:
+        print("socketproxy-nobody rows skipped (the proxy as the unprivileged user nobody): %s" % nobody_why)
+        params["nobody_skipped"] = nobody_why
     if have_socat:
         params["socat_version"] = subprocess.run(["socat", "-V"], capture_output=True, text=True).stdout.splitlines()[1].strip()
     tmpdir = tempfile.mkdtemp(prefix="socketproxy-bench-")
-    direct, proxy = Direct(), SocketProxy(tmpdir)
+    direct, proxy, nobody = Direct(), SocketProxy(tmpdir), SocketProxyNobody(tmpdir)
     socat, socat_b, tee = Socat(), Socat(262144), SocatTee(tmpdir)
-    with_socat = lambda combos: [c for c in combos if have_socat or c[0] not in (socat, socat_b, tee)]
+    available = lambda combos: [c for c in combos if (have_socat or c[0] not in (socat, socat_b, tee))
+                                 and (not nobody_why or c[0] is not nobody)]
     out = {}
     started = time.monotonic()
     try:
         if "thr" in only:
-            combos = with_socat([(direct, 1), (socat, 1), (socat_b, 1), (proxy, 1), (direct, 2), (tee, 2),
-                                 (proxy, 2), (direct, 4), (tee, 4), (proxy, 4)])
+            combos = available([(direct, 1), (socat, 1), (socat_b, 1), (proxy, 1), (nobody, 1), (direct, 2),
+                                 (tee, 2), (proxy, 2), (nobody, 2), (direct, 4), (tee, 4), (proxy, 4)])
             run_figure("throughput", combos, rounds, trial_throughput, lambda d: (params["thr_bytes"],),
                        lambda r: "%.0f MB/s" % r["mbps"], out)
         if "conn" in only:
-            combos = with_socat([(direct, 1), (socat, 1), (proxy, 1), (direct, 2), (tee, 2), (proxy, 2)])
+            combos = available([(direct, 1), (socat, 1), (proxy, 1), (direct, 2), (tee, 2), (proxy, 2)])
             run_figure("connections", combos, rounds, trial_connections,
                        lambda d: (params["conn_count"], 8), lambda r: "%.0f conn/s" % r["conns_per_s"], out)
         if "lat" in only:
-            combos = with_socat([(direct, 1), (socat, 1), (proxy, 1), (direct, 2), (tee, 2), (proxy, 2)])
+            combos = available([(direct, 1), (socat, 1), (proxy, 1), (direct, 2), (tee, 2), (proxy, 2)])
             run_figure("latency", combos, rounds, trial_latency, lambda d: (params["lat_count"],),
                        lambda r: "p50 %.0f p99 %.0f max %.0f us" % (r["p50_us"], r["p99_us"], r["max_us"]), out)
         if "mem" in only:
-            combos = with_socat([(proxy, 2), (tee, 2), (socat, 1)])
+            combos = available([(proxy, 2), (tee, 2), (socat, 1)])
             run_figure("memory", combos, 1, trial_memory, lambda d: (params["mem_sources"],),
                        lambda r: "%.0f KiB PSS/conn, %d processes" % (r["pss_per_conn"] / 1024, r["processes"]), out)
         if "scale" in only:
@@ -799,6 +956,11 @@ def main():
             run_figure("scale", combos, 1, trial_scale,
                        lambda d: (params["scale_sources"], params["scale_duration"]),
                        lambda r: "delivered; back to one: %s" % r.get("back_to_one", "-"), out)
+        if "unprivileged" in only:
+            combos = available([(proxy, 2), (nobody, 2)])
+            run_figure("unprivileged", combos, rounds, trial_unprivileged, lambda d: (params["unpriv_bytes"],),
+                       lambda r: "1st %.0f MB/s, 50th %.0f MB/s, 50th/1st %.2f, pipes %s KiB" % (
+                           r["first_mbps"], r["last_mbps"], r["ratio"], r.get("pipe_kib", "-")), out)
     finally:
         reap_descendants()
         shutil.rmtree(tmpdir, ignore_errors=True)

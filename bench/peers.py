@@ -1,7 +1,7 @@
 """Sinks and sources for bench/bench.py: each runs as its own process, stdlib only.
 
-    peers.py sink   --mode stream|latency --expect N --size S --timeout SEC [--no-crc]
-    peers.py bulk   --addrs H:P,... --size S
+    peers.py sink   --mode stream|latency --expect N --size S --timeout SEC [--no-crc] [--sizes ID:S,...]
+    peers.py bulk   --addrs H:P,... --size S [--ident I]
     peers.py conns  --addrs H:P,... --count N --concurrency C --size S
     peers.py latency --addrs H:P,... --count M --rate HZ --warmup SEC
     peers.py hold   --addrs H:P,... --count N --messages K --size S --duration SEC
@@ -10,6 +10,11 @@ Every process talks to the bench by lines on stdout: a sink first prints "port P
 "accepted N" once N connections arrived, then "result {json}" when N streams have ended (or at
 its timeout). Sources print "result {json}"; hold prints "connected", "sent", then waits for a
 line "close" on stdin before closing its connections.
+
+A stream sink's streams are all --size bytes but those named in --sizes (stream number:size), whose
+end the sink also reports as it happens by a line "eof ID T" (T in ns): so one sink checks streams of
+differing sizes and times some of them (bench.py's unprivileged figure). bulk --ident I sends stream
+number I (default 0); hold's streams are numbered 0 to --count - 1.
 
 Stream content (mode stream): stream number i of S bytes is 8 bytes little-endian i, then the
 pattern PAT from offset 8 on, PAT repeated with a prime period so no chunking lines up with it.
@@ -129,6 +134,7 @@ def run_sink(args):
     latency = args.mode == "latency"
     use_crc = not args.no_crc
     size = args.size
+    sizes = {int(i): int(n) for i, n in (item.split(":") for item in args.sizes.split(",") if item)}
     accepted = done = good = total = 0
     ids = {}
     bad = []
@@ -154,11 +160,14 @@ def run_sink(args):
             ident = 0
         else:
             ident = HEADER.unpack(st.head)[0] if len(st.head) == 8 else -1
-            ok = st.pos == size and st.bad_at < 0
+            want = sizes.get(ident, size)
+            ok = st.pos == want and st.bad_at < 0
             if ok and use_crc:
-                ok = st.crc == expected_crc(ident, size)
+                ok = st.crc == expected_crc(ident, want)
                 if not ok:
                     st.bad_at = -2
+            if ident in sizes:
+                out("eof %d %d" % (ident, t))
         ids[ident] = ids.get(ident, 0) + 1
         if ok:
             good += 1
@@ -259,7 +268,7 @@ def run_sink(args):
 def run_bulk(args):
     """One stream of --size bytes, written to every address in turn (D > 1: the source fans out)."""
     addrs = parse_addrs(args.addrs)
-    first = stream_bytes(0, min(args.size, WINDOW))
+    first = stream_bytes(args.ident, min(args.size, WINDOW))
     t0, cpu0 = now_ns(), cpu_s()
     socks = [connect(a) for a in addrs]
     size = args.size
@@ -374,6 +383,8 @@ def main():
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--timeout", type=float, default=60)
     parser.add_argument("--no-crc", action="store_true")
+    parser.add_argument("--sizes", default="")
+    parser.add_argument("--ident", type=int, default=0)
     parser.add_argument("--addrs", default="")
     parser.add_argument("--count", type=int, default=1)
     parser.add_argument("--concurrency", type=int, default=1)
