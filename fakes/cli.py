@@ -23,7 +23,7 @@ def usage_error(prog, message):
     sys.exit(2)
 
 
-def check_options(prog, argv, value_options):
+def check_options(prog, argv, value_options, flag_options=()):
     """Reject unknown options before docopt, so the error names them as typed."""
     expect_value = False
     for arg in argv:
@@ -31,7 +31,7 @@ def check_options(prog, argv, value_options):
             expect_value = False
         elif arg.startswith("-"):
             name = arg.split("=", 1)[0]
-            if name not in value_options + ("-h", "--help"):
+            if name not in value_options + tuple(flag_options) + ("-h", "--help"):
                 usage_error(prog, "unknown option %r" % arg)
             expect_value = name in value_options and "=" not in arg
 
@@ -45,9 +45,9 @@ def checked_host(prog, host):
     return host
 
 
-def parse(prog, usage, argv, value_options):
+def parse(prog, usage, argv, value_options, flag_options=()):
     """docopt's dictionary for argv, or exit 2 with one line naming what is wrong."""
-    check_options(prog, argv, value_options)  # unknown options first, named as typed
+    check_options(prog, argv, value_options, flag_options)  # unknown options first, named as typed
     try:
         return docopt.docopt(usage, argv=argv)
     except docopt.DocoptExit as exc:

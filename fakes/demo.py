@@ -17,6 +17,8 @@ import time
 
 import psutil
 
+from fakes.lines import parse_line
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEADLINE_S = 10 * float(os.environ.get("SOCKETPROXY_TEST_TIMEOUT_SCALE", "1"))  # for every check and wait
 WATCH_S = 2.5  # after each step, time to watch the lines flow
@@ -24,6 +26,7 @@ SOURCES, DESTS = ("src-a", "src-b"), ("dst-1", "dst-2")
 COLOURS = {"demo": "1", "proxy": "33", "dst-1": "36", "dst-2": "34", "src-a": "32", "src-b": "35", "": "1;7"}
 LIBC = ctypes.CDLL(None, use_errno=True)
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
+PEER_LINE = re.compile(r"^\d+\.\d+\.\d+\.\d+:\d+: (.*)$")  # a destination's "<peer>: <line>"
 
 
 class Stop(Exception):
@@ -50,8 +53,33 @@ def wait_for(predicate, timeout=DEADLINE_S):
 
 
 def seq(line):
-    """The sequence number of a fake source's line ('src-a #17 kqzjwpe' -> 17); None for None."""
-    return line and int(line.split()[1][1:])
+    """The sequence number of a fake source's line ('src-a #17 kqzjwpe 5a1c0e2f' -> 17); None for None."""
+    return line and parse_line(line)[1]
+
+
+def record_of(text):
+    """(source, seq, line) when a destination's output line text carries a whole record of a fake source, else None."""
+    match = PEER_LINE.match(text)
+    found = match and parse_line(match[1])
+    return found and (*found, match[1])
+
+
+def numbers(lines, name, source):
+    """The sequence numbers of source's records in lines printed by name, in order (sent ones for a source)."""
+    if name == source:
+        return [seq(t[6:]) for n, t in lines if n == name and t.startswith("sent: ")]
+    return [rec[1] for n, t in lines if n == name and (rec := record_of(t)) and rec[0] == source]
+
+
+def spans(values):
+    """'#3-#7, #9' for [3, 4, 5, 6, 7, 9]."""
+    runs = []
+    for value in values:
+        if runs and value == runs[-1][1] + 1:
+            runs[-1][1] = value
+        else:
+            runs.append([value, value])
+    return ", ".join("#%d" % a if a == b else "#%d-#%d" % (a, b) for a, b in runs) or "none"
 
 
 def running(procs):
@@ -140,9 +168,11 @@ class Demo:
         """Start one process by name; a listener is started only once it listens."""
         if name == "proxy":
             argv = ["socketproxy.py", "--listen-host", "127.0.0.1", "--listen-port", str(self.listen_port),
-                    "--retry-interval", "1", *("127.0.0.1:%d" % self.dest_port[d] for d in DESTS)]
-        elif name in DESTS:
+                    "--retry-interval", "1", "--framing", "line",
+                    *("127.0.0.1:%d" % self.dest_port[d] for d in DESTS)]
+        elif name in DESTS:  # dst-2 closes a connection at a torn or malformed line, and says so
             argv = ["-m", "fakes.destination", "--port", str(self.dest_port[name])]
+            argv += ["--strict-lines"] if name == "dst-2" else []
         else:
             argv = ["-m", "fakes.source", "--port", str(self.listen_port), "--interval", "0.3", "--id", name]
         mark = self.mark()
@@ -240,13 +270,57 @@ class Demo:
         def arrived():
             lines = self.out.since(mark)
             sent = {s: {t[6:] for n, t in lines if n == s and t.startswith("sent: ")} for s in SOURCES}
-            got = {d: {t.split(": ", 1)[1] for n, t in lines if n == d and ": src-" in t} for d in dests}
+            got = {d: {rec[2] for n, t in lines if n == d and (rec := record_of(t))} for d in dests}
             return {(s, d): min(sent[s] & got[d], default=None, key=seq) for s in SOURCES for d in dests}
 
         ok = wait_for(lambda: all(arrived().values()))
         found = arrived()
         self.record(title, ok, started, ": first fresh lines " + "; ".join(
             "%s #%s" % (s, ", #".join("%s at %s" % (seq(found[s, d]), d) for d in dests)) for s in SOURCES))
+
+    def check_no_gap(self, title, restarted):
+        """Each source's numbers at dst-2 across its restart (at mark restarted): the lines it missed while down
+        arrive first, then live ones, every number once, in order."""
+        started = time.monotonic()
+        lines = self.out.since(0)
+        before, after = lines[:restarted], lines[restarted:]
+        problems, shown = [], []
+        for source in SOURCES:
+            old, new = numbers(before, "dst-2", source), numbers(after, "dst-2", source)
+            if not old or not new:
+                problems.append("%s: no line at dst-2 %s its restart" % (source, "after" if old else "before"))
+                continue
+            missed = [n for n in numbers(before, source, source) if n > old[-1]]
+            expected = list(range(old[-1] + 1, old[-1] + 1 + len(new)))
+            bad = next((i for i, (got, want) in enumerate(zip(new, expected)) if got != want), None)
+            if bad is not None:
+                problems.append("%s: after #%d dst-2 got #%d (%s)" % (
+                    source, new[bad - 1] if bad else old[-1], new[bad],
+                    "a gap" if new[bad] > expected[bad] else "a repeat or reorder"))
+            elif not missed:
+                problems.append("%s: sent nothing while dst-2 was down" % source)
+            elif len(new) <= len(missed):
+                problems.append("%s: no live line at dst-2 after the kept ones" % source)
+            arrived = ("%s first, then %s live" % (spans(new[:len(missed)]), spans(new[len(missed):]))
+                       if bad is None else spans(new))
+            self.say("%s at dst-2: %s before it stopped; %s sent while it was down; after the restart %s" % (
+                source, spans(old), spans(missed), arrived))
+            shown.append("%s %s kept, then live" % (source, spans(missed)))
+        self.record(title, not problems, started, ": " + "; ".join(problems or shown))
+
+    def check_records(self, title):
+        """Every line either destination printed was a whole record; dst-2 (--strict-lines) reported none malformed."""
+        started = time.monotonic()
+        lines = [(n, t) for n, t in self.out.since(0) if n in DESTS]
+        malformed = [t for n, t in lines if t.startswith("malformed record from ")]
+        partial = [t for n, t in lines if PEER_LINE.match(t) and t.endswith(" [partial]")]
+        broken = [t for n, t in lines if PEER_LINE.match(t) and not t.endswith(" [partial]") and not record_of(t)]
+        whole = {d: sum(1 for n, t in lines if n == d and record_of(t)) for d in DESTS}
+        problems = ["%d %s, first: %s" % (len(found), kind, found[0]) for kind, found in (
+            ("malformed records reported by dst-2", malformed), ("partial lines", partial),
+            ("lines that are not whole records", broken)) if found]
+        self.record(title, not problems, started, ": " + ("; ".join(problems) or "%s, none torn or malformed" % (
+            ", ".join("%d lines at %s" % (whole[d], d) for d in DESTS))))
 
     def check_ended(self, title, group):
         started = time.monotonic()
@@ -257,7 +331,10 @@ class Demo:
         port = self.listen_port
         self.banner("SocketProxy demo: two fake sources -> the proxy on :%d -> two fake destinations" % port,
                     "For each source that connects the proxy forks a receiver, and the receiver a forwarder per",
-                    "destination, so every line src-a and src-b send shows up at both dst-1 and dst-2.",
+                    "destination, so every line src-a and src-b send shows up at both dst-1 and dst-2. A line is",
+                    "'<source> #<number> <letters> <crc32>'; the proxy runs with --framing line, so each destination",
+                    "connection starts at a line boundary, and dst-2 runs with --strict-lines: it would report a torn",
+                    "line and close the connection.",
                     "Each line below is prefixed with the process that printed it; the proxy's lines are its log.")
         for name in DESTS + ("proxy",) + SOURCES:
             self.start(name)
@@ -270,6 +347,7 @@ class Demo:
         time.sleep(WATCH_S)
         self.tour()
         self.cleanup()
+        self.check_records("end: every line at both destinations whole, none torn or malformed (dst-2 strict)")
         return self.summary()
 
     def tour(self):
@@ -289,9 +367,10 @@ class Demo:
         time.sleep(WATCH_S)
 
         self.banner("STEP 2/3: stop dst-2 (pid %d), then start it again on the same port" % self.pid("dst-2"),
-                    "Its two forwarders log 'disconnected' and retry; meanwhile they drop its data (the log counts",
-                    "it), the sources stay connected and dst-1 keeps getting every line. Once dst-2 is back the",
-                    "forwarders reconnect within --retry-interval (1 s) and its lines come back.")
+                    "Its two forwarders log 'disconnected' and retry; meanwhile they keep its lines (--buffer, 4 MiB",
+                    "by default), the sources stay connected and dst-1 keeps getting every line. Once dst-2 is back",
+                    "the forwarders reconnect within --retry-interval (1 s) and resend the kept lines first, then live",
+                    "ones: dst-2's numbers from each source go on without a gap.")
         mark = self.mark()
         self.stop("dst-2")
         wait_for(lambda: sum("disconnected from" in t for _, t in self.out.since(mark, "proxy")) >= 2, DEADLINE_S / 2)
@@ -301,6 +380,7 @@ class Demo:
         self.start("dst-2")
         self.check_flow("step 2: dst-2 restarted, both sources reach both destinations", mark)
         time.sleep(WATCH_S)
+        self.check_no_gap("step 2: dst-2 got the lines sent while it was down, first, then live ones: no gap", mark)
 
         group = self.group("src-b")
         self.banner("STEP 3/3: stop src-b (pid %d), then start it again" % self.pid("src-b"),

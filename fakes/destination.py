@@ -1,38 +1,50 @@
 """A fake destination: listen on HOST:PORT, accept any number of connections, print every line, tagged.
 
 Usage:
-  fake-destination --port PORT [--host HOST]
+  fake-destination --port PORT [--host HOST] [--strict-lines]
   fake-destination (-h | --help)
 
 Prints "<peer>: <line>" for each complete line, "connected: <peer>" and "disconnected: <peer> (<reason>)";
 an unterminated tail left at disconnect is printed with " [partial]". --port 0 picks a free port.
+On SIGTERM or SIGINT it first reads and prints what every connection has already delivered, then exits 0.
+
+With --strict-lines every record must be a complete line as the fake source sends it ("<id> #<seq> <letters>
+<crc32>", see fakes/lines.py). The first one that is not (a torn first record of a connection, a cut or altered
+line, a line longer than 64 KiB) is reported in one line, "malformed record from <peer> ...: '<record>'", naming
+its place in the connection and showing at most 60 characters of it; that connection is closed at once (what
+followed it is not printed) and counted; the other connections carry on.
 
 Options:
-  --port PORT  port to listen on
-  --host HOST  address to listen on [default: 127.0.0.1]
-  -h --help    show this help
+  --port PORT     port to listen on
+  --host HOST     address to listen on [default: 127.0.0.1]
+  --strict-lines  close a connection at its first record that is not a fake source's line
+  -h --help       show this help
 """
+import os
 import selectors
 import signal
 import socket
 import sys
 import time
 
-from fakes.cli import Stop, checked_host, handle_stop, parse, say, usage_error
+from fakes.cli import checked_host, parse, say, usage_error
+from fakes.lines import parse_line
 
 PROG = "fake-destination"
 VALUE_OPTIONS = ("--port", "--host")
+FLAG_OPTIONS = ("--strict-lines",)
 ACCEPT_PAUSE_S = 0.1
 MAX_LINE = 65536  # a longer unterminated run is printed as a partial line rather than buffered forever
+SHOWN_BAD = 60  # characters of a malformed record shown
 
 
 def parse_args(argv):
-    """(host, port) from argv, or exit 2 naming what is wrong."""
-    args = parse(PROG, __doc__, argv, VALUE_OPTIONS)
+    """(host, port, strict) from argv, or exit 2 naming what is wrong."""
+    args = parse(PROG, __doc__, argv, VALUE_OPTIONS, FLAG_OPTIONS)
     text = args["--port"]
     if not (text.isascii() and text.isdigit() and int(text) <= 65535):
         usage_error(PROG, "bad --port %r: expected 0-65535" % text)
-    return checked_host(PROG, args["--host"]), int(text)
+    return checked_host(PROG, args["--host"]), int(text), args["--strict-lines"]
 
 
 def listen(host, port):
@@ -55,16 +67,39 @@ def show(peer, data, marker=""):
     say("%s: %s%s" % (peer, data.decode("utf-8", "backslashreplace"), marker))
 
 
-class Connection:
-    """One accepted peer and the bytes of its unfinished line."""
+def shorten(data):
+    """A malformed record as text: its first SHOWN_BAD characters, escaped, and its length when cut."""
+    text = data.decode("utf-8", "backslashreplace")
+    return repr(text[:SHOWN_BAD]) + (" ... (%d bytes)" % len(data) if len(text) > SHOWN_BAD else "")
 
-    def __init__(self, sock, address):
+
+def is_record(line):
+    """True when line (without its newline) is a whole line of a fake source."""
+    try:
+        return parse_line(line.decode("utf-8")) is not None
+    except UnicodeDecodeError:
+        return False
+
+
+class Tally:
+    """What --strict-lines found over all connections."""
+
+    def __init__(self):
+        self.malformed = 0
+
+
+class Connection:
+    """One accepted peer and the bytes of its unfinished line; tally is a Tally under --strict-lines, else None."""
+
+    def __init__(self, sock, address, tally):
         self.sock = sock
         self.peer = "%s:%s" % address[:2]
         self.pending = b""
+        self.tally = tally
+        self.records = 0  # complete lines printed
 
     def receive(self):
-        """Print the complete lines that arrived; return why the peer is gone, or None."""
+        """Print the complete lines that arrived; return why the connection is over, or None."""
         try:
             data = self.sock.recv(65536)
         except (BlockingIOError, InterruptedError):
@@ -75,13 +110,48 @@ class Connection:
             return exc.strerror or str(exc)
         if not data:
             return "closed by peer"
+        return self.take(data)
+
+    def take(self, data):
+        """Print the complete lines of pending + data; with strict, stop at a malformed one and say so."""
         *lines, self.pending = (self.pending + data).split(b"\n")
         for line in lines:
-            show(self.peer, line.rstrip(b"\r"))
+            if self.tally and not is_record(line):
+                return self.reject(line, "")
+            show(self.peer, line if self.tally else line.rstrip(b"\r"))
+            self.records += 1
         if len(self.pending) > MAX_LINE:
+            if self.tally:
+                return self.reject(self.pending, "; no newline in %d bytes" % len(self.pending))
             show(self.peer, self.pending, " [partial]")
             self.pending = b""
         return None
+
+    def reject(self, line, why):
+        """Report the malformed record, count it, drop the rest: the connection is to be closed."""
+        self.tally.malformed += 1
+        self.pending = b""
+        place = "the first record" if self.records == 0 else "record %d" % (self.records + 1)
+        say("malformed record from %s (%s of the connection%s): %s; closing the connection "
+            "(%d malformed so far)" % (self.peer, place, why, shorten(line), self.tally.malformed))
+        return "closed: malformed record"
+
+    def drain(self):
+        """Read and print what the kernel already holds for this peer; return why it is over, or None."""
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return None
+            except ConnectionResetError:
+                return "reset by peer"
+            except OSError as exc:
+                return exc.strerror or str(exc)
+            if not data:
+                return "closed by peer"
+            reason = self.take(data)
+            if reason:
+                return reason
 
     def close(self, reason):
         if self.pending:
@@ -90,42 +160,67 @@ class Connection:
         say("disconnected: %s (%s)" % (self.peer, reason))
 
 
-def serve(listener):
-    """Accept and print, one thread, until a signal stops it."""
+def accept(listener, selector, tally):
+    """Accept one peer and watch it."""
+    try:
+        sock, address = listener.accept()
+    except (BlockingIOError, ConnectionAbortedError):
+        return
+    except OSError as exc:  # out of descriptors: say so, pause, keep serving the others
+        say("accept failed: %s" % (exc.strerror or exc))
+        time.sleep(ACCEPT_PAUSE_S)
+        return
+    sock.setblocking(False)
+    conn = Connection(sock, address, tally)
+    selector.register(sock, selectors.EVENT_READ, conn)
+    say("connected: %s" % conn.peer)
+
+
+def serve(listener, wake_fd, tally):
+    """Accept and print, one thread, until SIGTERM or SIGINT; then drain and close every peer; return the signal."""
     selector = selectors.DefaultSelector()
-    selector.register(listener, selectors.EVENT_READ, None)
+    selector.register(listener, selectors.EVENT_READ, "listener")
+    selector.register(wake_fd, selectors.EVENT_READ, "wake")
     while True:
         for key, _ in selector.select():
-            if key.data is None:
-                try:
-                    sock, address = listener.accept()
-                except (BlockingIOError, ConnectionAbortedError):
-                    continue
-                except OSError as exc:  # out of descriptors: say so, pause, keep serving the others
-                    say("accept failed: %s" % (exc.strerror or exc))
-                    time.sleep(ACCEPT_PAUSE_S)
-                    continue
-                sock.setblocking(False)
-                conn = Connection(sock, address)
-                selector.register(sock, selectors.EVENT_READ, conn)
-                say("connected: %s" % conn.peer)
-                continue
-            reason = key.data.receive()
-            if reason:
-                selector.unregister(key.fileobj)
-                key.data.close(reason)
+            if key.data == "listener":
+                accept(listener, selector, tally)
+            elif key.data == "wake":
+                stops = [num for num in os.read(wake_fd, 64) if num in (signal.SIGTERM, signal.SIGINT)]
+                if stops:
+                    return finish(selector, signal.Signals(stops[0]).name)
+            else:
+                reason = key.data.receive()
+                if reason:
+                    selector.unregister(key.fileobj)
+                    key.data.close(reason)
+
+
+def finish(selector, signame):
+    """Print what every peer already delivered (its kernel acknowledged it), close them all; return signame."""
+    for key in list(selector.get_map().values()):
+        if isinstance(key.data, Connection):
+            key.data.close(key.data.drain() or "destination stopping (%s)" % signame)
+    return signame
 
 
 def main(argv=None):
-    host, port = parse_args(sys.argv[1:] if argv is None else argv)
-    signal.signal(signal.SIGTERM, handle_stop)
-    signal.signal(signal.SIGINT, handle_stop)
-    try:
-        listener = listen(host, port)
-        say("listening on %s:%s" % listener.getsockname()[:2])
-        serve(listener)
-    except Stop as stop:
-        say("stopped (%s)" % stop)
+    host, port, strict = parse_args(sys.argv[1:] if argv is None else argv)
+    # The handlers only record: the signal number reaches serve() through the wake-up pipe, so a stop never
+    # lands in the middle of printing a line, and serve() still prints what was received before it closes.
+    wake_r, wake_w = os.pipe()
+    for fd in (wake_r, wake_w):
+        os.set_blocking(fd, False)
+    signal.set_wakeup_fd(wake_w)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: None)
+    listener = listen(host, port)
+    say("listening on %s:%s" % listener.getsockname()[:2])
+    tally = Tally() if strict else None
+    signame = serve(listener, wake_r, tally)
+    listener.close()
+    say("stopped (%s)%s" % (signame, "; malformed records: %d (each closed its connection)" % tally.malformed
+                                     if strict else ""))
     sys.exit(0)
 
 

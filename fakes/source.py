@@ -4,7 +4,9 @@ Usage:
   fake-source --port PORT [--host HOST] [--interval SEC] [--id NAME]
   fake-source (-h | --help)
 
-Each line is "<id> #<seq> <8-20 random lowercase letters>"; seq keeps growing across reconnects.
+Each line is "<id> #<seq> <8-20 random lowercase letters> <crc32>", seq counting up from 1 and growing across
+reconnects (so a gap at a destination shows), the crc32 (8 hex digits) of the text before it (so a torn line
+shows); see fakes/lines.py.
 Waits (retrying every interval) until it can connect, and reconnects whenever the connection drops.
 
 Options:
@@ -17,15 +19,14 @@ Options:
 import itertools
 import math
 import os
-import random
 import select
 import signal
 import socket
-import string
 import sys
 import time
 
 from fakes.cli import Stop, checked_host, handle_stop, parse, say, usage_error
+from fakes.lines import make_line
 
 PROG = "fake-source"
 VALUE_OPTIONS = ("--port", "--host", "--interval", "--id")
@@ -75,11 +76,6 @@ def connect(host, port, interval_s):
         time.sleep(interval_s)
 
 
-def random_line(source_id, seq):
-    letters = "".join(random.choices(string.ascii_lowercase, k=random.randint(8, 20)))
-    return "%s #%d %s\n" % (source_id, seq, letters)
-
-
 def stream(sock, source_id, sequence, interval_s):
     """Send a line every interval until the connection drops; return why it dropped."""
     next_send = time.monotonic()
@@ -93,7 +89,7 @@ def stream(sock, source_id, sequence, interval_s):
             except OSError as exc:
                 return exc.strerror or str(exc)
             continue
-        line = random_line(source_id, next(sequence))
+        line = make_line(source_id, next(sequence))
         try:
             sock.sendall(line.encode())
         except OSError as exc:

@@ -1,4 +1,5 @@
-"""The fake source and destination used by the demo: line format, reconnects, many peers, resets, signals, bad args."""
+"""The fake source and destination used by the demo: line format, reconnects, many peers, resets, strict lines,
+signals, bad args."""
 import re
 import signal
 import socket
@@ -9,9 +10,10 @@ import time
 
 import pytest
 
+from fakes.lines import make_line, parse_line
 from support import ROOT, Recorder, free_port, scaled, wait_until
 
-LINE = re.compile(r"^(?P<id>\S+) #(?P<seq>\d+) [a-z]{8,20}$")
+LINE = re.compile(r"^(?P<id>\S+) #(?P<seq>\d+) [a-z]{8,20} [0-9a-f]{8}$")
 
 
 class Fake:
@@ -89,20 +91,21 @@ def seqs(lines, source_id):
     return found
 
 
-def start_destination(fake):
+def start_destination(fake, *args):
     """A fake destination on a kernel-chosen port, and that port."""
-    dest = fake("destination", "--port", "0")
+    dest = fake("destination", "--port", "0", *args)
     port = int(dest.wait_for(r"^listening on 127\.0\.0\.1:(\d+)$")[0][1])
     return dest, port
 
 
 def test_source_sends_tagged_lines_with_increasing_sequence(fake, recorders):
-    """When connected, the source sends "<id> #<seq> <letters>" lines, seq counting up from 1."""
+    """When connected, the source sends "<id> #<seq> <letters> <crc32>" lines, seq counting up from 1."""
     rec = recorders()
     source = fake("source", "--port", str(rec.port), "--interval", "0.05", "--id", "src-t")
     wait_until(lambda: sum(map(len, received_lines(rec))) >= 5, message=lambda: source.out())
     [lines] = received_lines(rec)
     assert seqs(lines, "src-t") == list(range(1, len(lines) + 1))
+    assert [parse_line(line) for line in lines] == [("src-t", n) for n in range(1, len(lines) + 1)]
     sent = source.wait_for(r"^sent: (.*)$", count=len(lines))
     assert [m[1] for m in sent[:len(lines)]] == lines
 
@@ -156,12 +159,119 @@ def test_destination_prints_lines_of_many_peers(fake):
     assert len(re.findall(r"^127\.0\.0\.1:\d+: line", dest.out(), re.M)) == 8
 
 
-def test_destination_prints_a_fake_source(fake):
+@pytest.mark.parametrize("strict", [[], ["--strict-lines"]], ids=["plain", "strict"])
+def test_destination_prints_a_fake_source(fake, strict):
     """When a fake source sends to a fake destination, its lines appear there behind its peer address."""
-    dest, port = start_destination(fake)
+    dest, port = start_destination(fake, *strict)
     fake("source", "--port", str(port), "--interval", "0.05", "--id", "src-d")
-    matches = dest.wait_for(r"^127\.0\.0\.1:\d+: (src-d #\d+ [a-z]+)$", count=3)
-    assert [int(m[1].split("#")[1].split()[0]) for m in matches[:3]] == [1, 2, 3]
+    matches = dest.wait_for(r"^127\.0\.0\.1:\d+: (src-d #\d+ [a-z]+ [0-9a-f]{8})$", count=3)
+    assert [parse_line(m[1]) for m in matches[:3]] == [("src-d", 1), ("src-d", 2), ("src-d", 3)]
+    assert "malformed" not in dest.out()
+
+
+def test_line_check_rejects_every_torn_or_altered_line():
+    """When a line is cut anywhere (even inside its id) or one character changes, it is not a record any more."""
+    line = make_line("src-a", 17).rstrip("\n")
+    assert parse_line(line) == ("src-a", 17)
+    for cut in range(1, len(line)):
+        assert parse_line(line[cut:]) is None, line[cut:]
+        assert parse_line(line[:cut]) is None, line[:cut]
+    for index, char in enumerate(line):
+        for other in {"a", "b", "1", " "} - {char}:
+            altered = line[:index] + other + line[index + 1:]
+            assert parse_line(altered) is None, altered
+    assert parse_line(line + "\r") is None and parse_line("src-a #17 abcdefgh") is None
+
+
+def peer_name(sock):
+    return re.escape("127.0.0.1:%d" % sock.getsockname()[1])
+
+
+def closed_by_destination(sock):
+    """True once the destination has closed sock (EOF or reset)."""
+    sock.settimeout(scaled(10))
+    try:
+        while sock.recv(4096):
+            pass
+    except ConnectionResetError:
+        pass
+    return True
+
+
+def test_strict_destination_closes_a_connection_whose_first_record_is_torn(fake):
+    """When a connection starts inside a record, --strict-lines reports it (peer, record), closes that connection
+    and counts it; good lines, before and on other connections, are printed; the others carry on."""
+    dest, port = start_destination(fake, "--strict-lines")
+    good = socket.create_connection(("127.0.0.1", port), timeout=scaled(10))
+    torn = socket.create_connection(("127.0.0.1", port), timeout=scaled(10))
+    try:
+        first, second = make_line("src-g", 1), make_line("src-g", 2)
+        good.sendall((first + second).encode())
+        dest.wait_for(r"^%s: %s$" % (peer_name(good), re.escape(second.rstrip("\n"))))
+        dest.wait_for(r"^connected: %s$" % peer_name(torn))
+        cut = make_line("src-t", 7)[2:]  # "c-t #7 ...": cut inside the id, so only the crc tells
+        after = make_line("src-t", 8)
+        torn.sendall((cut + after).encode())
+        report = dest.wait_for(r"^malformed record from %s \(the first record of the connection\): (.*); "
+                               r"closing the connection \(1 malformed so far\)$" % peer_name(torn))
+        assert report[0][1] == repr(cut.rstrip("\n"))
+        dest.wait_for(r"^disconnected: %s \(closed: malformed record\)$" % peer_name(torn))
+        assert closed_by_destination(torn)
+        assert after.rstrip("\n") not in dest.out(), "a line after the malformed one was printed"
+        third = make_line("src-g", 3)
+        good.sendall(third.encode())
+        dest.wait_for(r"^%s: %s$" % (peer_name(good), re.escape(third.rstrip("\n"))))
+    finally:
+        good.close()
+        torn.close()
+    dest.proc.send_signal(signal.SIGTERM)
+    assert dest.proc.wait(scaled(10)) == 0
+    assert "stopped (SIGTERM); malformed records: 1 (each closed its connection)" in dest.out()
+    assert len(re.findall(r"^malformed record", dest.out(), re.M)) == 1
+    assert "Traceback" not in dest.err()
+
+
+def test_strict_destination_reports_a_later_malformed_record_truncated(fake):
+    """When a later record is malformed (here 300 bytes of junk), the report names its place in the connection
+    and shows only its first 60 characters and its length; each malformed record is counted."""
+    dest, port = start_destination(fake, "--strict-lines")
+    for count in (1, 2):
+        with socket.create_connection(("127.0.0.1", port), timeout=scaled(10)) as peer:
+            line = make_line("src-j", 1)
+            peer.sendall((line + "x" * 300 + "\n").encode())
+            dest.wait_for(r"^%s: %s$" % (peer_name(peer), re.escape(line.rstrip("\n"))))
+            dest.wait_for(r"^malformed record from %s \(record 2 of the connection\): '%s' \.\.\. \(300 bytes\); "
+                          r"closing the connection \(%d malformed so far\)$" % (peer_name(peer), "x" * 60, count))
+            assert closed_by_destination(peer)
+
+
+def test_strict_destination_closes_a_line_without_newline_past_the_limit(fake):
+    """When 64 KiB arrive without a newline, --strict-lines reports a malformed record instead of buffering on."""
+    dest, port = start_destination(fake, "--strict-lines")
+    with socket.create_connection(("127.0.0.1", port), timeout=scaled(10)) as peer:
+        peer.sendall(b"y" * 70000)
+        dest.wait_for(r"^malformed record from %s \(the first record of the connection; no newline in \d+ bytes\)"
+                      % peer_name(peer))
+        assert closed_by_destination(peer)
+
+
+def test_destination_prints_what_it_had_received_when_stopped(fake):
+    """When SIGTERM arrives while lines wait unread in its sockets, the destination prints them before it exits."""
+    dest, port = start_destination(fake, "--strict-lines")
+    with socket.create_connection(("127.0.0.1", port), timeout=scaled(10)) as peer:
+        name = peer_name(peer)
+        dest.wait_for(r"^connected: %s$" % name)
+        dest.proc.send_signal(signal.SIGSTOP)
+        try:
+            lines = [make_line("src-s", n) for n in range(1, 4)]
+            peer.sendall("".join(lines).encode())
+            dest.proc.send_signal(signal.SIGTERM)  # pending until SIGCONT: it lands with the lines unread
+        finally:
+            dest.proc.send_signal(signal.SIGCONT)
+        assert dest.proc.wait(scaled(10)) == 0
+    printed = re.findall(r"^%s: (.*)$" % name, dest.out(), re.M)
+    assert printed == [line.rstrip("\n") for line in lines], dest.out()
+    assert dest.out().rstrip().endswith("stopped (SIGTERM); malformed records: 0 (each closed its connection)")
 
 
 def test_destination_survives_partial_line_and_reset(fake):
@@ -229,6 +339,8 @@ def test_fakes_exit_0_promptly_on_signal(fake, recorders, state, signum):
     ("destination", ["--port", "http"], "'http'"),
     ("destination", ["--port", "65536"], "'65536'"),
     ("destination", ["--port", "1", "-x"], "'-x'"),
+    ("destination", ["--port", "1", "--strict"], "'--strict'"),
+    ("source", ["--port", "1", "--strict-lines"], "'--strict-lines'"),
     ("destination", ["--port", "1", "--port", "2"], "repeated"),
 ])
 def test_bad_arguments_exit_2_with_one_line(name, argv, named):
