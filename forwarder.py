@@ -28,6 +28,7 @@ CLOSE_LINGER_S = 1.0  # after our FIN, how long to wait for the destination's
 ACK_POLL_S = 0.02  # while waiting for the last bytes to be acknowledged
 STILL_DOWN_LOG_S = 60.0
 PROGRESS_POLL_S = 0.1  # while a destination's socket is full: how often its progress is checked
+USER_TIMEOUT_FACTOR = 3
 KEEP_ACKED = 64 * 1024  # framed: acknowledged bytes kept, to resend a cut record whole
 F_SETPIPE_SZ = 1031
 POLL_IN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
@@ -296,10 +297,15 @@ class Forwarder:
         return lookup.result()
 
     def configure(self, sock):
-        """Keepalive, and a kernel send deadline matching --send-timeout for unacknowledged data."""
+        """Keepalive, and a kernel deadline for unacknowledged data (a backstop at 3x --send-timeout)."""
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(self.config.send_timeout * 1000))
+        # A backstop for a destination that vanished while its bytes were unacknowledged but the
+        # socket was not full (the progress check covers a full one, at exactly --send-timeout). Not
+        # --send-timeout itself: the kernel counts zero-window probes against it and aborts slow
+        # readers that are acknowledging, only rarely (a small window on loopback's 64 KiB segments).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                        int(self.config.send_timeout * USER_TIMEOUT_FACTOR * 1000))
 
     def receiver_gone(self):
         """At pipe EOF: whether it came from the receiver's death rather than from its close_pipes.

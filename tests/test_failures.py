@@ -51,7 +51,8 @@ def test_destination_down_at_start_then_started(proxy, recorder):
     """A destination down at start gets data within retry-interval + 1 s of starting; the other gets all."""
     up = recorder()
     late_port = free_port()
-    px = proxy(["127.0.0.1:%d" % up.port, "127.0.0.1:%d" % late_port], "--retry-interval", str(RETRY))
+    px = proxy(["127.0.0.1:%d" % up.port, "127.0.0.1:%d" % late_port], "--retry-interval", str(RETRY),
+               "--buffer", "0")  # nothing kept while down: what it missed is dropped and counted
     source = Trickle(px.port)
     try:
         wait_for_log(px.log_path, r"cannot connect to 127.0.0.1:%d: connection refused" % late_port)
@@ -75,7 +76,8 @@ def test_destination_killed_mid_stream_and_restarted(proxy, recorder):
     steady = recorder()
     flaky = recorder()
     flaky_port = flaky.port
-    px = proxy(["127.0.0.1:%d" % steady.port, "127.0.0.1:%d" % flaky_port], "--retry-interval", str(RETRY))
+    px = proxy(["127.0.0.1:%d" % steady.port, "127.0.0.1:%d" % flaky_port], "--retry-interval", str(RETRY),
+               "--buffer", "0")  # nothing kept while down: what it missed is dropped and counted
     source = Trickle(px.port)
     try:
         wait_until(lambda: flaky.total() > 2000)
