@@ -29,7 +29,8 @@ ACK_POLL_S = 0.02  # while waiting for the last bytes to be acknowledged
 STILL_DOWN_LOG_S = 60.0
 PROGRESS_POLL_S = 0.1  # while a destination's socket is full: how often its progress is checked
 USER_TIMEOUT_FACTOR = 3
-KEEP_ACKED = 64 * 1024  # framed: acknowledged bytes kept, to resend a cut record whole
+KEEP_ACKED = 64 * 1024
+KEEP_READ = 64 * 1024  # while down, the pipe is read into the backlog this much at a time  # framed: acknowledged bytes kept, to resend a cut record whole
 F_SETPIPE_SZ = 1031
 POLL_IN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 ERR_REASONS = {
@@ -142,6 +143,7 @@ class Forwarder:
         self.backlog = Backlog(config.buffer, self.framed)
         self.shadow_r = self.shadow_w = None
         self.outage_records_base = 0
+        self.keep_buffer = None  # KEEP_READ bytes, made at the first outage
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -674,18 +676,20 @@ class Forwarder:
 
     def drain_to_backlog(self):
         """Move what the pipe holds now into the backlog (the newest --buffer bytes stay); notes EOF."""
+        if self.keep_buffer is None:
+            self.keep_buffer = memoryview(bytearray(KEEP_READ))
         while True:
             try:
-                chunk = os.read(self.pipe_fd, SPLICE_CHUNK)
+                size = os.readv(self.pipe_fd, [self.keep_buffer])
             except BlockingIOError:
                 return
-            if not chunk:
+            if not size:
                 self.pipe_eof = True
                 if self.receiver_gone():
                     self.receiver_died()
                 return
-            self.keep(chunk)
-            if len(chunk) < SPLICE_CHUNK:
+            self.keep(self.keep_buffer[:size])
+            if size < KEEP_READ:
                 return
 
     def lose_connection(self, reason):

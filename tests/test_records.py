@@ -3,9 +3,10 @@ import re
 import threading
 import time
 
+import psutil
 import pytest
 
-from support import connect_source, free_port, wait_for_log, wait_until
+from support import by_role, connect_source, free_port, tcp_queues, tree, wait_for_log, wait_until
 
 RETRY = "0.5"
 
@@ -97,3 +98,45 @@ def test_restarted_destination_continues_at_a_record_boundary(proxy, recorder, b
         # more that it never read before it was stopped: at most one read's worth).
         assert old[-1] - 300 < new[0] <= old[-1] + 30
         assert int(done[0][2]) == 0
+
+
+def tree_uss(pid):
+    """Unique memory (USS) of pid and its descendants, in bytes."""
+    total = 0
+    for proc in tree(pid):
+        try:
+            total += proc.memory_full_info().uss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def test_memory_stays_bounded_while_every_destination_is_down(proxy):
+    """10 sources x 2 destinations, both destinations down while the sources stream 3 MB each: the
+    tree grows by at most sources x destinations x (--buffer + one read), and keeps streaming."""
+    buffer = 256 * 1024
+    ports = [free_port(), free_port()]
+    px = proxy(["127.0.0.1:%d" % port for port in ports], "--buffer", "256K", "--framing", "line",
+               "--retry-interval", "0.5")
+    sources = [connect_source(px.port) for _ in range(10)]
+    wait_until(lambda: len(by_role(px.pid, "forwarder")) == 20)
+    wait_for_log(px.log_path, r"cannot connect", count=20)
+    idle = tree_uss(px.pid)
+    line = b"x" * 99 + b"\n"
+    for _ in range(30):
+        for sock in sources:
+            sock.sendall(line * 1000)  # 100 kB
+    wait_until(lambda: all(tcp_queues(s.getsockname()[1], px.port) == (0, 0) for s in sources))
+    bound = 10 * 2 * (buffer + 1024 * 1024)
+    grown = 0
+    deadline = time.monotonic() + 2.0  # the forwarders may still be draining their pipes: watch a while
+    while time.monotonic() < deadline:
+        grown = max(grown, tree_uss(px.pid) - idle)
+        time.sleep(0.1)
+    assert grown <= bound, "grew %d KiB, bound %d KiB" % (grown // 1024, bound // 1024)
+    for sock in sources:
+        sock.close()
+    done = wait_for_log(px.log_path, r"forwarder done: sent (\d+) bytes, dropped (\d+) bytes \((\d+) records\)",
+                        count=20)
+    for match in done:
+        assert (int(match.group(1)), int(match.group(2)), int(match.group(3))) == (0, 3_000_000, 30_000)
