@@ -453,6 +453,18 @@ class SocketProxy(System):
         super().stop()
 
 
+class SocketProxyWith(SocketProxy):
+    """The proxy with fixed options (the record and backlog rows)."""
+
+    def __init__(self, tmpdir, key, options):
+        super().__init__(tmpdir)
+        self.key = key
+        self.options = list(options)
+
+    def start(self, ports, extra=()):
+        return super().start(ports, self.options + list(extra))
+
+
 class SocketProxyNobody(SocketProxy):
     """The proxy as the unprivileged user nobody (setpriv), its pipes within nobody's pipe budget."""
     key = "socketproxy-nobody"
@@ -729,6 +741,9 @@ def summarize(out, scale_n=1000):
                paired_ratio(thr, "socketproxy D=1", "socat-b256k D=1", "mbps"), 1.0)
         target("throughput D=2: socketproxy >= 5x socat+tee",
                paired_ratio(thr, "socketproxy D=2", "socat+tee D=2", "mbps"), 5.0)
+        for d in (1, 2):
+            target("throughput D=%d: --buffer 4M --framing line >= 0.9x --buffer 0" % d,
+                   paired_ratio(thr, "socketproxy-line D=%d" % d, "socketproxy-buffer0 D=%d" % d, "mbps"), 0.9)
     conn = out.get("connections", {})
     if conn:
         target("connections/s D=2: socketproxy >= 1.5x socat+tee",
@@ -928,6 +943,9 @@ def main():
         params["socat_version"] = subprocess.run(["socat", "-V"], capture_output=True, text=True).stdout.splitlines()[1].strip()
     tmpdir = tempfile.mkdtemp(prefix="socketproxy-bench-")
     direct, proxy, nobody = Direct(), SocketProxy(tmpdir), SocketProxyNobody(tmpdir)
+    # The default keeps a --buffer 4M backlog (a tee per chunk); buffer0 is the plain byte stream.
+    buffer0 = SocketProxyWith(tmpdir, "socketproxy-buffer0", ["--buffer", "0"])
+    lines = SocketProxyWith(tmpdir, "socketproxy-line", ["--buffer", "4M", "--framing", "line"])
     socat, socat_b, tee = Socat(), Socat(262144), SocatTee(tmpdir)
     available = lambda combos: [c for c in combos if (have_socat or c[0] not in (socat, socat_b, tee))
                                  and (not nobody_why or c[0] is not nobody)]
@@ -935,8 +953,9 @@ def main():
     started = time.monotonic()
     try:
         if "thr" in only:
-            combos = available([(direct, 1), (socat, 1), (socat_b, 1), (proxy, 1), (nobody, 1), (direct, 2),
-                                 (tee, 2), (proxy, 2), (nobody, 2), (direct, 4), (tee, 4), (proxy, 4)])
+            combos = available([(direct, 1), (socat, 1), (socat_b, 1), (proxy, 1), (buffer0, 1), (lines, 1),
+                                (nobody, 1), (direct, 2), (tee, 2), (proxy, 2), (buffer0, 2), (lines, 2),
+                                (nobody, 2), (direct, 4), (tee, 4), (proxy, 4)])
             run_figure("throughput", combos, rounds, trial_throughput, lambda d: (params["thr_bytes"],),
                        lambda r: "%.0f MB/s" % r["mbps"], out)
         if "conn" in only:
