@@ -26,6 +26,7 @@ class Backlog:
     def add(self, chunk):
         """Keep chunk after what is kept; drop the oldest bytes beyond the limit."""
         if self.skipping:
+            chunk = bytes(chunk)  # a memoryview has no find (and this is the rare path)
             end = chunk.find(b"\n")
             if end < 0:
                 self.dropped += len(chunk)
@@ -33,7 +34,7 @@ class Backlog:
             self.skipping = False
             self.dropped += end + 1
             self.dropped_records += 1
-            chunk = memoryview(chunk)[end + 1:]
+            chunk = chunk[end + 1:]
         self.data += chunk
         if len(self.data) > self.limit:
             self.drop_front(len(self.data) - self.limit)
@@ -66,6 +67,7 @@ class Backlog:
         """
         if not self.skipping:
             return chunk
+        chunk = bytes(chunk)
         end = chunk.find(b"\n")
         if end < 0:
             self.dropped += len(chunk)

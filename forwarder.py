@@ -486,6 +486,9 @@ class Forwarder:
             except OSError:
                 pass  # the receiver logs refusals once; a smaller shadow only limits bytes in flight
         self.shadow_capacity = fcntl.fcntl(self.shadow_w, 1032)
+        # The socket must fill before the shadow does: then "wait for the destination" is POLLOUT,
+        # not a loop polling for acknowledgements. The kernel doubles the value (for its overhead).
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.shadow_capacity // 2)
         self.conn_sent = 0  # bytes of this connection's stream handed to the socket
         self.retained_from = 0  # offset in this connection's stream of the first retained byte
         self.shadow_len = 0
@@ -569,7 +572,7 @@ class Forwarder:
         sock_fd = self.sock.fileno()
         while True:
             if not self.ahead:
-                if self.shadow_len + SPLICE_CHUNK > self.shadow_capacity:
+                if self.shadow_len * 2 > self.shadow_capacity:  # not at every chunk: an ioctl each
                     self.release_acknowledged()
                 room = self.shadow_capacity - self.shadow_len
                 if room <= 0:
