@@ -54,12 +54,12 @@ def pipe_budget():
     return pages * PAGE if pages else None
 
 
-def plan_pipe_size(max_connections, dest_count, budget):
-    """The size of each pipe: (1 + D) pipes per source, --max-connections sources in a share of the
+def plan_pipe_size(max_connections, pipes_per_source, budget):
+    """The size of each pipe: --max-connections sources of pipes_per_source pipes in a share of the
     budget, a power of two from PIPE_SIZE_MIN to PIPE_SIZE_MAX (where splice gains no more)."""
     if budget is None:
         return PIPE_SIZE_MAX
-    fair = budget * PIPE_BUDGET_SHARE / (max_connections * (1 + dest_count))
+    fair = budget * PIPE_BUDGET_SHARE / (max_connections * pipes_per_source)
     size = PIPE_SIZE_MIN
     while size * 2 <= min(fair, PIPE_SIZE_MAX):
         size *= 2

@@ -353,10 +353,13 @@ class Proxy:
 def plan_pipes(config):
     """The config with a pipe size that fits --max-connections sources in the user's pipe budget."""
     budget = receiver.pipe_budget()
-    size = receiver.plan_pipe_size(config.max_connections, len(config.dests), budget)
+    # A staging pipe, one pipe per forwarder, and, retaining, a shadow pipe per forwarder.
+    retaining = config.buffer > 0 or config.framing != "none"
+    pipes = 1 + len(config.dests) * (2 if retaining else 1)
+    size = receiver.plan_pipe_size(config.max_connections, pipes, budget)
     if budget is not None:
         log.info("pipes of %d KiB: %d sources x %d pipes fit in %d%% of this user's pipe budget of %d MiB "
-                 "(fs.pipe-user-pages-soft)", size // 1024, config.max_connections, 1 + len(config.dests),
+                 "(fs.pipe-user-pages-soft)", size // 1024, config.max_connections, pipes,
                  receiver.PIPE_BUDGET_SHARE * 100, budget >> 20)
     return dataclasses.replace(config, pipe_size=size)
 
