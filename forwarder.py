@@ -29,8 +29,10 @@ ACK_POLL_S = 0.02  # while waiting for the last bytes to be acknowledged
 STILL_DOWN_LOG_S = 60.0
 PROGRESS_POLL_S = 0.1  # while a destination's socket is full: how often its progress is checked
 USER_TIMEOUT_FACTOR = 3
+ACK_WAIT_S = 0.001  # a full shadow waits for acknowledgements, which have no event: poll this often
 KEEP_ACKED = 64 * 1024
-KEEP_READ = 64 * 1024  # while down, the pipe is read into the backlog this much at a time  # framed: acknowledged bytes kept, to resend a cut record whole
+KEEP_READ = 64 * 1024  # while down, the pipe is read into the backlog this much at a time ...
+KEEP_READS = 16  # ... this many times a call at most  # framed: acknowledged bytes kept, to resend a cut record whole
 F_SETPIPE_SZ = 1031
 POLL_IN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 ERR_REASONS = {
@@ -142,6 +144,8 @@ class Forwarder:
         self.retaining = config.buffer > 0 or self.framed
         self.backlog = Backlog(config.buffer, self.framed)
         self.shadow_r = self.shadow_w = None
+        self.replay = bytearray()  # the backlog being resent on the current connection
+        self.conn_sent = 0
         self.outage_records_base = 0
         self.keep_buffer = None  # KEEP_READ bytes, made at the first outage
 
@@ -322,8 +326,10 @@ class Forwarder:
         what the pipe still held (dropped: the group is being ended), then exit."""
         held = pipe_bytes(self.pipe_fd)
         self.dropped += held
-        log.error("receiver %d died: the source's connection is lost; its pipe still held %d bytes, dropped",
-                  self.receiver_pid, held)
+        kept = len(self.backlog.take()) + max(0, len(self.replay) - self.conn_sent)
+        self.dropped += kept
+        log.error("receiver %d died: the source's connection is lost; its pipe still held %d bytes, dropped%s",
+                  self.receiver_pid, held, " (and %d bytes kept for its destination)" % kept if kept else "")
         if self.sock is not None:
             lost = unsent_bytes(self.sock)
             reset(self.sock)
@@ -515,14 +521,17 @@ class Forwarder:
                 self.close_gracefully()
                 return
             now = time.monotonic()
-            if waiting == "socket":
+            if waiting in ("socket", "acks"):
                 now_acknowledged = self.conn_sent - unsent_bytes(self.sock)
                 if not progress_at or now_acknowledged > acknowledged:
                     acknowledged, progress_at = now_acknowledged, now
                 elif now - progress_at >= self.config.send_timeout:
                     raise Disconnected("no progress for %.1f s (send timeout)" % self.config.send_timeout)
-                poller.modify(sock_fd, select.POLLIN | select.POLLOUT)
-                timeout_ms = min(PROGRESS_POLL_S, progress_at + self.config.send_timeout - now) * 1000
+                # A full socket says when it has room (POLLOUT); acknowledgements that free the
+                # shadow have no event of their own: they are polled for.
+                poller.modify(sock_fd, select.POLLIN | (select.POLLOUT if waiting == "socket" else 0))
+                poll_s = PROGRESS_POLL_S if waiting == "socket" else ACK_WAIT_S
+                timeout_ms = min(poll_s, progress_at + self.config.send_timeout - now) * 1000
                 watch_pipe = False
             else:  # waiting for the pipe
                 progress_at = 0.0
@@ -576,19 +585,20 @@ class Forwarder:
                     self.release_acknowledged()
                 room = self.shadow_capacity - self.shadow_len
                 if room <= 0:
-                    return "socket"  # everything retained is unacknowledged: wait for the destination
+                    return "acks"  # everything retained is unacknowledged: wait for the destination
                 try:
                     teed = tee(self.pipe_fd, self.shadow_w, min(room, SPLICE_CHUNK), os.SPLICE_F_NONBLOCK)
                 except BlockingIOError:
+                    # tee says EAGAIN, not 0, at the pipe's end when the shadow is full: ask poll.
                     if not pipe_bytes(self.pipe_fd):
-                        return "pipe"
+                        return "eof" if pipe_hung_up(self.pipe_fd) else "pipe"
                     # The shadow has no free slot (small writes take one each): let go of the
                     # acknowledged bytes kept for record boundaries too, then wait for acks.
                     retained = self.shadow_len
                     self.release_acknowledged(final=True)
                     if self.shadow_len < retained:
                         continue
-                    return "socket"
+                    return "acks"
                 if not teed:
                     return "eof"
                 self.shadow_len += teed
@@ -651,7 +661,7 @@ class Forwarder:
         acked_at = self.conn_sent - unacknowledged - self.retained_from  # in data
         acked_at = max(0, min(acked_at, len(data)))
         start = acked_at
-        if self.framed and acked_at:
+        if self.framed:
             boundary = data.rfind(b"\n", 0, acked_at)
             if boundary >= 0:
                 start = boundary + 1
@@ -681,7 +691,7 @@ class Forwarder:
         """Move what the pipe holds now into the backlog (the newest --buffer bytes stay); notes EOF."""
         if self.keep_buffer is None:
             self.keep_buffer = memoryview(bytearray(KEEP_READ))
-        while True:
+        for _ in range(KEEP_READS):  # then back to the caller's deadlines
             try:
                 size = os.readv(self.pipe_fd, [self.keep_buffer])
             except BlockingIOError:
@@ -771,6 +781,14 @@ class Forwarder:
             self.outage_dropped += moved
             if moved < SPLICE_CHUNK:
                 return
+
+
+def pipe_hung_up(fd):
+    """Whether a pipe is at its end: its writers all gone (POLLHUP) and nothing left in it (no POLLIN,
+    since bytes may have arrived, their writer gone, after the caller found the pipe empty)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return any(event & select.POLLHUP and not event & select.POLLIN for _, event in poller.poll(0))
 
 
 def pipe_bytes(fd):
