@@ -18,6 +18,7 @@ import time
 
 from backlog import Backlog
 from proxylog import log
+import zerocopy
 from zerocopy import tee
 
 BACKOFF_START_S = 0.1
@@ -31,6 +32,7 @@ PROGRESS_POLL_S = 0.1  # while a destination's socket is full: how often its pro
 USER_TIMEOUT_FACTOR = 3
 ACK_WAIT_S = 0.001  # a full shadow waits for acknowledgements, which have no event: poll this often
 KEEP_ACKED = 64 * 1024
+CUT_PEEK = 4096  # framed: released bytes read (not spliced away) to find the start of the record they cut
 KEEP_READ = 64 * 1024  # while down, the pipe is read into the backlog this much at a time ...
 KEEP_READS = 16  # ... this many times a call at most  # framed: acknowledged bytes kept, to resend a cut record whole
 F_SETPIPE_SZ = 1031
@@ -147,6 +149,8 @@ class Forwarder:
         self.replay = bytearray()  # the backlog being resent on the current connection
         self.conn_sent = 0
         self.outage_records_base = 0
+        self.acked_front = 0  # bytes at the backlog's front the destination already acknowledged
+        self.cut_head, self.head_known = b"", True  # framed: the head of the record the release point cuts
         self.keep_buffer = None  # KEEP_READ bytes, made at the first outage
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -428,12 +432,18 @@ class Forwarder:
         """
         sock = self.sock
         self.sock = None
-        try:
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+        # The FIN goes out once every byte is acknowledged: a FIN puts the receiver in delayed-ACK mode,
+        # and a destination that reads the last bytes and resets before that ACK leaves them
+        # unacknowledged here (an RST's acknowledgement is not processed): counted dropped, though read.
         lost = self.wait_acknowledged(sock)
+        if not lost:
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
         if lost:
+            if self.framed and self.retaining:
+                self.backlog.dropped_records += bytes(self.retained_bytes()[-lost:]).count(b"\n")
             reset(sock)
             self.sent -= lost
             self.dropped += lost
@@ -454,23 +464,23 @@ class Forwarder:
     def wait_acknowledged(self, sock):
         """Wait until every byte sent is acknowledged; returns the bytes it gave up on (0 when all went).
 
-        SIOCOUTQ counts the FIN as one byte. Gives up when the queue makes no progress for
+        Called before the FIN is queued. Gives up when the queue makes no progress for
         --send-timeout, or when the destination has closed and so will take no more.
         """
         queued = unsent_bytes(sock)
         progress_at = time.monotonic()
-        while queued > 1:
+        while queued > 0:
             try:
                 ready, _, _ = select.select([sock], [], [], ACK_POLL_S)
                 if ready and not sock.recv_into(self.discard):
-                    return max(unsent_bytes(sock) - 1, 0)  # closed by the destination
+                    return unsent_bytes(sock)  # closed by the destination
             except OSError:
-                return max(unsent_bytes(sock) - 1, 0)
+                return unsent_bytes(sock)
             now_queued = unsent_bytes(sock)
             if now_queued < queued:
                 queued, progress_at = now_queued, time.monotonic()
             elif time.monotonic() - progress_at >= self.config.send_timeout:
-                return max(now_queued - 1, 0)
+                return now_queued
         return 0
 
     # -- retaining: --buffer and --framing ---------------------------------------------------------
@@ -500,6 +510,8 @@ class Forwarder:
         self.shadow_len = 0
         self.ahead = 0
         self.replay = self.backlog.take()
+        self.acked_front = 0  # resent: counted as sent as it goes out again
+        self.cut_head, self.head_known = b"", True  # the connection's stream starts at a record boundary
         self.skip_to_boundary()
         sock_fd, pipe_fd = self.sock.fileno(), self.pipe_fd
         poller = select.poll()
@@ -621,6 +633,8 @@ class Forwarder:
         acknowledged = self.conn_sent - unsent_bytes(self.sock)
         if self.replay and acknowledged >= len(self.replay):
             self.retained_from = len(self.replay)
+            if self.framed:
+                self.note_released(self.replay, True)
             self.replay = bytearray()
         if self.replay:
             return
@@ -628,11 +642,32 @@ class Forwarder:
         release = acknowledged - self.retained_from - keep
         if release > 0:
             release = min(release, self.shadow_len - self.ahead)
+            peek = min(release, CUT_PEEK) if self.framed else 0
+            whole = peek == release
+            release -= peek
             while release > 0:
                 moved = os.splice(self.shadow_r, self.devnull_fd, release, flags=DRAIN_FLAGS)
                 release -= moved
                 self.shadow_len -= moved
                 self.retained_from += moved
+            if peek:  # framed: read the released end, to keep the head of the record it cuts
+                tail = bytearray()
+                while len(tail) < peek:
+                    tail += os.read(self.shadow_r, peek - len(tail))
+                self.shadow_len -= peek
+                self.retained_from += peek
+                self.note_released(tail, whole)
+
+    def note_released(self, tail, whole):
+        """Framed: the released bytes end with tail (all of them when whole): keep the head of the
+        record the release point cuts (cut_head), or note that its start is gone."""
+        end = tail.rfind(b"\n")
+        if end >= 0:
+            self.cut_head, self.head_known = bytes(tail[end + 1:]), True
+        elif whole and self.head_known and len(self.cut_head) + len(tail) <= KEEP_ACKED:
+            self.cut_head += bytes(tail)
+        else:
+            self.cut_head, self.head_known = b"", False
 
     def retained_bytes(self):
         """Everything retained for this connection, the pipe's `ahead` bytes excluded (they stay in the
@@ -657,20 +692,23 @@ class Forwarder:
         unacknowledged = unsent_bytes(self.sock)
         reset(self.sock)
         self.sock = None
-        data = self.retained_bytes()
-        acked_at = self.conn_sent - unacknowledged - self.retained_from  # in data
+        head = self.cut_head if self.framed else b""
+        data = bytearray(head) + self.retained_bytes()
+        base = self.retained_from - len(head)  # offset of data in this connection's stream
+        acked_at = self.conn_sent - unacknowledged - base  # in data
         acked_at = max(0, min(acked_at, len(data)))
         start = acked_at
         if self.framed:
             boundary = data.rfind(b"\n", 0, acked_at)
             if boundary >= 0:
                 start = boundary + 1
-            elif self.retained_from == 0:
-                start = 0  # the connection's stream began at a record boundary
+            elif base == 0 or self.head_known:
+                start = 0  # data begins a record
             else:  # the cut record began before what was kept: it is dropped whole
                 self.backlog.skipping = True
-        handed = self.conn_sent - self.retained_from  # bytes of data handed to the socket: counted as sent
+        handed = self.conn_sent - base  # bytes of data handed to the socket: counted as sent
         self.sent -= handed - start  # counted again when resent
+        self.acked_front = acked_at - start  # delivered already: sent, not dropped, if never resent
         self.keep(memoryview(data)[start:])
         return handed - acked_at, acked_at - start
 
@@ -682,8 +720,11 @@ class Forwarder:
         before = self.backlog.dropped
         self.backlog.add(chunk)
         dropped = self.backlog.dropped - before
-        self.dropped += dropped
-        self.outage_dropped += dropped
+        credit = min(dropped, self.acked_front)  # already delivered once: sent, not dropped
+        self.acked_front -= credit
+        self.sent += credit
+        self.dropped += dropped - credit
+        self.outage_dropped += dropped - credit
 
     # -- while down -------------------------------------------------------------------------------
 
@@ -755,8 +796,11 @@ class Forwarder:
                 self.drain()
         if self.pipe_eof and len(self.backlog):
             kept = self.backlog.take()
-            self.dropped += len(kept)
-            self.outage_dropped += len(kept)
+            credit = min(len(kept), self.acked_front)
+            self.acked_front = 0
+            self.sent += credit
+            self.dropped += len(kept) - credit
+            self.outage_dropped += len(kept) - credit
             self.backlog.dropped += len(kept)
             self.backlog.dropped_records += kept.count(b"\n")
         if self.pipe_eof and self.outage_dropped:
@@ -807,6 +851,7 @@ def run_forwarder(pipe_fd, dest, config, receiver_pid=None, clean_end=None):
     this forwarder goes on until its pipe ends. SIGHUP is ignored.
     """
     os.set_blocking(pipe_fd, False)
+    zerocopy.return_large_blocks()
     fwd = Forwarder(pipe_fd, dest, config, receiver_pid, clean_end)
 
     def ask_receiver_to_stop(_signum, _frame):

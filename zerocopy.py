@@ -1,4 +1,4 @@
-"""tee(2), which the standard library lacks (os.splice exists since Python 3.10)."""
+"""tee(2), which the standard library lacks (os.splice exists since Python 3.10), and a malloc setting."""
 import ctypes
 import errno
 import os
@@ -21,3 +21,16 @@ def tee(fd_in, fd_out, count, flags=0):
         err = ctypes.get_errno()
         if err != errno.EINTR:
             raise OSError(err, os.strerror(err))
+
+
+M_MMAP_THRESHOLD = -3
+
+
+def return_large_blocks(threshold=128 * 1024):
+    """Make malloc map blocks of threshold bytes and more on their own, so freeing them gives the
+    memory back. glibc otherwise raises the threshold after such a free, and a backlog that is
+    resized again and again (while a destination is down) leaves its old blocks in the heap."""
+    try:
+        _libc.mallopt(M_MMAP_THRESHOLD, threshold)
+    except AttributeError:
+        pass  # not glibc

@@ -1,9 +1,16 @@
 #!/usr/bin/env python3
 """Chaos run: three destinations, four sources, the proxy between them, a random fault every fraction of a second.
 
-    python bench/chaos.py [--seconds N] [--seed S] [--rate R] [--keep]      (make chaos; CHAOS_SECONDS=N)
+    python bench/chaos.py [--seconds N] [--seed S] [--rate R] [--keep] [--framing MODE] [--buffer SIZE]
+                                                      (make chaos; CHAOS_SECONDS=N, CHAOS_FRAMING, CHAOS_BUFFER)
+    python bench/chaos.py --analyse DIR               (the checks again, on a work directory kept by a run)
 
-Sources send numbered, checksummed, fixed-size records; destinations write every connection's bytes to
+The proxy runs with --framing line --buffer 4M by default (a destination restarted within the buffer gets
+every record after its last acknowledged one, none torn); CHAOS_BUFFER=0 CHAOS_FRAMING=none (or --buffer 0
+--framing none) runs it as a plain byte stream that drops while a destination is down, checked as such.
+
+Sources send numbered, checksummed, fixed-size records, in writes cut at random offsets (so records
+arrive torn and failures cut them); destinations write every connection's bytes to
 its own file. For --seconds the run injects, every 0.3-0.7 s, one of: kill -9 of a forwarder, of a
 receiver, of a destination (restarted 0.3-0.8 s later), of a source (restarted); SIGSTOP of a destination
 for longer than --send-timeout, then SIGCONT; a destination that resets every connection right after
@@ -19,8 +26,16 @@ Record format (REC_SIZE = 100 bytes, newline-framed so a reader can resynchronis
 Record seq of a source connection starts at byte seq * REC_SIZE, so any byte range of any source
 connection's stream is known exactly: a destination connection's bytes are compared with the expected
 bytes of the stream at the offset its first whole record names.
+
+With --framing line every destination connection must start at a record boundary and may end inside a
+record only where it failed (reset, killed) or where the source's own stream ends mid-record (a source
+reset or killed part-way through a record). Retaining (--buffer above 0, or framing), consecutive
+connections of one source connection to one destination may overlap by at most the one record the
+failure cut (resent whole; none unframed) and leave a gap only of what the destination's kernel had
+acknowledged and its program never read (the kill/reset bound) or what the log counts as dropped.
 """
 import argparse
+import calendar
 import collections
 import hashlib
 import json
@@ -52,10 +67,12 @@ RETRY_INTERVAL = 1.0
 SEND_TIMEOUT = 2.0
 RESTART_LIMIT = RETRY_INTERVAL + 1.0  # README: a destination back up gets new data within this
 GROUP_GONE_LIMIT = 2.0  # README: after kill -9 of a receiver or forwarder the group is gone within this
+RACE_S = 0.3  # a send timeout this close to a stopped destination's SIGCONT races its acknowledgements
 
 REC_SIZE = 100
 HEADER_RE = re.compile(rb"(\d):(\d{6}):(\d{9}):")
 FIRST_HEADER_RE = re.compile(rb"(?:^|\n)(\d):(\d{6}):(\d{9}):")
+PARTIAL_HEADER_RE = re.compile(rb"\d(?::\d{0,6}(?::\d{0,9})?)?$")  # the start of a record, shorter than its header
 TICK_S = 0.01  # sources send one batch per tick
 DEST_RCVBUF = 8192  # destinations' SO_RCVBUF (the kernel doubles it): a stopped destination fills fast
 READ_CHUNK = 16384  # destinations' recv size
@@ -142,6 +159,7 @@ class SourceConnection:
         self.poller = select.poll()
         self.poller.register(sock, select.POLLIN)
         self.batch = max(1, int(args.rate * TICK_S))
+        self.cuts = random.Random("%s-cuts" % rng.random())
 
     def add_records(self, count):
         for _ in range(count):
@@ -149,11 +167,12 @@ class SourceConnection:
             self.seq += 1
 
     def push(self):
-        """Send what the kernel takes now; False when the proxy closed the connection."""
+        """Send what the kernel takes now, in a write cut at a random offset (records arrive torn, as
+        from real sources, so failures cut them); False when the proxy closed the connection."""
         if not self.buf:
             return True
         try:
-            n = self.sock.send(self.buf)
+            n = self.sock.send(memoryview(self.buf)[:self.cuts.randint(1, len(self.buf))])
         except BlockingIOError:
             return True
         except OSError:
@@ -280,6 +299,7 @@ def run_source(args):
             time.sleep(0.05)
             continue
         sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # each cut write its own segment
         how, sent = SourceConnection(sock, args.index, conn, args, rng, flags).run()
         events.write("end", conn, how, sent, now())
     return 0
@@ -524,7 +544,8 @@ class Chaos:
     def start_proxy(self):
         self.log_path = os.path.join(self.dir, "proxy.log")
         argv = [sys.executable, self.args.proxy, "--listen-host", "127.0.0.1", "--listen-port", str(self.listen_port),
-                "--retry-interval", "%g" % RETRY_INTERVAL, "--send-timeout", "%g" % SEND_TIMEOUT]
+                "--retry-interval", "%g" % RETRY_INTERVAL, "--send-timeout", "%g" % SEND_TIMEOUT,
+                "--framing", self.args.framing, "--buffer", self.args.buffer]
         argv += ["127.0.0.1:%d" % p for p in self.dest_ports]
         self.proxy_argv = argv
         self.proxy = self.spawn(argv, "proxy.log")
@@ -836,14 +857,24 @@ class Chaos:
 
 # -- analysis --------------------------------------------------------------------------------------
 
-LOG_RE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\.(\d{3})[+-]\d\d:\d\d (\w+) \[(\d+)\] (?:src=(\S+) )?(?:dst=(\S+) )?(.*)$")
-RE_ACCEPTED = re.compile(r"accepted; forwarders: (.*)$")
-RE_CONNECTED = re.compile(r"connected to \S+$")
-RE_RECONNECTED = re.compile(r"connected to \S+ after (\d+) attempts; dropped (\d+) bytes while down")
-RE_DISCONNECTED = re.compile(r"disconnected from \S+: (.*); (\d+) unsent bytes dropped")
+LOG_RE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\.(\d{3})([+-]\d\d):(\d\d) (\w+) \[(\d+)\] "
+                    r"(?:src=(\S+) )?(?:dst=(\S+) )?(.*)$")
+RE_CONNECTED = re.compile(r"connected to \S+(?: \(\S+\))?$")
+# An outage ends: "...; dropped N bytes while down for T s" (dropping), or, retaining (--buffer or framing),
+# "...; resending B bytes kept while down for T s, dropped N bytes" with " (R records)" when framed.
+RE_RECONNECTED = re.compile(r"connected to \S+(?: \(\S+\))? after (\d+) attempts; (?:dropped (\d+) bytes while down"
+                            r"|resending (\d+) bytes kept while down for [\d.]+ s, dropped (\d+) bytes"
+                            r"(?: \((\d+) records\))?$)")
+# An outage starts: "...: REASON; N unsent bytes dropped; reconnecting in S s" (dropping), or, retaining,
+# "...: REASON; U unacknowledged bytes kept to resend (A more to resend a cut record whole), B bytes in the
+# backlog; reconnecting in S s".
+RE_DISCONNECTED = re.compile(r"disconnected from \S+: (.*?); (?:(\d+) unsent bytes dropped|(\d+) unacknowledged bytes "
+                             r"kept to resend \((\d+) more to resend a cut record whole\), (\d+) bytes in the backlog)"
+                             r"; reconnecting in [\d.]+ s$")
 RE_CANNOT = re.compile(r"cannot connect to \S+: (.*); reconnecting in")
 RE_DOWN_AT_EOF = re.compile(r"dropped (\d+) bytes for \S+ while it was down")
-RE_DONE = re.compile(r"forwarder done: sent (\d+) bytes, dropped (\d+) bytes$")
+RE_DONE = re.compile(r"forwarder done: sent (\d+) bytes, dropped (\d+) bytes(?: \((\d+) records\))?$")
+RE_RECEIVER_DIED = re.compile(r"receiver \d+ died: the source's connection is lost; its pipe still held (\d+) bytes")
 RE_CLOSED_DROPPED = re.compile(r"closed connection to \S+: it took no data for .* after the source finished; "
                                r"(\d+) unsent bytes dropped$")
 RE_GROUP_ENDED = re.compile(r"group ended: (.*); received (\d+) bytes from source$")
@@ -863,6 +894,8 @@ class Analysis:
         self.streams = Streams()
         self.checks = []  # (name, ok, detail)
         self.failures = []  # detail lines
+        self.framed = chaos.args.framing != "none"
+        self.retaining = self.framed or chaos.args.buffer_bytes > 0
 
     def check(self, name, ok, detail):
         self.checks.append((name, bool(ok), detail))
@@ -904,8 +937,10 @@ class Analysis:
                 best = s
         return best
 
-    def log_time(self, stamp, millis):
-        epoch = time.mktime(time.strptime(stamp, "%Y-%m-%dT%H:%M:%S")) + int(millis) / 1000.0
+    def log_time(self, stamp, millis, zone_h, zone_m):
+        """A log time (ISO 8601 with its zone) on our monotonic clock."""
+        offset = int(zone_h) * 3600 + (1 if zone_h[0] == "+" else -1) * int(zone_m) * 60
+        epoch = calendar.timegm(time.strptime(stamp, "%Y-%m-%dT%H:%M:%S")) - offset + int(millis) / 1000.0
         return epoch - self.c.clock_offset
 
     def read_log(self):
@@ -921,8 +956,8 @@ class Analysis:
                 if line.strip():
                     self.unparsed.append(line)
                 continue
-            stamp, millis, level, pid, src, dst, msg = m.groups()
-            t = self.log_time(stamp, millis)
+            stamp, millis, zone_h, zone_m, level, pid, src, dst, msg = m.groups()
+            t = self.log_time(stamp, millis, zone_h, zone_m)
             pid = int(pid)
             if level in ("WARNING", "ERROR", "CRITICAL"):
                 self.log_warnings[level] += 1
@@ -931,16 +966,27 @@ class Analysis:
                 if f is None:
                     f = self.forwarders[(pid, src, dst)] = {
                         "pid": pid, "src": src, "dst": port_of(dst), "t": t, "outages": [], "done": None,
-                        "connects": 0, "cannot": 0, "down_at_eof": None, "disconnects": []}
+                        "connects": 0, "cannot": 0, "down_at_eof": None, "disconnects": [], "records": None,
+                        "connections": [], "died_held": 0}
                 if RE_CONNECTED.match(msg):
                     f["connects"] += 1
+                    f["connections"].append({"t": t, "dropped": 0, "resent": 0})
                 elif RE_RECONNECTED.match(msg):
                     mm = RE_RECONNECTED.match(msg)
                     f["connects"] += 1
-                    f["outages"].append(int(mm.group(2)))
+                    dropped = int(mm.group(2) if mm.group(2) is not None else mm.group(4))
+                    f["outages"].append(dropped)
+                    f["connections"].append({"t": t, "dropped": dropped, "resent": int(mm.group(3) or 0),
+                                             "records": int(mm.group(5)) if mm.group(5) else None})
                 elif RE_DISCONNECTED.match(msg):
                     mm = RE_DISCONNECTED.match(msg)
-                    f["disconnects"].append((t, mm.group(1), int(mm.group(2))))
+                    if mm.group(2) is not None:  # dropping: the unsent bytes are lost
+                        f["disconnects"].append((t, mm.group(1), int(mm.group(2))))
+                    else:  # retaining: nothing dropped here; the unacknowledged bytes are resent
+                        f["disconnects"].append((t, mm.group(1), 0))
+                        f.setdefault("kept", []).append((t, int(mm.group(3)), int(mm.group(4)), int(mm.group(5))))
+                    if mm.group(1) == "reset by peer":
+                        f.setdefault("reset_unacked", []).append((t, int(mm.group(2) or mm.group(3))))
                 elif RE_CANNOT.match(msg):
                     f["cannot"] += 1
                 elif RE_DOWN_AT_EOF.match(msg):
@@ -949,10 +995,13 @@ class Analysis:
                     f["close_dropped"] = int(RE_CLOSED_DROPPED.match(msg).group(1))
                     f["closed_at_end"] = t
                 elif msg.startswith("closed connection to ") and msg.endswith("source finished"):
-                    f["closed_at_end"] = t
+                    f["closed_at_end"] = f["closed_clean"] = t
+                elif RE_RECEIVER_DIED.match(msg):
+                    f["died_held"] += int(RE_RECEIVER_DIED.match(msg).group(1))
                 elif RE_DONE.match(msg):
                     mm = RE_DONE.match(msg)
                     f["done"] = (int(mm.group(1)), int(mm.group(2)))
+                    f["records"] = int(mm.group(3)) if mm.group(3) else None
                     f["t_done"] = t
             elif src:
                 r = self.receivers.get((pid, src))
@@ -1150,6 +1199,7 @@ class Analysis:
         self.check_records()
         self.check_stayed_up()
         self.check_restarts()
+        self.check_outages()
         self.check_drops()
         self.check_sources()
         return all(ok is not False for _, ok, _ in self.checks)
@@ -1207,7 +1257,47 @@ class Analysis:
         for line in self.unparsed[:5]:
             self.fail("proxy log: " + line[:150])
 
+    def source_end(self, skey):
+        """Bytes the source connection's stream holds: what its receiver got, else what a finished
+        forwarder of it accounts for (sent + dropped), else what the source sent."""
+        s = self.sconns.get(skey) or {}
+        r = s.get("receiver") or {}
+        if r.get("received") is not None:
+            return r["received"]
+        done = [sum(p["fwd"]["done"]) for (k, _), p in self.pairs.items()
+                if k == skey and p["fwd"] is not None and p["fwd"]["done"] is not None]
+        return max(done) if done else s.get("sent")
+
+    def check_framing(self, c, pair):
+        """--framing line: a destination connection starts at a record boundary, and ends inside a record
+        only where it failed (reset, killed: its forwarder or group killed too) or where the source's own
+        stream ends mid-record. Adds to c's anomalies; returns True when c was cut by its failure."""
+        data, a = c["data"], c["a"]
+        if not data:
+            return False
+        if a is None:
+            if c["skey"] is not None and not PARTIAL_HEADER_RE.match(data):
+                c["anomalies"]["connection starts inside a record"] += 1
+            return False
+        if a % REC_SIZE:
+            c["anomalies"]["connection starts inside a record"] += 1
+        end = a + len(data)
+        if not end % REC_SIZE or end == self.source_end(c["skey"]):
+            return False
+        f = pair["fwd"] if pair else None
+        last = pair is not None and pair["conns"] and pair["conns"][-1] is c
+        # The proxy closed it (FIN) after the source finished, and the stream goes on past it: torn.
+        if c["end"] == "eof" and f is not None and f.get("closed_clean") and last:
+            c["anomalies"]["torn record at a clean close"] += 1
+            return False
+        return True
+
     def check_records(self):
+        cut = 0
+        if self.framed:
+            for c in self.dconns:
+                pair = self.pairs.get((c["skey"], c["d"])) if c["skey"] is not None else None
+                cut += self.check_framing(c, pair)
         total = collections.Counter()
         nbytes = sum(len(c["data"]) for c in self.dconns)
         for c in self.dconns:
@@ -1215,23 +1305,36 @@ class Analysis:
             for name, n in c["anomalies"].items():
                 self.fail("destination %d conn g%d/c%d (%s, %d bytes, source %s): %d x %s" % (
                     c["d"], c["gen"], c["k"], c["end"], len(c["data"]), c["skey"], n, name))
-        # Across the connections of one (source connection, destination): in order, never overlapping.
+        # Across the connections of one (source connection, destination): in order, never overlapping
+        # (retaining and framed: but for the record a failure cut, resent whole on the next connection).
         cross = collections.Counter()
+        self.cut_resent = self.race_resent = self.unacked_resent = 0
         for pair in self.pairs.values():
             prev = None
             for c in pair["conns"]:
                 if c["a"] is None or not c["data"]:
                     continue
                 if prev is not None:
+                    prev_end = prev["a"] + len(prev["data"])
                     if c["a"] < prev["a"]:
                         cross["reorder across reconnects"] += 1
                         self.fail("%s -> destination %d: connection g%d/c%d starts before the previous one" % (
                             pair["s"]["key"], pair["d"], c["gen"], c["k"]))
-                    elif c["a"] < prev["a"] + len(prev["data"]):
-                        cross["duplicate across reconnects"] += 1
-                        self.fail("%s -> destination %d: connection g%d/c%d repeats %d bytes" % (
-                            pair["s"]["key"], pair["d"], c["gen"], c["k"], prev["a"] + len(prev["data"]) - c["a"]))
-                    elif c["a"] > prev["a"] + len(prev["data"]):
+                    elif c["a"] < prev_end:
+                        if self.framed and self.retaining and prev_end - c["a"] < REC_SIZE and not c["a"] % REC_SIZE:
+                            self.cut_resent += 1  # the record the failure cut, resent whole
+                        elif self.retaining and prev_end - c["a"] < REC_SIZE + self.rcvbuf * self.raced(
+                                pair["fwd"], pair["d"], prev["t"], c["t"]):
+                            self.race_resent += 1  # resent what the destination took as the proxy gave up
+                        elif self.retaining and prev_end - c["a"] < REC_SIZE + self.unacked_at_resets(
+                                pair["fwd"], prev["t"], c["t"]):
+                            self.unacked_resent += 1  # a killed/reset destination had read it, unacknowledged
+                        else:
+                            cross["duplicate across reconnects"] += 1
+                            self.fail("%s -> destination %d: connection g%d/c%d repeats %d bytes (%d records) of"
+                                      " g%d/c%d" % (pair["s"]["key"], pair["d"], c["gen"], c["k"], prev_end - c["a"],
+                                                    math.ceil((prev_end - c["a"]) / REC_SIZE), prev["gen"], prev["k"]))
+                    elif c["a"] > prev_end:
                         f = pair["fwd"]
                         if f is None or not (f["disconnects"] or f["cannot"]):
                             cross["gap without outage"] += 1
@@ -1239,10 +1342,31 @@ class Analysis:
                                 pair["s"]["key"], pair["d"], c["gen"], c["k"]))
                 prev = c
         total.update(cross)
+        torn_starts = [c for c in self.dconns if c["anomalies"].get("connection starts inside a record")]
+        for c in torn_starts[:5]:
+            pair = self.pairs.get((c["skey"], c["d"])) or {}
+            f = pair.get("fwd") or {}
+            kept = [k for k in f.get("kept", ()) if k[0] <= c["t"] + 0.1]
+            if kept and c["a"] is not None:
+                t, unacknowledged, more, backlog = kept[-1]
+                self.fail("  g%d/c%d of %s starts %d bytes into record %d; the forwarder's disconnect before it (%.2f s):"
+                          " %d unacknowledged bytes kept to resend (%d more to resend a cut record whole), %d in the"
+                          " backlog: the cut record was resent from where the acknowledgement cut it" % (
+                              c["gen"], c["k"], c["skey"], c["a"] % REC_SIZE, c["a"] // REC_SIZE,
+                              t - self.c.chaos_start, unacknowledged, more, backlog))
+        framing = ""
+        if self.framed:
+            framing = "; %d connections cut inside a record by their failure, %d cut records resent whole" % (
+                cut, self.cut_resent)
+        if self.race_resent:
+            framing += "; %d resent after a send timeout that raced a SIGCONT" % self.race_resent
+        if self.unacked_resent:
+            framing += "; %d resent what a killed/reset destination had read unacknowledged" % self.unacked_resent
         self.check("every destination connection: records in order, once, intact",
-                   not total, "%d connections, %.1f MB, %d records; %s" % (
+                   not total, "%d connections, %.1f MB, %d records; %s%s" % (
                        len(self.dconns), nbytes / 1e6, nbytes // REC_SIZE,
-                       ", ".join("%s %d" % kv for kv in sorted(total.items())) or "no gap/dup/reorder/corruption"))
+                       ", ".join("%s %d" % kv for kv in sorted(total.items())) or "no gap/dup/reorder/corruption",
+                       framing))
 
     def fault_windows(self, d):
         """(start, end) of every destination fault on destination d."""
@@ -1314,6 +1438,8 @@ class Analysis:
                 if dd != d or s is None or pair["fwd"] is None:
                     continue
                 start, end = self.group_life(s)
+                if pair["fwd"].get("t_done") is not None:
+                    end = min(end, pair["fwd"]["t_done"])  # its forwarder ended (the others may go on)
                 if start >= t_listen:
                     continue  # not waiting for the restart: its first attempt found it up
                 firsts = [c["first"] for c in pair["conns"] if c["gen"] == new_gen and c["first"]]
@@ -1329,6 +1455,162 @@ class Analysis:
         self.check("restarted destination receives within %.0f s" % RESTART_LIMIT, restarts and measured and not late,
                    "%d restarts, %d reconnections measured, slowest %.2f s" % (len(restarts), measured, worst))
 
+    def log_connections(self, f, conns):
+        """{id(c): index in f's "connected" lines of the one that opened c} for conns (in order).
+
+        The destination accepts as the forwarder's connect returns and logs, unless it is stopped: then
+        it accepts (in order) only once it runs again, long after. So from the last connection back,
+        each takes the latest line at or before its accept that is earlier than the next one's line."""
+        found, upper = {}, len(f["connections"])
+        for c in reversed(conns):
+            earlier = [i for i in range(upper) if f["connections"][i]["t"] <= c["t"] + 0.1]
+            if earlier:
+                upper = found[id(c)] = earlier[-1]
+        return found
+
+    def raced(self, f, d, t0, t1):
+        """Send-timeout disconnects of forwarder f between t0 and t1 that came within RACE_S of a
+        stopped destination d being continued. The destination's first reads open its window, the
+        forwarder's kernel sends what it queued, and those acknowledgements are still in flight when the
+        forwarder reads SIOCOUTQ and resets: the destination holds up to a receive buffer more than
+        the proxy counts as acknowledged (counted dropped, or resent: a duplicate)."""
+        if f is None:
+            return 0
+        ends = [x["end_t"] for x in self.c.faults if x["kind"] == "stop-destination" and x["dest"] == d
+                and "end_t" in x]
+        return sum(1 for t, why, _ in f["disconnects"] if t0 - 0.1 <= t <= t1 + 0.1 and "send timeout" in why
+                   and any(abs(t - e) <= RACE_S for e in ends))
+
+    def unacked_at_resets(self, f, t0, t1):
+        """What a destination may have read unacknowledged before resetting: bytes the forwarder counted
+        unacknowledged at its 'reset by peer' disconnects between t0 and t1, at most a receive buffer each.
+
+        A destination killed with unread data, or reset at accept, that had read bytes its kernel had
+        not acknowledged yet (delayed ACK) resets: an RST's acknowledgement is never processed, so the
+        proxy counts those bytes unsent (dropped when dropping, resent when retaining: a duplicate).
+        The mirror of "acknowledged but never read"; a FIN's acknowledgement is processed, so a
+        destination that closes cleanly cannot cause it."""
+        if f is None:
+            return 0
+        return sum(min(u, self.rcvbuf) for t, u in f.get("reset_unacked", ()) if t0 - 0.1 <= t <= t1 + 0.1)
+
+    def outage_faults(self, d, skey, t0, t1):
+        """Destination faults on d between t0 and t1: kills, stops, and reset-at-accept connections
+        (of this source connection, or unidentified: nothing arrived on them)."""
+        kills = [x for x in self.c.faults if x["kind"] == "kill-destination" and x["dest"] == d
+                 and x["t"] <= t1 + 0.1 and x.get("listen_t", math.inf) >= t0 - 0.1]
+        stops = [x for x in self.c.faults if x["kind"] == "stop-destination" and x["dest"] == d
+                 and x["t"] <= t1 + 0.1 and x.get("end_t", math.inf) >= t0 - 0.1]
+        resets = [x for x in self.dconns if x["d"] == d and x["mode"] == "reset" and x["skey"] in (None, skey)
+                  and t0 - 0.01 <= x["t"] < t1]
+        return kills, stops, resets
+
+    def check_outages(self):
+        """Every outage between two connections of one source connection to one destination.
+
+        For consecutive connections prev and c (the first measured from the stream's start), the gap
+        c.a - end(prev) less what the log counts as dropped in between (the outage lines of the
+        forwarder's connections from prev's to c's) is what the destination lost unseen by the proxy:
+        it must be 0, or, when the destination was killed or reset at accept meanwhile, at most what
+        its kernel acknowledged and its program never read (SO_RCVBUF + one read per kill, SO_RCVBUF
+        per reset connection). Framed and retaining, it may be negative by less than a record: the
+        record the failure cut, resent whole. Retaining, an outage whose source bytes fit in --buffer
+        (its duration x the source's rate) must drop nothing: the destination gets every record after
+        its last acknowledged one.
+        """
+        rate = self.c.args.rate * REC_SIZE
+        self.races = 0
+        race_used, unacked_read = [], []
+        checked = within = unmatched = 0
+        kinds = collections.Counter()
+        bad = []
+        unseen_max = 0
+        restart_loss = []  # records lost per (kill-destination outage, source connection)
+        for (skey, d), pair in sorted(self.pairs.items(), key=lambda kv: kv[0]):
+            f, s = pair["fwd"], pair["s"]
+            if f is None or s is None:
+                continue
+            located = [c for c in pair["conns"] if c["a"] is not None and c["data"]]
+            index = self.log_connections(f, located)
+            prev, prev_i, prev_end, prev_t = None, -1, 0, s["t"]
+            for c in located:
+                i = index.get(id(c))
+                if i is None or prev_i is None:
+                    unmatched += 1
+                    prev, prev_i, prev_end, prev_t = c, i, c["a"] + len(c["data"]), c["t"]
+                    continue
+                dropped = sum(conn["dropped"] for conn in f["connections"][prev_i + 1:i + 1])
+                gap = c["a"] - prev_end
+                kills, stops, resets = self.outage_faults(d, skey, prev_t, c["t"])
+                first = prev is None
+                if first and not gap and not dropped and not (kills or stops or resets):
+                    prev, prev_i, prev_end, prev_t = c, i, c["a"] + len(c["data"]), c["t"]
+                    continue  # the pair's first connection, no outage before it
+                checked += 1
+                kind = "kill" if kills else "reset" if resets else "stop" if stops else "other"
+                kinds[kind] += 1
+                killed = [x for x in kills if x["t"] >= prev_t - 0.1]  # killed while connected: it lost its buffer
+                bound = len(killed) * (self.rcvbuf + READ_CHUNK) + len(resets) * self.rcvbuf
+                unseen = gap - dropped
+                races = self.raced(f, d, prev_t, c["t"])
+                self.races += races
+                ok = 0 <= unseen <= bound or (self.framed and self.retaining and -REC_SIZE < unseen < 0
+                                              and not c["a"] % REC_SIZE)
+                if races and not ok and -races * self.rcvbuf - REC_SIZE < unseen < 0:
+                    ok = True  # the destination got more than the proxy saw acknowledged (see raced)
+                    race_used.append(-unseen)
+                read_unacked = self.unacked_at_resets(f, prev_t, c["t"])
+                if read_unacked and not ok and -read_unacked - REC_SIZE < unseen < 0:
+                    ok = True  # it read what its kernel had not acknowledged yet, then reset (see check_drops)
+                    unacked_read.append(-unseen)
+                down_from = prev["t_end"] if prev is not None and prev["t_end"] else prev_t
+                down_from = min([down_from] + [x["t"] for x in kills + stops + resets])
+                fits = (c["t"] - down_from) * rate <= self.c.args.buffer_bytes
+                if self.retaining and fits:
+                    within += 1
+                    ok = ok and not dropped
+                if unseen > 0:
+                    unseen_max = max(unseen_max, unseen)
+                lost_records = math.ceil(c["a"] / REC_SIZE) - prev_end // REC_SIZE if gap > 0 else 0
+                if killed:
+                    restart_loss.append(lost_records)
+                if not ok:
+                    bad.append(unseen)
+                    self.fail("%s -> destination %d: outage before g%d/c%d (%s at %.2f s, %.2f s down, %s the buffer):"
+                              " gap %+d bytes (%d records), log dropped %d, unseen %d, bound %d" % (
+                                  skey, d, c["gen"], c["k"], kind, down_from - self.c.chaos_start,
+                                  c["t"] - down_from, "within" if fits else "beyond", gap, lost_records,
+                                  dropped, unseen, bound))
+                prev, prev_i, prev_end, prev_t = c, i, c["a"] + len(c["data"]), c["t"]
+        loss = "records lost per destination restart (each source connection): mean %.1f, max %d over %d" % (
+            sum(restart_loss) / len(restart_loss), max(restart_loss), len(restart_loss)) if restart_loss else \
+            "no restart measured"
+        detail = "%d outages (%s), %d unmatched connections; unseen loss max %d B; %s; %d ended by a send timeout" \
+                 " within %.1f s of a SIGCONT, %d of them got more than acknowledged (max %d B); %d killed/reset" \
+                 " destinations had read bytes counted unacknowledged (max %d B)" % (
+                     checked, ", ".join("%s %d" % kv for kv in sorted(kinds.items())), unmatched, unseen_max, loss,
+                     self.races, RACE_S, len(race_used), max(race_used or [0]), len(unacked_read),
+                     max(unacked_read or [0]))
+        if self.retaining:
+            self.check("outages within --buffer: every record after the last acknowledged", not bad,
+                       "%d of them within the buffer; " % within + detail)
+        else:
+            self.check("outages: gap = log's drops + the kill/reset bound", not bad, detail)
+        self.restart_loss = restart_loss
+
+    def coverage(self, pair, received):
+        """(bytes of [0, received) some connection of the pair holds, whole records held) by offsets."""
+        spans = sorted((max(c["a"], 0), min(c["a"] + len(c["data"]), received)) for c in pair["conns"]
+                       if c["a"] is not None and c["data"])
+        covered, reach, records = 0, 0, set()
+        for x, y in spans:
+            if y > reach:
+                covered += y - max(x, reach)
+                reach = y
+            records.update(range(math.ceil(x / REC_SIZE), y // REC_SIZE))
+        covered += sum(len(c["data"]) for c in pair["conns"] if c["a"] is None)  # too short to place
+        return covered, len(records)
+
     def check_drops(self):
         """The proxy's drop counts against what the destinations lost.
 
@@ -1342,6 +1624,10 @@ class Analysis:
           bounded - a killed destination loses what sat in its receive buffer (<= SO_RCVBUF) plus one
                     read; a reset-at-accept loses what arrived between its last read and the reset
                     (<= SO_RCVBUF): 0 <= lost - logged <= that bound.
+        "Got" is what the pair's connections cover of the stream (a resent record counts once). Framed,
+        the same for records: those no connection holds whole against the log's "(R records)". A send
+        timeout within RACE_S of the destination's SIGCONT may count up to a receive buffer the
+        destination did get (see raced): counted apart, never as exact.
         Also: the per-outage lines add up to the forwarder's total.
         """
         exact = bounded = stops = 0
@@ -1349,6 +1635,8 @@ class Analysis:
         worst_bounded = 0
         bad = []
         sums_bad = 0
+        close_records = close_read = cut_head_dropped = 0
+        race_used, unacked_read = [], []
         for (skey, d), pair in sorted(self.pairs.items(), key=lambda kv: kv[0]):
             f, s = pair["fwd"], pair["s"]
             if f is None or s is None or f["done"] is None:
@@ -1363,7 +1651,7 @@ class Analysis:
                 sums_bad += 1
                 self.fail("%s -> destination %d: outage lines add up to %d, forwarder done says %d" % (
                     skey, d, per_outage, dropped))
-            got = sum(len(c["data"]) for c in pair["conns"])
+            got, records_got = self.coverage(pair, received)
             lost = received - got
             start, end = self.group_life(s)
             end = max(end, f.get("t_done", end))
@@ -1375,24 +1663,51 @@ class Analysis:
             bound = len(kills) * (self.rcvbuf + READ_CHUNK) + (len(resets) + len(unidentified_resets)) * self.rcvbuf
             timeouts = [x for x in f["disconnects"] if "timed out" in x[1] or "send timeout" in x[1]]
             diff = lost - dropped
+            races = self.raced(f, d, start - 0.1, end + 0.1)
+            raced_pair = bool(races) and -races * self.rcvbuf <= diff < 0
+            if raced_pair:
+                race_used.append(-diff)
+                diff = 0  # the destination got more than the proxy saw acknowledged (see raced)
+            # A destination that read bytes unacknowledged, then reset (see unacked_at_resets). Not the
+            # bytes of a close after the source finished: the proxy's own FIN causes that (close_read).
+            read_unacked = self.unacked_at_resets(f, start, end)
+            unacked_pair = not raced_pair and -read_unacked <= diff < 0
+            if unacked_pair:
+                unacked_read.append(-diff)
+                diff = 0
+                raced_pair = True  # not exact either
+            # Framed, whole records too: those of the stream no connection holds whole, against the
+            # log's count (an unseen loss may cut one more record at each end of each kill/reset).
+            rdiff = 0
+            if f["records"] is not None:
+                rdiff = (received // REC_SIZE - records_got) - f["records"]
+            rbound = bound // REC_SIZE + 2 * (len(kills) + len(resets) + len(unidentified_resets))
+            if races and -races * (self.rcvbuf // REC_SIZE + 1) <= rdiff < 0:
+                rdiff = 0
             if not kills and not resets and not unidentified_resets:
-                if diff == 0:
-                    exact += 1
-                    stops += bool(timeouts)
+                if diff == 0 and rdiff == 0:
+                    exact += not raced_pair
+                    stops += bool(timeouts) and not raced_pair
                     continue
-            elif 0 <= diff <= bound:
-                if diff == 0:
-                    exact += 1
+            elif 0 <= diff <= bound and 0 <= rdiff <= rbound:
+                if diff == 0 and rdiff == 0:
+                    exact += not raced_pair
                 else:
                     bounded += 1
                     worst_bounded = max(worst_bounded, diff)
                 continue
             bad.append(diff)
-            if f.get("closed_at_end") and pair["conns"] and pair["conns"][-1]["end"] == "reset":
+            if f.get("closed_clean") and pair["conns"] and pair["conns"][-1]["end"] == "reset":
                 self.close_losses += 1  # see the hint printed below the failures
-            self.fail("%s -> destination %d: lost %d bytes, log says dropped %d (diff %+d, bound %d; %d conns %s;"
-                      " outages %s; disconnects %s; kills %d, resets %d)" % (
-                          skey, d, lost, dropped, diff, bound, len(pair["conns"]),
+            if f.get("close_dropped") and diff == 0 and rdiff > 0:
+                close_records += 1
+            if f.get("close_dropped") and diff < 0:
+                close_read += 1
+            elif diff < 0 and f["down_at_eof"] and -diff <= sum(k[2] for k in f.get("kept", ())):
+                cut_head_dropped += 1
+            self.fail("%s -> destination %d: lost %d bytes, log says dropped %d (diff %+d, bound %d; records diff"
+                      " %+d; %d conns %s; outages %s; disconnects %s; kills %d, resets %d)" % (
+                          skey, d, lost, dropped, diff, bound, rdiff, len(pair["conns"]),
                           [c["end"] for c in pair["conns"]], f["outages"],
                           [(round(t - self.c.chaos_start, 2), why, n) for t, why, n in f["disconnects"]],
                           len(kills), len(resets)))
@@ -1405,10 +1720,32 @@ class Analysis:
                 "%d of the %d mismatches end the same way: the forwarder logged 'closed connection ...: source"
                 " finished' (no drop for it), yet that last connection was reset with bytes still unsent: an"
                 " undelivered tail after the source finished that was never counted" % (self.close_losses, len(bad)))
+        if close_records:
+            self.failures.append(
+                "%d of the %d mismatches: the forwarder logged 'closed connection ...: it took no data ... after the"
+                " source finished; N unsent bytes dropped' and counts those N bytes in 'forwarder done' but not"
+                " their records (close_gracefully adds to the dropped bytes only)" % (close_records, len(bad)))
+        if close_read:
+            self.failures.append(
+                "%d of the %d mismatches: the log counts more dropped than the destination missed, with a"
+                " 'closed connection ...: ... N unsent bytes dropped' at the end: the destination read bytes that"
+                " arrived with the proxy's FIN and reset before its kernel's delayed ACK of them (a FIN puts the"
+                " receiver in delayed-ACK mode; an RST's acknowledgement is not processed), so SIOCOUTQ still counted"
+                " them: close_gracefully sends the FIN before its data is acknowledged" % (close_read, len(bad)))
+        if cut_head_dropped:
+            self.failures.append(
+                "%d of the %d mismatches: the log counts more dropped than the destination missed, by no more than"
+                " the 'A more to resend a cut record whole' of a disconnect, and the source finished while the"
+                " destination was down ('dropped N bytes for ... while it was down'): the acknowledged head of the"
+                " cut record, taken back from 'sent' to be resent, is counted as dropped when the resend is"
+                " abandoned, though the destination has it" % (cut_head_dropped, len(bad)))
         self.check("log drop counts match destination gaps", not bad and not sums_bad,
                    "%d pairs exact (%d with send-timeout outages), %d within the kill/reset bound (max %d B),"
-                   " %d mismatched; disconnects: %s" % (exact, stops, bounded, worst_bounded, len(bad), ", ".join(
-                       "%s %d" % kv for kv in sorted(reasons.items()))))
+                   " %d over-counted by a send timeout racing a SIGCONT (max %d B), %d by a killed/reset destination"
+                   " that read unacknowledged bytes (max %d B), %d mismatched; disconnects: %s" % (
+                       exact, stops, bounded, worst_bounded, len(race_used), max(race_used or [0]), len(unacked_read),
+                       max(unacked_read or [0]), len(bad),
+                       ", ".join("%s %d" % kv for kv in sorted(reasons.items()))))
         # "sent" in "forwarder done" should not count bytes it also reports as dropped.
         over = []
         for pair in self.pairs.values():
@@ -1443,9 +1780,9 @@ def print_report(chaos, analysis, ok):
     c, a = chaos, analysis
     print()
     print("chaos: %.0f s of faults, seed %s, %d sources x %d destinations, %d records/s per source; "
-          "proxy --retry-interval %g --send-timeout %g; run took %.0f s" % (
+          "proxy --retry-interval %g --send-timeout %g --framing %s --buffer %s; run took %.0f s" % (
               c.chaos_end - c.chaos_start, c.args.seed, N_SOURCES, N_DESTS, c.args.rate, RETRY_INTERVAL,
-              SEND_TIMEOUT, c.total_s))
+              SEND_TIMEOUT, c.args.framing, c.args.buffer, c.total_s))
     print()
     print("%-42s %6s" % ("fault injected", "count"))
     print("-" * 49)
@@ -1462,14 +1799,66 @@ def print_report(chaos, analysis, ok):
         print("failures:")
         for line in a.failures:
             print("  " + line)
-    print("notes: drop counts are exact only where the proxy can know them (bytes drained from its pipe while"
-          " the destination was down, plus bytes unacknowledged in its socket at the disconnect); bytes a killed"
-          " destination's kernel had acknowledged but it never read are invisible to the proxy, so those pairs"
-          " are compared with a bound of SO_RCVBUF (%d) + one read (%d) per kill, and SO_RCVBUF per"
-          " reset-at-accept." % (a.rcvbuf, READ_CHUNK))
+    if a.retaining:
+        known = ("what did not fit in --buffer %s while it was down, what was left when its source finished while it"
+                 " was down, or what it never took after the source finished; bytes unacknowledged at a disconnect"
+                 " are resent%s" % (c.args.buffer, ", from the start of the record they cut" if a.framed else ""))
+    else:
+        known = "bytes drained from its pipe while the destination was down, plus bytes unacknowledged in its" \
+                " socket at the disconnect"
+    print("notes: drop counts are exact only where the proxy can know them (%s); bytes a killed destination's"
+          " kernel had acknowledged but it never read are invisible to the proxy, so those pairs are compared"
+          " with a bound of SO_RCVBUF (%d) + one read (%d) per kill, and SO_RCVBUF per reset-at-accept."
+          % (known, a.rcvbuf, READ_CHUNK))
     for note in c.notes:
         print("note: " + note)
     print("result: %s (work directory %s)" % ("PASS" if ok else "FAIL", c.dir if (not ok or c.args.keep) else "removed"))
+
+
+def size_bytes(text):
+    """A size as the proxy's --buffer takes it: digits with an optional K, M or G suffix (powers of 1024)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    number, suffix = (text[:-1], text[-1].upper()) if text[-1:].isalpha() else (text, "")
+    if suffix not in units or not (number.isascii() and number.isdigit()):
+        raise ValueError(text)
+    return int(number) * units[suffix]
+
+
+STATE_FIELDS = ["seconds", "chaos_start", "chaos_end", "clock_offset", "dest_ports", "log_path", "dir", "faults",
+                "counts", "end_tree", "baseline", "final_stats", "proxy_exited", "proxy_returncode", "proxy_stop_s",
+                "proxy_leftovers", "leftover", "source_exits", "dest_exits", "notes", "total_s", "proxy_argv"]
+
+
+def save_state(chaos):
+    """What the analysis needs from the run, so --analyse can run the checks again on the directory."""
+    state = {name: getattr(chaos, name) for name in STATE_FIELDS if name != "proxy_returncode"}
+    state["proxy_returncode"] = chaos.proxy.returncode
+    state["watches"] = [{k: w[k] for k in ("kind", "t", "gone_t", "title")} for w in chaos.watches]
+    state["args"] = {k: v for k, v in vars(chaos.args).items() if isinstance(v, (str, int, float, bool, type(None)))}
+    with open(os.path.join(chaos.dir, "state.json"), "w") as out:
+        json.dump(state, out, indent=1)
+
+
+class Restored:
+    """A finished run as save_state left it: what Analysis and print_report read from a Chaos."""
+
+    def __init__(self, directory, args):
+        with open(os.path.join(directory, "state.json")) as source:
+            state = json.load(source)
+        for name in STATE_FIELDS + ["watches"]:
+            setattr(self, name, state[name])
+        self.dir = directory
+        self.log_path = os.path.join(directory, "proxy.log")
+        self.counts = collections.Counter(self.counts)
+        self.end_tree = [tuple(e) for e in self.end_tree]
+        self.leftover = [tuple(e) for e in self.leftover]
+        saved = dict(state["args"])
+        saved.update(analyse=args.analyse, keep=True)
+        saved.setdefault("framing", "none")
+        saved.setdefault("buffer", "0")
+        self.args = argparse.Namespace(**saved)
+        self.args.buffer_bytes = size_bytes(self.args.buffer)
+        self.proxy = argparse.Namespace(returncode=self.proxy_returncode)
 
 
 def parse_args(argv):
@@ -1482,6 +1871,11 @@ def parse_args(argv):
     parser.add_argument("--rss-margin-kib", type=int, default=1024)
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--proxy", default=os.path.join(ROOT, "socketproxy.py"), help="the proxy to run")
+    parser.add_argument("--framing", choices=["none", "line"], default=os.environ.get("CHAOS_FRAMING", "line"),
+                        help="the proxy's --framing (CHAOS_FRAMING; default line)")
+    parser.add_argument("--buffer", default=os.environ.get("CHAOS_BUFFER", "4M"),
+                        help="the proxy's --buffer (CHAOS_BUFFER; default 4M; 0 with --framing none: drops while down)")
+    parser.add_argument("--analyse", metavar="DIR", help="only analyse the work directory a run kept")
     parser.add_argument("--role", choices=["source", "destination"])
     parser.add_argument("--index", type=int)
     parser.add_argument("--gen", type=int, default=0)
@@ -1489,6 +1883,10 @@ def parse_args(argv):
     parser.add_argument("--dir")
     parser.add_argument("--proxy-pid", type=int, default=0)
     args = parser.parse_args(argv)
+    try:
+        args.buffer_bytes = size_bytes(args.buffer)
+    except ValueError:
+        parser.error("invalid --buffer %r: expected a size such as 4M, 512K or 0" % args.buffer)
     if args.seed is None:
         args.seed = str(random.randrange(10**6))
     return args
@@ -1500,6 +1898,12 @@ def main(argv=None):
         return run_source(args)
     if args.role == "destination":
         return run_destination(args)
+    if args.analyse:
+        chaos = Restored(args.analyse, args)
+        analysis = Analysis(chaos)
+        ok = analysis.analyse()
+        print_report(chaos, analysis, ok)
+        return 0 if ok else 1
     chaos = Chaos(args)
 
     def interrupted(signum, _frame):
@@ -1520,6 +1924,7 @@ def main(argv=None):
         raise
     with open(os.path.join(chaos.dir, "faults.json"), "w") as out:
         json.dump({"start": chaos.chaos_start, "end": chaos.chaos_end, "faults": chaos.faults}, out, indent=1)
+    save_state(chaos)
     analysis = Analysis(chaos)
     ok = analysis.analyse()
     print_report(chaos, analysis, ok)
