@@ -260,9 +260,10 @@ class Forwarder:
     def wait_draining(self, fd, events, deadline):
         """Wait for events on fd until deadline, draining the pipe meanwhile (after hold_until).
 
-        Returns the events seen, 0 at the deadline, None once the pipe has ended: the source is done
-        and what it sent is dropped, so there is nothing left to connect for. The pipe leaves the poll
-        set at its end, so a hung-up pipe cannot make this spin.
+        Returns the events seen, 0 at the deadline, None once the pipe has ended with nothing kept
+        for the destination: the source is done and what it sent is dropped, so there is nothing left
+        to connect for. With a backlog to deliver the attempt goes on. The pipe leaves the poll set at
+        its end, so a hung-up pipe cannot make this spin.
         """
         poller = select.poll()
         poller.register(fd, events)
@@ -270,9 +271,10 @@ class Forwarder:
         while True:
             now = time.monotonic()
             if not draining and now >= self.hold_until:
-                if self.pipe_eof:
+                if self.pipe_eof and not len(self.backlog):
                     return None
-                poller.register(self.pipe_fd, POLL_IN)
+                if not self.pipe_eof:
+                    poller.register(self.pipe_fd, POLL_IN)
                 draining = True
             wait = deadline - now if draining else min(deadline, self.hold_until) - now
             if deadline - now <= 0:
@@ -282,7 +284,9 @@ class Forwarder:
                     return revents
                 self.drain()
                 if self.pipe_eof:
-                    return None
+                    if not len(self.backlog):
+                        return None
+                    poller.unregister(self.pipe_fd)
 
     def resolve(self, deadline):
         """[(family, address), ...] of the destination, its name resolved afresh by the deadline;

@@ -83,7 +83,9 @@ def test_hostname_and_ipv6_destinations(proxy, recorder):
     source.sendall(b"x" * 1000)
     source.close()
     for dest in (v4, v6):
-        wait_until(lambda: dest.streams() == [b"x" * 1000] and dest.closed_count() == 1)
+        wait_until(lambda: dest.streams() == [b"x" * 1000] and dest.closed_count() == 1,
+                   message=lambda: "%r closed %d:\n%s" % ([len(s) for s in dest.streams()], dest.closed_count(),
+                                                          px.log()))
 
 
 def test_destination_named_twice_gets_two_connections(proxy, recorder):
