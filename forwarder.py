@@ -30,6 +30,7 @@ ACK_POLL_S = 0.02  # while waiting for the last bytes to be acknowledged
 STILL_DOWN_LOG_S = 60.0
 PROGRESS_POLL_S = 0.1  # while a destination's socket is full: how often its progress is checked
 USER_TIMEOUT_FACTOR = 3
+MIN_SNDBUF = 128 * 1024  # doubled by the kernel: over two of loopback's 64 KiB segments in flight
 ACK_WAIT_S = 0.001  # a full shadow waits for acknowledgements, which have no event: poll this often
 KEEP_ACKED = 64 * 1024
 CUT_PEEK = 4096  # framed: released bytes read (not spliced away) to find the start of the record they cut
@@ -146,7 +147,8 @@ class Forwarder:
         self.retaining = config.buffer > 0 or self.framed
         self.backlog = Backlog(config.buffer, self.framed)
         self.shadow_r = self.shadow_w = None
-        self.replay = bytearray()  # the backlog being resent on the current connection
+        self.replay = bytearray()  # the backlog being resent on the current connection, then spilled bytes
+        self.replay_end = 0
         self.conn_sent = 0
         self.outage_records_base = 0
         self.acked_front = 0  # bytes at the backlog's front the destination already acknowledged
@@ -334,7 +336,7 @@ class Forwarder:
         what the pipe still held (dropped: the group is being ended), then exit."""
         held = pipe_bytes(self.pipe_fd)
         self.dropped += held
-        kept = len(self.backlog.take()) + max(0, len(self.replay) - self.conn_sent)
+        kept = len(self.backlog.take()) + max(0, self.replay_end - self.conn_sent)
         self.dropped += kept
         log.error("receiver %d died: the source's connection is lost; its pipe still held %d bytes, dropped%s",
                   self.receiver_pid, held, " (and %d bytes kept for its destination)" % kept if kept else "")
@@ -508,15 +510,18 @@ class Forwarder:
         self.shadow_capacity = fcntl.fcntl(self.shadow_w, 1032)
         # The socket must fill before the shadow does: then "wait for the destination" is POLLOUT,
         # not a loop polling for acknowledgements. The kernel doubles the value (for its overhead).
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.shadow_capacity // 2)
+        # A small shadow (an unprivileged user's small pipes) spills into memory instead: the socket
+        # must still hold enough in flight that the destination's delayed ACKs do not pace it.
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, max(self.shadow_capacity // 2, MIN_SNDBUF))
         self.conn_sent = 0  # bytes of this connection's stream handed to the socket
         self.retained_from = 0  # offset in this connection's stream of the first retained byte
         self.shadow_len = 0
         self.ahead = 0
-        self.replay = self.backlog.take()
+        self.replay = self.backlog.take()  # retained in memory: the backlog resent, then spilled bytes
         self.acked_front = 0  # resent: counted as sent as it goes out again
         self.cut_head, self.head_known = b"", True  # the connection's stream starts at a record boundary
         self.skip_to_boundary()
+        self.replay_end = len(self.replay)  # offset in this connection's stream where the resend ends
         sock_fd, pipe_fd = self.sock.fileno(), self.pipe_fd
         poller = select.poll()
         poller.register(sock_fd, select.POLLIN)
@@ -525,7 +530,7 @@ class Forwarder:
         progress_at = 0.0
         acknowledged = 0
         while True:
-            if self.replay and self.conn_sent < len(self.replay):
+            if self.conn_sent < self.replay_end:
                 waiting = self.send_replay()
             else:
                 waiting = self.splice_retained()
@@ -583,24 +588,26 @@ class Forwarder:
     def send_replay(self):
         """Send the backlog from memory; what it waits for: "socket" (full) or None (all sent)."""
         try:
-            sent = self.sock.send(memoryview(self.replay)[self.conn_sent:])
+            sent = self.sock.send(memoryview(self.replay)[self.conn_sent:self.replay_end])
         except BlockingIOError:
             return "socket"
         except OSError as exc:
             raise Disconnected(describe(exc)) from None
         self.conn_sent += sent
         self.sent += sent
-        return "socket" if self.conn_sent < len(self.replay) else None
+        return "socket" if self.conn_sent < self.replay_end else None
 
     def splice_retained(self):
         """Move pipe -> socket through the shadow; what it now waits for: "socket", "pipe" or "eof"."""
         sock_fd = self.sock.fileno()
         while True:
             if not self.ahead:
-                if self.shadow_len * 2 > self.shadow_capacity:  # not at every chunk: an ioctl each
+                if self.replay or self.shadow_len * 2 > self.shadow_capacity:  # not at every chunk: an ioctl
                     self.release_acknowledged()
                 room = self.shadow_capacity - self.shadow_len
                 if room <= 0:
+                    if self.spill():
+                        continue
                     return "acks"  # everything retained is unacknowledged: wait for the destination
                 try:
                     teed = tee(self.pipe_fd, self.shadow_w, min(room, SPLICE_CHUNK), os.SPLICE_F_NONBLOCK)
@@ -612,7 +619,7 @@ class Forwarder:
                     # acknowledged bytes kept for record boundaries too, then wait for acks.
                     retained = self.shadow_len
                     self.release_acknowledged(final=True)
-                    if self.shadow_len < retained:
+                    if self.shadow_len < retained or self.spill():
                         continue
                     return "acks"
                 if not teed:
@@ -635,13 +642,18 @@ class Forwarder:
         """Let go of what the destination has acknowledged: the replayed backlog, then the shadow's
         head (all but KEEP_ACKED when framed)."""
         acknowledged = self.conn_sent - unsent_bytes(self.sock)
-        if self.replay and acknowledged >= len(self.replay):
-            self.retained_from = len(self.replay)
-            if self.framed:
-                self.note_released(self.replay, True)
-            self.replay = bytearray()
         if self.replay:
-            return
+            if self.conn_sent < self.replay_end:
+                return  # still resending the backlog
+            released = min(acknowledged - self.retained_from, len(self.replay))
+            if released <= 0:
+                return
+            if self.framed:
+                self.note_released(self.replay[:released], True)
+            del self.replay[:released]
+            self.retained_from += released
+            if self.replay:
+                return
         keep = min(KEEP_ACKED, self.shadow_capacity // 4) if self.framed and not final else 0
         release = acknowledged - self.retained_from - keep
         if release > 0:
@@ -672,6 +684,21 @@ class Forwarder:
             self.cut_head += bytes(tail)
         else:
             self.cut_head, self.head_known = b"", False
+
+    def spill(self):
+        """Move the shadow's sent bytes into memory, making room in it; whether there were any.
+
+        Only a shadow smaller than what the socket holds in flight fills up this way (small pipes);
+        the memory is let go as the destination acknowledges it."""
+        count = self.shadow_len - self.ahead
+        if count <= 0:
+            return False
+        while count:
+            chunk = os.read(self.shadow_r, count)
+            self.replay += chunk
+            count -= len(chunk)
+            self.shadow_len -= len(chunk)
+        return True
 
     def retained_bytes(self):
         """Everything retained for this connection, the pipe's `ahead` bytes excluded (they stay in the
