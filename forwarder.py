@@ -512,7 +512,7 @@ class Forwarder:
         # not a loop polling for acknowledgements. The kernel doubles the value (for its overhead).
         # A small shadow (an unprivileged user's small pipes) spills into memory instead: the socket
         # must still hold enough in flight that the destination's delayed ACKs do not pace it.
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, max(self.shadow_capacity // 2, MIN_SNDBUF))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, max(self.shadow_capacity // 4, MIN_SNDBUF))
         self.conn_sent = 0  # bytes of this connection's stream handed to the socket
         self.retained_from = 0  # offset in this connection's stream of the first retained byte
         self.shadow_len = 0
