@@ -1,4 +1,4 @@
-"""SocketProxy benchmark: direct, socat and SocketProxy in one run, interleaved (issue 4).
+"""SocketProxy benchmark: direct, socat and SocketProxy in one run, interleaved.
 
 Usage:
   bench/bench.py [--quick] [--scale X] [--rounds N] [--only FIGS] [--no-crc] [--json PATH]
@@ -711,7 +711,7 @@ def paired_ratio(trials, key, ref_key, field, invert=False):
 
 
 def summarize(out, scale_n=1000):
-    """Medians per (figure, system, D), ratios, and the targets of issue 4."""
+    """Medians per (figure, system, D), ratios, and the targets."""
     summary, targets = {}, []
 
     def val(fig, key, field):
@@ -894,7 +894,7 @@ def print_report(out, summary, targets, params):
     if params.get("nobody_skipped"):
         print("\n(socketproxy-nobody rows skipped: %s)" % params["nobody_skipped"])
     if targets:
-        print("\nTargets (issue 4)")
+        print("\nTargets")
         for t in targets:
             value = t["value"]
             shown = ("%.2f%s" % (value, t["unit"]) if isinstance(value, float) else str(value)) if value is not None else "-"
@@ -902,7 +902,7 @@ def print_report(out, summary, targets, params):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="SocketProxy benchmark (issue 4)")
+    parser = argparse.ArgumentParser(description="SocketProxy benchmark")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--scale", type=float, default=float(os.environ.get("BENCH_SCALE", "1")))
     parser.add_argument("--rounds", type=int, default=None)
