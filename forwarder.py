@@ -36,7 +36,6 @@ KEEP_ACKED = 64 * 1024
 CUT_PEEK = 4096  # framed: released bytes read (not spliced away) to find the start of the record they cut
 KEEP_READ = 64 * 1024  # while down, the pipe is read into the backlog this much at a time ...
 KEEP_READS = 16  # ... this many times a call at most  # framed: acknowledged bytes kept, to resend a cut record whole
-F_SETPIPE_SZ = 1031
 POLL_IN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 ERR_REASONS = {
     errno.ECONNREFUSED: "connection refused",
@@ -331,6 +330,12 @@ class Forwarder:
         """
         return self.clean_end is not None and not self.clean_end[0]
 
+    def end_of_pipe(self):
+        """The pipe has ended: from a clean end of the source, or (exiting here) the receiver's death."""
+        self.pipe_eof = True
+        if self.receiver_gone():
+            self.receiver_died()
+
     def receiver_died(self):
         """The pipe ended because the receiver died, not because the source finished: say so, and
         what the pipe still held (dropped: the group is being ended), then exit."""
@@ -404,9 +409,7 @@ class Forwarder:
                     except OSError as exc:
                         raise Disconnected(describe(exc)) from None
                     if not moved:
-                        self.pipe_eof = True
-                        if self.receiver_gone():
-                            self.receiver_died()
+                        self.end_of_pipe()
                         self.close_gracefully()
                         return
                     self.sent += moved
@@ -503,11 +506,7 @@ class Forwarder:
         """
         if self.shadow_r is None:
             self.shadow_r, self.shadow_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-            try:
-                fcntl.fcntl(self.shadow_w, F_SETPIPE_SZ, self.config.pipe_size)
-            except OSError:
-                pass  # the receiver logs refusals once; a smaller shadow only limits bytes in flight
-        self.shadow_capacity = fcntl.fcntl(self.shadow_w, 1032)
+            self.shadow_capacity = zerocopy.set_pipe_size(self.shadow_w, self.config.pipe_size)
         # The socket must fill before the shadow does: then "wait for the destination" is POLLOUT,
         # not a loop polling for acknowledgements. The kernel doubles the value (for its overhead).
         # A small shadow (an unprivileged user's small pipes) spills into memory instead: the socket
@@ -536,9 +535,7 @@ class Forwarder:
                 waiting = self.splice_retained()
             if waiting == "eof":
                 self.release_acknowledged(final=True)
-                self.pipe_eof = True
-                if self.receiver_gone():
-                    self.receiver_died()
+                self.end_of_pipe()
                 self.close_gracefully()
                 return
             now = time.monotonic()
@@ -769,9 +766,7 @@ class Forwarder:
             except BlockingIOError:
                 return
             if not size:
-                self.pipe_eof = True
-                if self.receiver_gone():
-                    self.receiver_died()
+                self.end_of_pipe()
                 return
             self.keep(self.keep_buffer[:size])
             if size < KEEP_READ:
@@ -848,9 +843,7 @@ class Forwarder:
             except BlockingIOError:
                 return
             if not moved:
-                self.pipe_eof = True
-                if self.receiver_gone():
-                    self.receiver_died()
+                self.end_of_pipe()
                 return
             self.dropped += moved
             self.outage_dropped += moved

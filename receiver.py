@@ -4,7 +4,6 @@ The receiver leads its own process group, which holds its forwarders. It watches
 in its poll set, psutil to collect their exit) and kills the whole group when one dies, so the
 source sees its connection close and reconnects.
 """
-import fcntl
 import mmap
 import os
 import select
@@ -19,21 +18,19 @@ import forking
 import forwarder
 import proxylog
 from proxylog import log
-from zerocopy import tee
+from zerocopy import set_pipe_size, tee
 
 CHUNK = 1024 * 1024
 PIPE_SIZE_MAX = 1024 * 1024
 PIPE_SIZE_MIN = 16 * 1024
 PIPE_BUDGET_SHARE = 0.75  # of the user's pipe budget: the rest is left to its other programs
 PAGE = os.sysconf("SC_PAGE_SIZE")
-F_GETPIPE_SZ = 1032
 CAP_SYS_ADMIN, CAP_SYS_RESOURCE = 21, 24
 SPLICE_F_NONBLOCK = os.SPLICE_F_NONBLOCK
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 splice = os.splice
 STOP_FLUSH_S = 1.0  # on SIGTERM or main's death: how long already-read data may take to go out
 TICK_S = 5.0  # backstop only: pidfds report a forwarder's death at once
-F_SETPIPE_SZ = 1031
 KEEPALIVE = ((socket.TCP_KEEPIDLE, 60), (socket.TCP_KEEPINTVL, 10), (socket.TCP_KEEPCNT, 6))
 
 
@@ -64,33 +61,6 @@ def plan_pipe_size(max_connections, pipes_per_source, budget):
     while size * 2 <= min(fair, PIPE_SIZE_MAX):
         size *= 2
     return size
-
-
-class PipeRefusal:
-    """Whether a pipe size refusal was logged by any process of the tree (shared memory, one byte)."""
-
-    flag = mmap.mmap(-1, 1)  # made in main at import, before any fork: every process shares it
-
-    @classmethod
-    def report(cls, size, got, exc):
-        if cls.flag[0]:
-            return
-        cls.flag[0] = 1
-        log.warning("the kernel refused a pipe of %d KiB (%s); this pipe has %d KiB, and others may too: this "
-                    "user's pipe budget is used up (fs.pipe-user-pages-soft), so throughput suffers; raise it or "
-                    "lower --max-connections", size // 1024, exc or "smaller", got // 1024)
-
-
-def set_pipe_size(fd, size):
-    """Give a pipe the planned size; a refusal by the kernel is logged once for the whole tree."""
-    error = None
-    try:
-        fcntl.fcntl(fd, F_SETPIPE_SZ, size)
-    except OSError as exc:
-        error = exc.strerror
-    got = fcntl.fcntl(fd, F_GETPIPE_SZ)
-    if got < size:
-        PipeRefusal.report(size, got, error)
 
 
 class Receiver:

@@ -1,7 +1,15 @@
-"""tee(2), which the standard library lacks (os.splice exists since Python 3.10), and a malloc setting."""
+"""Pipe tools the standard library lacks: tee(2) (os.splice exists since Python 3.10), pipe sizes
+with refusals logged once, and a malloc setting."""
 import ctypes
 import errno
+import fcntl
+import mmap
 import os
+
+from proxylog import log
+
+F_SETPIPE_SZ = 1031
+F_GETPIPE_SZ = 1032
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _tee = _libc.tee
@@ -34,3 +42,32 @@ def return_large_blocks(threshold=128 * 1024):
         _libc.mallopt(M_MMAP_THRESHOLD, threshold)
     except AttributeError:
         pass  # not glibc
+
+
+class PipeRefusal:
+    """Whether a pipe size refusal was logged by any process of the tree (shared memory, one byte)."""
+
+    flag = mmap.mmap(-1, 1)  # made in main at import, before any fork: every process shares it
+
+    @classmethod
+    def report(cls, size, got, exc):
+        if cls.flag[0]:
+            return
+        cls.flag[0] = 1
+        log.warning("the kernel refused a pipe of %d KiB (%s); this pipe has %d KiB, and others may too: this "
+                    "user's pipe budget is used up (fs.pipe-user-pages-soft), so throughput suffers; raise it or "
+                    "lower --max-connections", size // 1024, exc or "smaller", got // 1024)
+
+
+def set_pipe_size(fd, size):
+    """Give a pipe the planned size; a refusal by the kernel is logged once for the whole tree.
+    Returns the size the pipe has."""
+    error = None
+    try:
+        fcntl.fcntl(fd, F_SETPIPE_SZ, size)
+    except OSError as exc:
+        error = exc.strerror
+    got = fcntl.fcntl(fd, F_GETPIPE_SZ)
+    if got < size:
+        PipeRefusal.report(size, got, error)
+    return got

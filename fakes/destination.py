@@ -98,19 +98,23 @@ class Connection:
         self.tally = tally
         self.records = 0  # complete lines printed
 
-    def receive(self):
-        """Print the complete lines that arrived; return why the connection is over, or None."""
-        try:
-            data = self.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return None
-        except ConnectionResetError:
-            return "reset by peer"
-        except OSError as exc:
-            return exc.strerror or str(exc)
-        if not data:
-            return "closed by peer"
-        return self.take(data)
+    def receive(self, until_empty=False):
+        """Print the complete lines that arrived (with until_empty, all the kernel holds); return why
+        the connection is over, or None."""
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return None
+            except ConnectionResetError:
+                return "reset by peer"
+            except OSError as exc:
+                return exc.strerror or str(exc)
+            if not data:
+                return "closed by peer"
+            reason = self.take(data)
+            if reason or not until_empty:
+                return reason
 
     def take(self, data):
         """Print the complete lines of pending + data; with strict, stop at a malformed one and say so."""
@@ -138,20 +142,7 @@ class Connection:
 
     def drain(self):
         """Read and print what the kernel already holds for this peer; return why it is over, or None."""
-        while True:
-            try:
-                data = self.sock.recv(65536)
-            except (BlockingIOError, InterruptedError):
-                return None
-            except ConnectionResetError:
-                return "reset by peer"
-            except OSError as exc:
-                return exc.strerror or str(exc)
-            if not data:
-                return "closed by peer"
-            reason = self.take(data)
-            if reason:
-                return reason
+        return self.receive(until_empty=True)
 
     def close(self, reason):
         if self.pending:

@@ -56,13 +56,6 @@ def records(stream):
     return [int(line) for line in lines]
 
 
-def restart(recorder, dest):
-    """Stop a destination, then start it again on the same port once the proxy has seen it go."""
-    port = dest.port
-    dest.stop()
-    return port
-
-
 @pytest.mark.parametrize("buffer", ["4M", "0"])
 def test_restarted_destination_continues_at_a_record_boundary(proxy, recorder, buffer):
     """--framing line: after a restart the new connection starts with a whole record; with the
