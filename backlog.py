@@ -1,40 +1,48 @@
 """What a forwarder keeps for its destination while it is down: the newest bytes, whole records.
 
 Only the recovery path copies bytes through here (the healthy path splices the pipe to the socket),
-so scanning for record ends happens only where the stream is cut.
+so looking for record ends happens only where the stream is cut.
 """
+import framing
 
 
 class Backlog:
-    """The newest `limit` bytes of a stream; with framing, whole records only (ending with b"\\n").
+    """The newest `limit` bytes of a stream; with framing ("line" or "resp"), whole records only.
 
     Older bytes are dropped and counted (bytes, and records when framed). A record whose start was
-    dropped is dropped whole: its remaining bytes are skipped as they arrive (`skipping`).
+    dropped is dropped whole: its remaining bytes are skipped as they arrive (`skipping`). What is
+    kept always starts at a record boundary.
     """
 
-    def __init__(self, limit, framed):
+    def __init__(self, limit, framing_mode="none"):
         self.limit = limit
-        self.framed = framed
+        self.framing = framing_mode
+        self.framed = framing_mode != "none"
         self.data = bytearray()
-        self.skipping = False  # framed: discarding the rest of a record whose start was dropped
+        self.skip_scan = None  # framed: reading past the rest of a record whose start was dropped
         self.dropped = 0
         self.dropped_records = 0
 
     def __len__(self):
         return len(self.data)
 
+    @property
+    def skipping(self):
+        return self.skip_scan is not None
+
+    def scanner(self):
+        """A scanner at the start of a record."""
+        return framing.scanner(self.framing)
+
+    def start_skipping(self, scan=None):
+        """Drop what arrives up to the end of the record in progress; scan is a scanner placed in
+        that record (a line scanner needs no place)."""
+        self.skip_scan = scan or self.scanner()
+
     def add(self, chunk):
         """Keep chunk after what is kept; drop the oldest bytes beyond the limit."""
         if self.skipping:
-            chunk = bytes(chunk)  # a memoryview has no find (and this is the rare path)
-            end = chunk.find(b"\n")
-            if end < 0:
-                self.dropped += len(chunk)
-                return
-            self.skipping = False
-            self.dropped += end + 1
-            self.dropped_records += 1
-            chunk = chunk[end + 1:]
+            chunk = self.skip_partial_record(chunk)
         self.data += chunk
         if len(self.data) > self.limit:
             self.drop_front(len(self.data) - self.limit)
@@ -44,14 +52,14 @@ class Backlog:
         if count <= 0:
             return
         if self.framed:
-            end = self.data.find(b"\n", count - 1) if count else 0
+            scan = self.scanner()
+            records, end = scan.scan(self.data, until=count)
+            self.dropped_records += records
             if end < 0:  # the rest is the start of one record longer than what may be kept
-                self.skipping = True
+                self.skip_scan = scan
                 count = len(self.data)
-                self.dropped_records += self.data.count(b"\n")
             else:
-                count = end + 1
-                self.dropped_records += self.data.count(b"\n", 0, count)
+                count = end
         self.dropped += count
         del self.data[:count]
 
@@ -67,12 +75,12 @@ class Backlog:
         """
         if not self.skipping:
             return chunk
-        chunk = bytes(chunk)
-        end = chunk.find(b"\n")
+        chunk = bytes(chunk)  # a memoryview has no find (and this is the rare path)
+        _, end = self.skip_scan.scan(chunk, until=0)
         if end < 0:
             self.dropped += len(chunk)
             return b""
-        self.skipping = False
-        self.dropped += end + 1
+        self.skip_scan = None
+        self.dropped += end
         self.dropped_records += 1
-        return chunk[end + 1:]
+        return chunk[end:]

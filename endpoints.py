@@ -8,7 +8,7 @@ import math
 import socket
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
-FRAMINGS = ("none", "line")
+FRAMINGS = ("none", "line", "resp")
 SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
@@ -43,7 +43,7 @@ class Config:
     send_timeout: float = 5.0
     allow: tuple = ()  # ip_network objects; empty = everyone
     log_level: str = "info"
-    framing: str = "none"  # none (a byte stream) or line (records end with a newline)
+    framing: str = "none"  # none (a byte stream), line (records end with a newline) or resp (Redis commands)
     buffer: int = 0  # bytes kept per destination of each source while it is down
     pipe_size: int = 1 << 20  # each pipe of a group, planned by main for the user's pipe budget
 

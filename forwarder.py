@@ -17,6 +17,7 @@ import threading
 import time
 
 from backlog import Backlog
+import framing
 from proxylog import log
 import zerocopy
 from zerocopy import tee
@@ -32,10 +33,10 @@ PROGRESS_POLL_S = 0.1  # while a destination's socket is full: how often its pro
 USER_TIMEOUT_FACTOR = 3
 MIN_SNDBUF = 128 * 1024  # doubled by the kernel: over two of loopback's 64 KiB segments in flight
 ACK_WAIT_S = 0.001  # a full shadow waits for acknowledgements, which have no event: poll this often
-KEEP_ACKED = 64 * 1024
-CUT_PEEK = 4096  # framed: released bytes read (not spliced away) to find the start of the record they cut
+KEEP_ACKED = 64 * 1024  # line framing: acknowledged bytes kept, to resend a cut record whole
+CUT_PEEK = 4096  # line framing: released bytes read (not spliced away) to find the start of the record they cut
 KEEP_READ = 64 * 1024  # while down, the pipe is read into the backlog this much at a time ...
-KEEP_READS = 16  # ... this many times a call at most  # framed: acknowledged bytes kept, to resend a cut record whole
+KEEP_READS = 16  # ... this many times a call at most
 POLL_IN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 ERR_REASONS = {
     errno.ECONNREFUSED: "connection refused",
@@ -144,7 +145,12 @@ class Forwarder:
         # and what arrives while down is kept in the backlog, both resent on the next connection.
         self.framed = config.framing != "none"
         self.retaining = config.buffer > 0 or self.framed
-        self.backlog = Backlog(config.buffer, self.framed)
+        self.backlog = Backlog(config.buffer, config.framing)
+        # Where records end: lines are found by searching back from any cut; a Redis command only by
+        # reading forward from the command before it, so with resp every released byte is read.
+        self.release_scan = framing.scanner(config.framing)
+        self.line_framed = config.framing == "line"
+        self.head_limit = KEEP_ACKED if self.line_framed else max(KEEP_ACKED, config.buffer)
         self.shadow_r = self.shadow_w = None
         self.replay = bytearray()  # the backlog being resent on the current connection, then spilled bytes
         self.replay_end = 0
@@ -452,7 +458,7 @@ class Forwarder:
                 pass
         if lost:
             if self.framed and self.retaining:
-                self.backlog.dropped_records += bytes(self.retained_bytes()[-lost:]).count(b"\n")
+                self.backlog.dropped_records += self.records_in_last(lost)
             reset(sock)
             self.sent -= lost
             self.dropped += lost
@@ -519,6 +525,7 @@ class Forwarder:
         self.replay = self.backlog.take()  # retained in memory: the backlog resent, then spilled bytes
         self.acked_front = 0  # resent: counted as sent as it goes out again
         self.cut_head, self.head_known = b"", True  # the connection's stream starts at a record boundary
+        self.release_scan = framing.scanner(self.config.framing)
         self.skip_to_boundary()
         self.replay_end = len(self.replay)  # offset in this connection's stream where the resend ends
         sock_fd, pipe_fd = self.sock.fileno(), self.pipe_fd
@@ -580,6 +587,7 @@ class Forwarder:
             before = self.backlog.dropped
             rest = self.backlog.skip_partial_record(chunk)
             self.dropped += self.backlog.dropped - before
+            self.outage_dropped += self.backlog.dropped - before
             self.replay += rest
 
     def send_replay(self):
@@ -651,11 +659,11 @@ class Forwarder:
             self.retained_from += released
             if self.replay:
                 return
-        keep = min(KEEP_ACKED, self.shadow_capacity // 4) if self.framed and not final else 0
+        keep = min(KEEP_ACKED, self.shadow_capacity // 4) if self.line_framed and not final else 0
         release = acknowledged - self.retained_from - keep
         if release > 0:
             release = min(release, self.shadow_len - self.ahead)
-            peek = min(release, CUT_PEEK) if self.framed else 0
+            peek = (min(release, CUT_PEEK) if self.line_framed else release) if self.framed else 0
             whole = peek == release
             release -= peek
             while release > 0:
@@ -674,10 +682,10 @@ class Forwarder:
     def note_released(self, tail, whole):
         """Framed: the released bytes end with tail (all of them when whole): keep the head of the
         record the release point cuts (cut_head), or note that its start is gone."""
-        end = tail.rfind(b"\n")
+        _, end = self.release_scan.scan(tail)
         if end >= 0:
-            self.cut_head, self.head_known = bytes(tail[end + 1:]), True
-        elif whole and self.head_known and len(self.cut_head) + len(tail) <= KEEP_ACKED:
+            self.cut_head, self.head_known = bytes(tail[end:]), True
+        elif whole and self.head_known and len(self.cut_head) + len(tail) <= self.head_limit:
             self.cut_head += bytes(tail)
         else:
             self.cut_head, self.head_known = b"", False
@@ -727,18 +735,28 @@ class Forwarder:
         acked_at = max(0, min(acked_at, len(data)))
         start = acked_at
         if self.framed:
-            boundary = data.rfind(b"\n", 0, acked_at)
+            # data begins a record when its head is known; else it continues the released bytes
+            scan = self.backlog.scanner() if self.head_known else self.release_scan.copy()
+            _, boundary = scan.scan(data, 0, acked_at)
             if boundary >= 0:
-                start = boundary + 1
+                start = boundary
             elif base == 0 or self.head_known:
                 start = 0  # data begins a record
             else:  # the cut record began before what was kept: it is dropped whole
-                self.backlog.skipping = True
+                self.backlog.start_skipping(scan)
         handed = self.conn_sent - base  # bytes of data handed to the socket: counted as sent
         self.sent -= handed - start  # counted again when resent
         self.acked_front = acked_at - start  # delivered already: sent, not dropped, if never resent
         self.keep(memoryview(data)[start:])
         return handed - acked_at, acked_at - start
+
+    def records_in_last(self, count):
+        """Framed: how many records end in the last count bytes retained (emptying what is retained)."""
+        head = self.cut_head if self.head_known else b""
+        data = bytearray(head) + self.retained_bytes()
+        scan = self.backlog.scanner() if self.head_known else self.release_scan.copy()
+        scan.scan(data, 0, len(data) - count)
+        return scan.scan(data, len(data) - count)[0]
 
     def outage_dropped_records(self):
         return self.backlog.dropped_records - self.outage_records_base
@@ -828,7 +846,8 @@ class Forwarder:
             self.dropped += len(kept) - credit
             self.outage_dropped += len(kept) - credit
             self.backlog.dropped += len(kept)
-            self.backlog.dropped_records += kept.count(b"\n")
+            if self.framed:
+                self.backlog.dropped_records += self.backlog.scanner().scan(kept)[0]
         if self.pipe_eof and self.outage_dropped:
             log.warning("dropped %d bytes for %s while it was down", self.outage_dropped, self.dest)
 

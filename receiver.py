@@ -16,6 +16,7 @@ import psutil
 
 import forking
 import forwarder
+import framing
 import proxylog
 from proxylog import log
 from zerocopy import set_pipe_size, tee
@@ -32,6 +33,8 @@ splice = os.splice
 STOP_FLUSH_S = 1.0  # on SIGTERM or main's death: how long already-read data may take to go out
 TICK_S = 5.0  # backstop only: pidfds report a forwarder's death at once
 KEEPALIVE = ((socket.TCP_KEEPIDLE, 60), (socket.TCP_KEEPINTVL, 10), (socket.TCP_KEEPCNT, 6))
+RESP_CHUNK = 256 * 1024
+MAX_COMMAND = 64 * 1024 * 1024  # --framing resp: a command is held until whole, up to this size
 
 
 def pipe_budget():
@@ -86,6 +89,10 @@ class Receiver:
         # Shared with the forwarders: set just before the pipes are closed on purpose, so a forwarder
         # can tell that end from the receiver's death (which closes them too).
         self.clean_end = mmap.mmap(-1, 1)
+        # --framing resp: the source is read through a scanner, and only whole commands go on.
+        self.commands = framing.RespScanner() if config.framing == "resp" else None
+        self.partial = bytearray()  # the start of a command not yet whole
+        self.resp_buffer = None
 
     def start(self):
         """Own process group, keepalive on the source, wake-up pipe for signals, forwarders."""
@@ -168,7 +175,9 @@ class Receiver:
             if not events:
                 self.check_forwarders()
             for fd, _ in events:
-                if fd == self.source_fd:
+                if fd == self.source_fd and self.commands:
+                    self.read_commands()
+                elif fd == self.source_fd:
                     self.read_source()
                 elif fd in self.pending:
                     self.write_pending(fd)
@@ -220,6 +229,62 @@ class Receiver:
                 self.copy_rest(index, moved)
                 return
 
+    def read_commands(self):
+        """--framing resp: read the source into memory and pass on only whole Redis commands.
+
+        Every byte is read by the scanner (a command's end is found only by reading it from its
+        start), and the commands are written to each pipe from our buffer: two copies the byte
+        stream does not make. A stream that is not RESP is never passed on: the source is closed.
+        """
+        if self.resp_buffer is None:
+            self.resp_buffer = memoryview(bytearray(RESP_CHUNK))
+        try:
+            size = self.source.recv_into(self.resp_buffer)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.end_source(forwarder.describe(exc))
+            return
+        if not size:
+            if self.partial:
+                log.warning("source closed inside a command: its %d bytes were not passed on", len(self.partial))
+            self.end_source("source closed")
+            return
+        self.received += size
+        self.last_data = time.monotonic()
+        chunk = self.resp_buffer[:size].tobytes()
+        before = self.commands.copy()
+        try:
+            _, end = self.commands.scan(chunk)
+        except framing.NotRecords as exc:
+            log.error("closing source: not valid RESP (%s); the whole commands before were passed on", exc)
+            self.end_reason = "not valid RESP"
+            self.poller.unregister(self.source)
+            self.source.close()
+            end = last_end_before_error(before, chunk)
+            self.fan_out(bytes(self.partial) + chunk[:end] if end > 0 else b"")
+            return
+        if end < 0:
+            self.partial += chunk
+            if len(self.partial) > MAX_COMMAND:
+                log.error("closing source: a command of more than %d MiB (the most --framing resp holds)",
+                          MAX_COMMAND >> 20)
+                self.partial.clear()
+                self.end_source("command too large")
+            return
+        whole = bytes(self.partial) + chunk[:end] if self.partial else chunk[:end]
+        self.partial = bytearray(chunk[end:])
+        self.fan_out(whole)
+
+    def fan_out(self, data):
+        """Write data to every pipe from memory; pipes that cannot take it all hold the source."""
+        self.view = memoryview(data)
+        self.chunk_len = len(data)
+        for fd in self.pipe_fds:
+            self.pending[fd] = 0
+        for fd in list(self.pending):
+            self.write_pending(fd, register=True)
+
     def copy_rest(self, index, moved):
         """A pipe took only part of the chunk: finish this chunk from our buffer (backpressure)."""
         left = self.chunk_len if index < len(self.pipe_fds) - 1 else self.chunk_len - moved
@@ -240,8 +305,8 @@ class Receiver:
         self.poller.unregister(self.source_fd)
         self.held_since = time.monotonic()
 
-    def write_pending(self, fd):
-        """Continue the current chunk into a pipe that has room again."""
+    def write_pending(self, fd, register=False):
+        """Continue the current chunk into a pipe that has room again (register: a first try)."""
         offset = self.pending[fd]
         try:
             offset += os.write(fd, self.view[offset:self.chunk_len])
@@ -251,9 +316,15 @@ class Receiver:
             offset = self.chunk_len
         if offset < self.chunk_len:
             self.pending[fd] = offset
+            if register:
+                self.poller.register(fd, select.POLLOUT)
+                if self.source.fileno() >= 0 and self.held_since is None:
+                    self.poller.unregister(self.source_fd)  # backpressure, as copy_rest
+                    self.held_since = time.monotonic()
             return
         del self.pending[fd]
-        self.poller.unregister(fd)
+        if not register:
+            self.poller.unregister(fd)
         if not self.pending:
             self.after_chunk()
 
@@ -356,6 +427,20 @@ class Receiver:
         """SIGKILL the whole process group, this process included: fate sharing."""
         sys.stderr.flush()
         os.killpg(0, signal.SIGKILL)
+
+
+def last_end_before_error(scan, chunk):
+    """Where the last whole command before the error in chunk ends (-1: none), with the scanner
+    as it was before chunk."""
+    end = -1
+    try:
+        while True:
+            _, next_end = scan.scan(chunk, max(end, 0), until=max(end, 0))
+            if next_end < 0:
+                return end
+            end = next_end
+    except framing.NotRecords:
+        return end
 
 
 def run_receiver(source, peer, config, lifeline_fd):

@@ -17,7 +17,8 @@ Options:
   --send-timeout SEC      a destination that takes no data this long while data waits counts as down [default: 5]
   --allow CIDR            accept sources only from these networks; repeatable [default: all]
   --log-level LEVEL       debug, info, warning or error [default: info]
-  --framing MODE          none (a byte stream) or line (records end with a newline) [default: none]
+  --framing MODE          none (a byte stream), line (records end with a newline) or resp (records
+                          are Redis commands; a source that is not RESP is closed) [default: none]
   --buffer SIZE           per destination of each source, kept while it is down and resent when it is
                           back; K/M suffixes; 0 = keep nothing [default: 4M]
   -h --help               show this help

@@ -5,7 +5,7 @@ from backlog import Backlog
 
 
 def test_unframed_keeps_the_newest_bytes():
-    backlog = Backlog(10, framed=False)
+    backlog = Backlog(10, "none")
     backlog.add(b"0123456789")
     backlog.add(b"abcd")
     assert bytes(backlog.data) == b"456789abcd"
@@ -13,7 +13,7 @@ def test_unframed_keeps_the_newest_bytes():
 
 
 def test_framed_keeps_whole_records_only():
-    backlog = Backlog(10, framed=True)
+    backlog = Backlog(10, "line")
     backlog.add(b"aaa\nbbb\nccc\n")  # 12 bytes: the oldest record goes
     assert bytes(backlog.data) == b"bbb\nccc\n"
     assert (backlog.dropped, backlog.dropped_records) == (4, 1)
@@ -24,7 +24,7 @@ def test_framed_keeps_whole_records_only():
 
 
 def test_a_record_longer_than_the_limit_is_dropped_whole_even_as_it_goes_on():
-    backlog = Backlog(8, framed=True)
+    backlog = Backlog(8, "line")
     backlog.add(b"ok\n" + b"x" * 10)
     assert bytes(backlog.data) == b"" and backlog.skipping
     backlog.add(b"xxxx")
@@ -35,7 +35,7 @@ def test_a_record_longer_than_the_limit_is_dropped_whole_even_as_it_goes_on():
 
 
 def test_limit_zero_keeps_nothing_and_finds_the_next_boundary():
-    backlog = Backlog(0, framed=True)
+    backlog = Backlog(0, "line")
     backlog.add(memoryview(b"a\nbc"))  # the forwarder passes views of its read buffer
     assert bytes(backlog.data) == b"" and backlog.skipping
     backlog.add(memoryview(b"x"))
@@ -49,7 +49,7 @@ def test_random_cuts_keep_whole_records_and_count_exactly():
     rng = random.Random(7)
     stream = b"".join(b"%d:%s\n" % (i, b"r" * rng.randint(0, 40)) for i in range(2000))
     for limit in (0, 50, 333, 4096):
-        backlog = Backlog(limit, framed=True)
+        backlog = Backlog(limit, "line")
         pos = 0
         while pos < len(stream):
             step = rng.randint(1, 200)
