@@ -3,6 +3,8 @@
 Only the recovery path copies bytes through here (the healthy path splices the pipe to the socket),
 so looking for record ends happens only where the stream is cut.
 """
+import collections
+
 import framing
 
 
@@ -11,20 +13,28 @@ class Backlog:
 
     Older bytes are dropped and counted (bytes, and records when framed). A record whose start was
     dropped is dropped whole: its remaining bytes are skipped as they arrive (`skipping`). What is
-    kept always starts at a record boundary.
+    kept always starts at a record boundary. It is held as the chunks that arrived, so dropping the
+    oldest bytes frees them, and memory stays within the limit plus one chunk (one bytearray would be
+    over-allocated by an eighth and copied whole whenever it grows after its front was dropped).
     """
 
     def __init__(self, limit, framing_mode="none"):
         self.limit = limit
         self.framing = framing_mode
         self.framed = framing_mode != "none"
-        self.data = bytearray()
+        self.chunks = collections.deque()
+        self.size = 0
         self.skip_scan = None  # framed: reading past the rest of a record whose start was dropped
         self.dropped = 0
         self.dropped_records = 0
 
     def __len__(self):
-        return len(self.data)
+        return self.size
+
+    @property
+    def data(self):
+        """Everything kept, as one bytes object (a copy)."""
+        return b"".join(self.chunks)
 
     @property
     def skipping(self):
@@ -43,29 +53,49 @@ class Backlog:
         """Keep chunk after what is kept; drop the oldest bytes beyond the limit."""
         if self.skipping:
             chunk = self.skip_partial_record(chunk)
-        self.data += chunk
-        if len(self.data) > self.limit:
-            self.drop_front(len(self.data) - self.limit)
+        if not chunk:
+            return
+        self.chunks.append(bytes(chunk))
+        self.size += len(chunk)
+        if self.size > self.limit:
+            self.drop_front(self.size - self.limit)
 
     def drop_front(self, count):
         """Drop at least count bytes from the front: up to the next record end when framed."""
         if count <= 0:
             return
         if self.framed:
-            scan = self.scanner()
-            records, end = scan.scan(self.data, until=count)
-            self.dropped_records += records
-            if end < 0:  # the rest is the start of one record longer than what may be kept
-                self.skip_scan = scan
-                count = len(self.data)
-            else:
-                count = end
+            count = self.record_end_from(count)
         self.dropped += count
-        del self.data[:count]
+        self.size -= count
+        while count and count >= len(self.chunks[0]):
+            count -= len(self.chunks.popleft())
+        if count:
+            self.chunks[0] = self.chunks[0][count:]
+
+    def record_end_from(self, count):
+        """Where the first record ending at or after count ends (counting the records up to it); all
+        that is kept, and skipping from there, when no record ends there yet."""
+        scan = self.scanner()
+        offset = 0
+        for chunk in self.chunks:
+            if count - offset > len(chunk):
+                records, end = scan.scan(chunk)[0], -1
+            else:
+                records, end = scan.scan(chunk, until=max(count - offset, 0))
+            self.dropped_records += records
+            if end >= 0:
+                return offset + end
+            offset += len(chunk)
+        self.skip_scan = scan  # the rest is the start of one record longer than what may be kept
+        return self.size
 
     def take(self):
         """Everything kept, emptying the backlog (the drop counts stay)."""
-        data, self.data = self.data, bytearray()
+        data = bytearray()
+        while self.chunks:  # each chunk freed as it is copied: never the backlog twice
+            data += self.chunks.popleft()
+        self.size = 0
         return data
 
     def skip_partial_record(self, chunk):

@@ -799,9 +799,10 @@ class Forwarder:
         self.outage_dropped = 0
         if self.retaining:
             unacknowledged, again = self.lose_retaining_connection()
+            less = ", less %d dropped" % self.outage_dropped if self.outage_dropped else ""
             log.warning("disconnected from %s: %s; %d unacknowledged bytes kept to resend (%d more to resend "
-                        "a cut record whole), %d bytes in the backlog; reconnecting in %.1f s", self.dest,
-                        reason, unacknowledged, again, len(self.backlog), self.backoff_s)
+                        "a cut record whole%s), %d bytes in the backlog; reconnecting in %.1f s", self.dest,
+                        reason, unacknowledged, again, less, len(self.backlog), self.backoff_s)
         else:
             lost = unsent_bytes(self.sock)
             reset(self.sock)

@@ -258,7 +258,7 @@ class Receiver:
             _, end = self.commands.scan(chunk)
         except framing.NotRecords as exc:
             log.error("closing source: not valid RESP (%s); the whole commands before were passed on", exc)
-            self.end_reason = "not valid RESP"
+            self.end_reason = "the source does not speak RESP"
             self.poller.unregister(self.source)
             self.source.close()
             end = last_end_before_error(before, chunk)

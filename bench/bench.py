@@ -54,10 +54,12 @@ import os
 import platform
 import pwd
 import queue
+import random
 import re
 import resource
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -74,7 +76,8 @@ ROOT = os.path.dirname(HERE)
 PEERS = os.path.join(HERE, "peers.py")
 GIB = 1 << 30
 MIB = 1 << 20
-FIGURES = ("thr", "conn", "lat", "mem", "scale", "unprivileged")
+WINDOW_BYTES = 1 << 20
+FIGURES = ("thr", "resp", "conn", "lat", "mem", "scale", "unprivileged")
 BACKLOG = 1024  # socat's default listen backlog (5) drops SYNs at concurrency 8: 1 s retransmits
 
 
@@ -524,6 +527,61 @@ def trial_throughput(system, dests, size):
     return out
 
 
+def resp_block(value_size):
+    """About 1 MiB of whole Redis commands: SET key:N with value_size-byte values."""
+    value = bytes(random.Random(value_size).choice(b"abcdef\r\n") for _ in range(value_size))
+    command = b"*3\r\n$3\r\nSET\r\n$12\r\nkey:%%08d\r\n$%d\r\n%s\r\n" % (value_size, value.replace(b"%", b"%%"))
+    count = max(1, MIB // len(command % 0))
+    return b"".join(command % i for i in range(count))
+
+
+class CountingSink(threading.Thread):
+    """A destination in this process: accepts one connection and counts its bytes to EOF."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.received, self.t_eof = 0, None
+
+    def run(self):
+        self.server.settimeout(60)
+        conn, _ = self.server.accept()
+        buf = bytearray(WINDOW_BYTES)
+        with conn:
+            while True:
+                n = conn.recv_into(buf)
+                if not n:
+                    break
+                self.received += n
+        self.t_eof = time.monotonic()
+        self.server.close()
+
+
+def trial_resp(system, dests, size, value_size):
+    """One source streaming SET commands (whole commands in every write) through the proxy."""
+    block = resp_block(value_size)
+    repeats = max(1, size // len(block))
+    sinks = [CountingSink() for _ in range(dests)]
+    for sink in sinks:
+        sink.start()
+    host, port = system.start([sink.port for sink in sinks])[0].rsplit(":", 1)
+    t0 = time.monotonic()
+    with socket.create_connection((host, int(port))) as sock:
+        for _ in range(repeats):
+            sock.sendall(block)
+    timeout = 60 + size / 5e6
+    for sink in sinks:
+        sink.join(timeout)
+    total = repeats * len(block)
+    short = [sink.received for sink in sinks if sink.received != total or sink.t_eof is None]
+    if short:
+        raise BenchError("resp: destinations got %s of %d bytes" % (short, total))
+    seconds = max(sink.t_eof for sink in sinks) - t0
+    return {"mbps": total / seconds / 1e6, "commands_per_s": total / len(block) * block.count(b"SET") / seconds,
+            "seconds": seconds}
+
+
 def trial_connections(system, dests, count, concurrency, size=1024):
     timeout = 30 + count / 10
     sinks, ports = start_sinks(dests, "stream", count, size, timeout)
@@ -744,6 +802,12 @@ def summarize(out, scale_n=1000):
         for d in (1, 2):
             target("throughput D=%d: --buffer 4M --framing line >= 0.9x --buffer 0" % d,
                    paired_ratio(thr, "socketproxy-line D=%d" % d, "socketproxy-buffer0 D=%d" % d, "mbps"), 0.9)
+    for fig in ("resp-small", "resp-large"):
+        for d in (1, 2):  # no target: what finding command boundaries costs, measured
+            value = paired_ratio(out.get(fig, {}), "socketproxy-resp D=%d" % d, "socketproxy-buffer0 D=%d" % d, "mbps")
+            if value is not None:
+                targets.append({"target": "%s D=%d: --framing resp / --buffer 0 (measured, no target)" % (fig, d),
+                                "value": value, "limit": None, "verdict": "info", "unit": "x"})
     conn = out.get("connections", {})
     if conn:
         target("connections/s D=2: socketproxy >= 1.5x socat+tee",
@@ -933,7 +997,7 @@ def main():
         "thr_bytes": max(4 * MIB, int(GIB * scale)), "conn_count": max(16, int(500 * scale)),
         "lat_count": max(200, int(2000 * scale)), "mem_sources": max(5, int(100 * scale)),
         "scale_sources": max(10, int(1000 * scale)), "scale_duration": max(0.5, 10 * scale),
-        "unpriv_bytes": max(64 * MIB, int(GIB * scale)),
+        "unpriv_bytes": max(64 * MIB, int(GIB * scale)), "resp_bytes": max(8 * MIB, int(GIB * scale / 4)),
     }
     nobody_why = why_not_nobody() if only & {"thr", "unprivileged"} else None
     if nobody_why:
@@ -946,6 +1010,7 @@ def main():
     # The default keeps a --buffer 4M backlog (a tee per chunk); buffer0 is the plain byte stream.
     buffer0 = SocketProxyWith(tmpdir, "socketproxy-buffer0", ["--buffer", "0"])
     lines = SocketProxyWith(tmpdir, "socketproxy-line", ["--buffer", "4M", "--framing", "line"])
+    resp = SocketProxyWith(tmpdir, "socketproxy-resp", ["--buffer", "4M", "--framing", "resp"])
     socat, socat_b, tee = Socat(), Socat(262144), SocatTee(tmpdir)
     available = lambda combos: [c for c in combos if (have_socat or c[0] not in (socat, socat_b, tee))
                                  and (not nobody_why or c[0] is not nobody)]
@@ -958,6 +1023,11 @@ def main():
                                 (nobody, 2), (direct, 4), (tee, 4), (proxy, 4)])
             run_figure("throughput", combos, rounds, trial_throughput, lambda d: (params["thr_bytes"],),
                        lambda r: "%.0f MB/s" % r["mbps"], out)
+        if "resp" in only:
+            combos = [(buffer0, 1), (resp, 1), (buffer0, 2), (resp, 2)]
+            for fig, value_size in (("resp-small", 100), ("resp-large", 16384)):
+                run_figure(fig, combos, rounds, trial_resp, lambda d: (params["resp_bytes"], value_size),
+                           lambda r: "%.0f MB/s, %.0f commands/s" % (r["mbps"], r["commands_per_s"]), out)
         if "conn" in only:
             combos = available([(direct, 1), (socat, 1), (proxy, 1), (direct, 2), (tee, 2), (proxy, 2)])
             run_figure("connections", combos, rounds, trial_connections,

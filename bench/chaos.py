@@ -866,10 +866,11 @@ RE_RECONNECTED = re.compile(r"connected to \S+(?: \(\S+\))? after (\d+) attempts
                             r"|resending (\d+) bytes kept while down for [\d.]+ s, dropped (\d+) bytes"
                             r"(?: \((\d+) records\))?$)")
 # An outage starts: "...: REASON; N unsent bytes dropped; reconnecting in S s" (dropping), or, retaining,
-# "...: REASON; U unacknowledged bytes kept to resend (A more to resend a cut record whole), B bytes in the
-# backlog; reconnecting in S s".
+# "...: REASON; U unacknowledged bytes kept to resend (A more to resend a cut record whole[, less D dropped]),
+# B bytes in the backlog; reconnecting in S s" (D: beyond --buffer, or a cut record whose start is gone).
 RE_DISCONNECTED = re.compile(r"disconnected from \S+: (.*?); (?:(\d+) unsent bytes dropped|(\d+) unacknowledged bytes "
-                             r"kept to resend \((\d+) more to resend a cut record whole\), (\d+) bytes in the backlog)"
+                             r"kept to resend \((\d+) more to resend a cut record whole(?:, less \d+ dropped)?\), (\d+) bytes in the "
+                             r"backlog)"
                              r"; reconnecting in [\d.]+ s$")
 RE_CANNOT = re.compile(r"cannot connect to \S+: (.*); reconnecting in")
 RE_DOWN_AT_EOF = re.compile(r"dropped (\d+) bytes for \S+ while it was down")
