@@ -6,11 +6,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo demo-live bench chaos soak service-check clean
+.PHONY: venv test demo demo-live bench chaos soak service-check servers clean
 
 venv: $(STAMP)
 
-$(STAMP): setup.py Makefile
+$(STAMP): setup.py pyproject.toml Makefile
 	$(PYTHON) -m venv --clear $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
@@ -30,6 +30,7 @@ bench: $(STAMP)
 	  (apt-get update -qq && apt-get install -y -qq socat) >/dev/null 2>&1 && echo "bench: installed socat for the comparison"; } || \
 	  echo "bench: socat is not installed and could not be installed: its rows are skipped"
 	$(PY) bench/bench.py
+	$(PY) bench/memory.py
 
 chaos: $(STAMP)
 	$(PY) bench/chaos.py
@@ -53,6 +54,13 @@ service-check: $(STAMP)
 	if [ $$rc -ne 0 ] || printf '%s\n' "$$out" | grep -q 'socketproxy\.service'; then \
 	  echo "service-check: FAILED: systemd-analyze verify $(UNIT) (exit $$rc)"; exit 1; fi; \
 	echo "service-check: $(UNIT) verified (ExecStart=$(CURDIR)/$(VENV)/bin/socketproxy ...)"
+
+# Servers some tests run against (tests/test_resp_redis.py needs redis-server; it is skipped without).
+servers:
+	@{ command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1; } || { command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools) >/dev/null 2>&1 && \
+	  echo "servers: installed redis-server and redis-tools"; } || \
+	  echo "servers: could not install redis-server: the tests that need it are skipped"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -16,11 +16,11 @@ import termios
 import threading
 import time
 
-from backlog import Backlog
-import framing
-from proxylog import log
-import zerocopy
-from zerocopy import tee
+from socketproxy_core.backlog import Backlog
+from socketproxy_core import framing
+from socketproxy_core.proxylog import log
+from socketproxy_core import zerocopy
+from socketproxy_core.zerocopy import tee
 
 BACKOFF_START_S = 0.1
 SPLICE_CHUNK = 1 << 20

@@ -37,17 +37,20 @@ import socket
 import sys
 import time
 
-import psutil
-import setproctitle
+import socketproxy_core
+socketproxy_core.require_linux()  # before the modules that need splice and pidfds: one line, exit 1
 
-import docopt
-import endpoints
-import forking
-import proxylog
-import receiver
-from proxylog import log
+import psutil  # noqa: E402
+import setproctitle  # noqa: E402
 
-VERSION = "socketproxy 0.1.0"
+import docopt  # noqa: E402
+from socketproxy_core import endpoints  # noqa: E402
+from socketproxy_core import forking  # noqa: E402
+from socketproxy_core import proxylog  # noqa: E402
+from socketproxy_core import receiver  # noqa: E402
+from socketproxy_core.proxylog import log  # noqa: E402
+
+VERSION = "socketproxy " + socketproxy_core.__version__
 BACKLOG = 1024
 STOP_TERM_S = 2.0  # receivers get this long after SIGTERM (they flush for at most 1 s) ...
 STOP_KILL_S = 0.8  # ... then SIGKILL to their groups and this long to be collected

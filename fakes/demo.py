@@ -17,7 +17,7 @@ import time
 
 import psutil
 
-from fakes.lines import parse_line
+from .lines import parse_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEADLINE_S = 10 * float(os.environ.get("SOCKETPROXY_TEST_TIMEOUT_SCALE", "1"))  # for every check and wait

@@ -27,8 +27,8 @@ import socket
 import sys
 import time
 
-from fakes.cli import checked_host, parse, say, usage_error
-from fakes.lines import parse_line
+from .cli import checked_host, parse, say, usage_error
+from .lines import parse_line
 
 PROG = "fake-destination"
 VALUE_OPTIONS = ("--port", "--host")

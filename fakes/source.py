@@ -25,8 +25,8 @@ import socket
 import sys
 import time
 
-from fakes.cli import Stop, checked_host, handle_stop, parse, say, usage_error
-from fakes.lines import make_line
+from .cli import Stop, checked_host, handle_stop, parse, say, usage_error
+from .lines import make_line
 
 PROG = "fake-source"
 VALUE_OPTIONS = ("--port", "--host", "--interval", "--id")

@@ -1,7 +1,7 @@
 """The backlog kept while a destination is down: newest bytes, whole records, exact drop counts."""
 import random
 
-from backlog import Backlog
+from socketproxy_core.backlog import Backlog
 
 
 def test_unframed_keeps_the_newest_bytes():

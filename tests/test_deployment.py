@@ -13,7 +13,7 @@ import zlib
 import psutil
 import pytest
 
-import forking
+from socketproxy_core import forking
 from support import (ROOT, CountingSink, alive, blackhole, by_role, connect_source, free_port, scaled, sees_close,
                      send_in_thread, syn_sent_to, tcp_queues, tree, wait_for_log, wait_until)
 
@@ -392,7 +392,7 @@ def test_listen_on_any_ipv6_accepts_ipv4_whatever_the_host_default():
         pytest.skip("needs root, unshare and ip to set net.ipv6.bindv6only=1 in a network namespace")
     code = ("import socket, sys\n"
             "sys.path.insert(0, %r)\n"
-            "import endpoints, socketproxy\n"
+            "import socketproxy\nfrom socketproxy_core import endpoints\n"
             "config = endpoints.Config(listen_host='::', listen_port=8000, dests=())\n"
             "listener = socketproxy.bind_listener(config)\n"
             "client = socket.create_connection(('127.0.0.1', 8000), timeout=5)\n"

@@ -3,7 +3,7 @@ import ipaddress
 
 import pytest
 
-from endpoints import UsageError, is_allowed, parse_allow, parse_dest, parse_port, parse_seconds
+from socketproxy_core.endpoints import UsageError, is_allowed, parse_allow, parse_dest, parse_port, parse_seconds
 
 
 @pytest.mark.parametrize("text, host, port", [

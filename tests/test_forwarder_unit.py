@@ -5,7 +5,7 @@ import threading
 import time
 
 import forwarder
-from endpoints import Config, Dest
+from socketproxy_core.endpoints import Config, Dest
 
 SLOW_NAME = Dest("slow.invalid", 9, "slow.invalid:9", 0)
 

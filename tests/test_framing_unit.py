@@ -3,8 +3,8 @@ import random
 
 import pytest
 
-from backlog import Backlog
-from framing import LineScanner, NotRecords, RespScanner
+from socketproxy_core.backlog import Backlog
+from socketproxy_core.framing import LineScanner, NotRecords, RespScanner
 
 
 def resp(*args):

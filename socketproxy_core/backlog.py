@@ -5,7 +5,7 @@ so looking for record ends happens only where the stream is cut.
 """
 import collections
 
-import framing
+from socketproxy_core import framing
 
 
 class Backlog:

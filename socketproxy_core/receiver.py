@@ -14,12 +14,12 @@ import time
 
 import psutil
 
-import forking
+from socketproxy_core import forking
 import forwarder
-import framing
-import proxylog
-from proxylog import log
-from zerocopy import set_pipe_size, tee
+from socketproxy_core import framing
+from socketproxy_core import proxylog
+from socketproxy_core.proxylog import log
+from socketproxy_core.zerocopy import set_pipe_size, tee
 
 CHUNK = 1024 * 1024
 PIPE_SIZE_MAX = 1024 * 1024

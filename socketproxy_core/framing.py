@@ -56,6 +56,14 @@ class RespScanner:
         stop = len(data) if stop is None else stop
         pos, records, last = start, 0, -1
         while pos < stop:
+            if not (self.items or self.line):  # at a command's start: most are read whole, at once
+                end = whole_command(data, pos, stop)
+                if end > 0:
+                    pos = last = end
+                    records += 1
+                    if until is not None and pos >= until:
+                        return records, last
+                    continue
             if self.body:
                 take = min(self.body, stop - pos)
                 if self.body - take < 2:  # the bulk string's closing \r\n is (partly) in this part
@@ -107,6 +115,29 @@ class RespScanner:
         for left, expected in ((2, 13), (1, 10)):
             if self.body >= left > self.body - take and data[pos + self.body - left] != expected:
                 raise NotRecords("a bulk string not followed by \\r\\n")
+
+
+def whole_command(data, pos, stop):
+    """The end of the well-formed array command that starts at pos and ends before stop; -1 for
+    anything else (a command cut by stop, an inline one, an error: the step by step reading sees it)."""
+    if data[pos] != 42:  # *
+        return -1
+    newline = data.find(b"\r\n", pos, stop)
+    digits = data[pos + 1:newline]
+    if newline < 0 or not digits.isdigit() or len(digits) > 6:
+        return -1
+    pos = newline + 2
+    for _ in range(int(digits)):
+        if pos >= stop or data[pos] != 36:  # $
+            return -1
+        newline = data.find(b"\r\n", pos, stop)
+        digits = data[pos + 1:newline]
+        if newline < 0 or not digits.isdigit() or len(digits) > 9:
+            return -1
+        pos = newline + 4 + int(digits)
+        if pos > stop or data[pos - 2] != 13 or data[pos - 1] != 10:
+            return -1
+    return pos
 
 
 def number(line, marker, what, low, high):

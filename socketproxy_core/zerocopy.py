@@ -6,7 +6,7 @@ import fcntl
 import mmap
 import os
 
-from proxylog import log
+from socketproxy_core.proxylog import log
 
 F_SETPIPE_SZ = 1031
 F_GETPIPE_SZ = 1032
