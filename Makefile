@@ -16,7 +16,7 @@ $(STAMP): setup.py pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-test: $(STAMP) service-check
+test: $(STAMP) service-check servers
 	$(PY) -m pytest
 
 demo: $(STAMP)

@@ -19,10 +19,12 @@ import time
 from socketproxy_core.backlog import Backlog
 from socketproxy_core import framing
 from socketproxy_core.proxylog import log
+from socketproxy_core.stats import STATE_DOWN, STATE_UP, ForwarderStats
 from socketproxy_core import zerocopy
 from socketproxy_core.zerocopy import tee
 
 BACKOFF_START_S = 0.1
+TITLE_PERIOD_S = 1.0  # the title and the shared counters are refreshed this often at most
 SPLICE_CHUNK = 1 << 20
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 DRAIN_FLAGS = os.SPLICE_F_NONBLOCK
@@ -115,8 +117,9 @@ class Lookup:
 class Forwarder:
     """Copies one pipe to one destination for the life of one source connection."""
 
-    def __init__(self, pipe_fd, dest, config, receiver_pid=None, clean_end=None):
+    def __init__(self, pipe_fd, dest, config, receiver_pid=None, clean_end=None, stats=None):
         self.pipe_fd = pipe_fd
+        self.stats = stats or ForwarderStats(None, None)  # counters for the title and the metrics
         self.receiver_pid = receiver_pid
         self.clean_end = clean_end  # shared with the receiver: set before it closes our pipe on purpose
         self.receiver_pidfd = None
@@ -178,6 +181,7 @@ class Forwarder:
                     self.pump()
             except Disconnected as reason:
                 self.lose_connection(str(reason))
+        self.publish_final()
         if self.framed:
             log.info("forwarder done: sent %d bytes, dropped %d bytes (%d records)", self.sent, self.dropped,
                      self.backlog.dropped_records)
@@ -245,6 +249,9 @@ class Forwarder:
         return sock
 
     def connected(self, sock, host):
+        self.stats.reconnects += self.stats.ever_up
+        self.stats.ever_up = True
+        self.stats.set_state(STATE_UP)
         self.configure(sock)
         self.sock = sock
         self.connected_at = time.monotonic()
@@ -356,8 +363,18 @@ class Forwarder:
             reset(self.sock)
             self.sent -= lost
             self.dropped += lost
+        self.publish_final()
         log.info("forwarder done: sent %d bytes, dropped %d bytes", self.sent, self.dropped)
         sys.exit(1)
+
+    def publish(self, *_):
+        """Counters to the shared table and the title (on a 1 s timer: SIGALRM)."""
+        self.stats.publish(self, os.getpid())
+
+    def publish_final(self):
+        """The exact last counters, before the done line: the timer is stopped first."""
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        self.stats.publish(self, os.getpid())
 
     def pump(self):
         """Copy pipe -> socket while connected; returns at pipe EOF after closing the connection.
@@ -793,6 +810,7 @@ class Forwarder:
     def lose_connection(self, reason):
         """Close a failed connection; bytes still queued in it are counted as dropped (or, retaining,
         kept to be resent)."""
+        self.stats.set_state(STATE_DOWN)
         if time.monotonic() - self.connected_at >= self.config.retry_interval:
             self.backoff_s = BACKOFF_START_S
         self.outage_started = self.last_down_log = time.monotonic()
@@ -816,6 +834,8 @@ class Forwarder:
 
     def note_failure(self, reason):
         """Log a failed attempt: the first of an outage as a warning, then one line a minute."""
+        self.stats.connect_failures += 1
+        self.stats.set_state(STATE_DOWN)
         now = time.monotonic()
         if not self.outage_started:
             self.outage_started = self.last_down_log = now
@@ -887,7 +907,7 @@ def pipe_bytes(fd):
         return 0
 
 
-def run_forwarder(pipe_fd, dest, config, receiver_pid=None, clean_end=None):
+def run_forwarder(pipe_fd, dest, config, receiver_pid=None, clean_end=None, stats=None):
     """Body of the forwarder process (see forking.fork_child).
 
     SIGTERM or SIGINT asks the receiver to stop the group in order (so a stop that signals every
@@ -896,7 +916,7 @@ def run_forwarder(pipe_fd, dest, config, receiver_pid=None, clean_end=None):
     """
     os.set_blocking(pipe_fd, False)
     zerocopy.return_large_blocks()
-    fwd = Forwarder(pipe_fd, dest, config, receiver_pid, clean_end)
+    fwd = Forwarder(pipe_fd, dest, config, receiver_pid, clean_end, stats)
 
     def ask_receiver_to_stop(_signum, _frame):
         if fwd.receiver_pidfd is not None:
@@ -908,4 +928,7 @@ def run_forwarder(pipe_fd, dest, config, receiver_pid=None, clean_end=None):
     signal.signal(signal.SIGTERM, ask_receiver_to_stop)
     signal.signal(signal.SIGINT, ask_receiver_to_stop)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGALRM, fwd.publish)
+    fwd.publish()
+    signal.setitimer(signal.ITIMER_REAL, TITLE_PERIOD_S, TITLE_PERIOD_S)
     return fwd.run()

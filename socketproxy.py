@@ -21,6 +21,7 @@ Options:
                           are Redis commands; a source that is not RESP is closed) [default: none]
   --buffer SIZE           per destination of each source, kept while it is down and resent when it is
                           back; K/M suffixes; 0 = keep nothing [default: 4M]
+  --metrics HOST:PORT     serve Prometheus metrics at http://HOST:PORT/metrics [default: off]
   -h --help               show this help
   --version               show the version
 """
@@ -48,6 +49,7 @@ from socketproxy_core import endpoints  # noqa: E402
 from socketproxy_core import forking  # noqa: E402
 from socketproxy_core import proxylog  # noqa: E402
 from socketproxy_core import receiver  # noqa: E402
+from socketproxy_core import stats  # noqa: E402
 from socketproxy_core.proxylog import log  # noqa: E402
 
 VERSION = "socketproxy " + socketproxy_core.__version__
@@ -57,7 +59,8 @@ STOP_KILL_S = 0.8  # ... then SIGKILL to their groups and this long to be collec
 ACCEPT_PAUSE_S = 0.1  # out of descriptors: pause, then accept again
 PR_SET_CHILD_SUBREAPER = 36
 TRANSIENT_ACCEPT_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM)
+TITLE_PERIOD_S = 1.0  # the title is refreshed this often at most (SIGALRM when one is due)
 ACCEPT_BATCH = 64  # sources accepted per wake-up before signals are looked at again
 REFUSAL_SUMMARY_S = 1.0  # refused sources in a burst: one summary line per this period
 COLLECT_POLL_S = 0.05
@@ -194,10 +197,19 @@ class Proxy:
     loop's poll return, and the loop accepts, reaps, logs and stops outside any handler.
     """
 
-    def __init__(self, config, listener):
+    def __init__(self, config, listener, metrics_sock=None):
         self.config = config
         self.listener = listener
+        self.metrics_sock = metrics_sock
+        self.metrics_pid = None
         self.receivers = {}  # pid (== pgid) -> peer
+        self.slots = {}  # receiver pid -> its slot in the shared counters
+        # Slots for twice --max-connections: a slot is reused only once its whole group is gone.
+        self.table = stats.Table(2 * config.max_connections, len(config.dests))
+        self.counters = dict.fromkeys(("accepted", "refused_allow", "refused_full", "group_kills"), 0)
+        self.title_base = "socketproxy: main %s:%d -> %s" % (
+            config.listen_host, config.listen_port, " ".join(str(d) for d in config.dests))
+        self.title_shown, self.title_at = None, 0.0
         self.lifeline_r, self.lifeline_w = os.pipe2(os.O_CLOEXEC)
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.signals = set()  # signal numbers received and not yet handled
@@ -222,6 +234,9 @@ class Proxy:
         log.info("listening on %s port %d; destinations: %s", self.config.listen_host,
                  self.config.listen_port, " ".join(str(d) for d in self.config.dests))
         notify_service_manager("READY=1\nSTATUS=listening on port %d" % self.config.listen_port)
+        if self.metrics_sock is not None:
+            self.start_metrics()
+        self.update_title()
         while True:
             timeout_s = self.refusals.timeout_s()
             events = self.poller.poll(None if timeout_s is None else timeout_s * 1000)
@@ -243,6 +258,8 @@ class Proxy:
             self.reap()
         if signal.SIGHUP in received:
             log.info("SIGHUP ignored: nothing to reload; serving %d sources", len(self.receivers))
+        if signal.SIGALRM in received:
+            self.update_title()
         for sig in (signal.SIGTERM, signal.SIGINT):
             if sig in received:
                 return signal.Signals(sig).name
@@ -269,18 +286,58 @@ class Proxy:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                break
             if pid == 0:
-                return
+                break
+            if pid == self.metrics_pid:
+                self.metrics_pid = None
+                log.warning("the metrics server %d ended: %s", pid, forking.decode_exit(status)[1])
+                continue
             peer = self.receivers.pop(pid, None)
             if peer is None:
                 continue  # an orphaned forwarder we adopted: reaped, nothing more to do
+            self.table.retire(self.slots.pop(pid), pid)
             code, text = forking.decode_exit(status)
             if code != 0:
                 self.kill_group(pid)
+                self.count(group_kills=1)
                 log.warning("receiver %d for %s ended: %s; its group is killed", pid, peer, text)
             else:
                 log.info("receiver %d for %s ended: %s", pid, peer, text)
+        self.fold_finished()
+
+    def fold_finished(self):
+        """Fold the shared counters of groups that are entirely gone into the totals."""
+        self.table.fold_gone(group_alive)
+        self.table.set_main(active=len(self.receivers), **self.counters)
+        self.update_title()
+
+    def count(self, **increments):
+        for name, value in increments.items():
+            self.counters[name] += value
+        self.table.set_main(active=len(self.receivers), **self.counters)
+
+    def update_title(self):
+        """Main's title says how many sources it serves: when that changed, at most once a second."""
+        text = "%s | %d sources" % (self.title_base, len(self.receivers))
+        if text == self.title_shown:
+            return
+        wait = self.title_at + TITLE_PERIOD_S - time.monotonic()
+        if wait > 0:
+            signal.setitimer(signal.ITIMER_REAL, wait)  # SIGALRM brings us back here
+            return
+        setproctitle.setproctitle(text)
+        self.title_shown, self.title_at = text, time.monotonic()
+
+    def start_metrics(self):
+        """Fork the process that serves --metrics (see socketproxy_core.metrics)."""
+        from socketproxy_core import metrics  # prometheus-client is loaded only when asked for
+        host, port = self.metrics_sock.getsockname()[:2]
+        self.metrics_pid = forking.fork_child(
+            "socketproxy: metrics %s" % format_peer((host, port)), metrics.serve, self.metrics_sock, self.table,
+            self.config, self.lifeline_r, keep=[self.metrics_sock.fileno(), self.lifeline_r], close=[self.listener])
+        self.metrics_sock.close()
+        log.info("serving metrics at http://%s/metrics", format_peer((host, port)))
 
     def kill_group(self, pgid, sig=signal.SIGKILL):
         try:
@@ -300,16 +357,20 @@ class Proxy:
         peer = format_peer(address)
         if not endpoints.is_allowed(address[0], self.config.allow):
             self.refusals.refused(peer, "not in --allow")
+            self.count(refused_allow=1)
             return
-        if len(self.receivers) >= self.config.max_connections:
+        slot = self.table.allocate() if len(self.receivers) < self.config.max_connections else None
+        if slot is None:
             self.refusals.refused(peer, "already serving --max-connections %d sources" % self.config.max_connections)
+            self.count(refused_full=1)
             return
         source.setblocking(True)
         try:
             pid = forking.fork_child("socketproxy: receiver %s" % peer, receiver.run_receiver,
-                                     source, peer, self.config, self.lifeline_r,
+                                     source, peer, self.config, self.lifeline_r, self.table, slot,
                                      keep=[source.fileno(), self.lifeline_r], close=[self.listener])
         except OSError as exc:
+            self.table.free.append(slot)
             log.error("cannot start a receiver for %s: %s", peer, exc.strerror)
             return
         try:
@@ -317,6 +378,9 @@ class Proxy:
         except OSError:
             pass  # it already did, or it is already gone (reaped by the loop, which knows it now)
         self.receivers[pid] = peer
+        self.slots[pid] = slot
+        self.count(accepted=1)
+        self.update_title()
 
     def shutdown(self, why):
         """Stop accepting, end every group (bounded), collect every process of the tree."""
@@ -324,6 +388,9 @@ class Proxy:
         self.poller.unregister(self.listener.fileno())
         self.listener.close()
         log.info("stopping (%s): ending %d receivers", why, len(self.receivers))
+        if self.metrics_pid is not None:
+            os.kill(self.metrics_pid, signal.SIGTERM)
+            self.metrics_pid = None  # its end is expected now: reaped as any other child
         for pid in self.receivers:
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -354,6 +421,32 @@ class Proxy:
             self.reap()
 
 
+def group_alive(pgid):
+    """Whether any process of the group is left (a zombie counts until reaped)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def bind_metrics(config):
+    """The --metrics listening socket (bound in main, so a bad address is one line and exit 1)."""
+    host, port = config.metrics
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(64)
+    except OSError as exc:
+        log.error("cannot serve metrics on %s: %s", format_peer((host, port)), exc.strerror or exc)
+        sys.exit(1)
+    return sock
+
+
 def plan_pipes(config):
     """The config with a pipe size that fits --max-connections sources in the user's pipe budget."""
     budget = receiver.pipe_budget()
@@ -380,10 +473,9 @@ def main(argv=None):
         seen.add(dest)
     config = plan_pipes(config)
     listener = bind_listener(config)
+    metrics_sock = bind_metrics(config) if config.metrics else None
     become_subreaper()
-    setproctitle.setproctitle("socketproxy: main %s:%d -> %s" % (
-        config.listen_host, config.listen_port, " ".join(str(d) for d in config.dests)))
-    proxy = Proxy(config, listener)
+    proxy = Proxy(config, listener, metrics_sock)
     why = proxy.serve()
     proxy.shutdown(why)
     return 0

@@ -216,7 +216,7 @@ class Demo:
                 words = " ".join(proc.cmdline()).split()  # setproctitle pads the title
                 role = words[1] if len(words) > 2 else None
                 src = addr.get(words[2]) if role in ("receiver", "forwarder") else None
-                dst = dest.get(words[-1]) if role == "forwarder" else None
+                dst = dest.get(words[4]) if role == "forwarder" and len(words) > 4 else None  # SRC -> DST | ...
                 rows.append((proc, proc.ppid(), os.getpgid(proc.pid), prefix + branch + " ".join(words), src, dst))
                 kids = sorted(proc.children(), key=lambda p: p.pid)
             except (psutil.Error, OSError):

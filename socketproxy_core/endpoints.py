@@ -46,6 +46,7 @@ class Config:
     framing: str = "none"  # none (a byte stream), line (records end with a newline) or resp (Redis commands)
     buffer: int = 0  # bytes kept per destination of each source while it is down
     pipe_size: int = 1 << 20  # each pipe of a group, planned by main for the user's pipe budget
+    metrics: tuple = None  # (host, port) to serve Prometheus metrics on; None = off
 
 
 def parse_port(text, what="port"):
@@ -164,7 +165,23 @@ def build_config(args):
         log_level=parse_log_level(args["--log-level"]),
         framing=parse_framing(args["--framing"]),
         buffer=parse_size(args["--buffer"], "--buffer"),
+        metrics=parse_metrics(args.get("--metrics")),
     )
+
+
+def parse_metrics(text):
+    """--metrics HOST:PORT (an IP address and a port), None when off."""
+    if text in (None, "off"):
+        return None
+    host, _, port = text.rpartition(":")
+    if not host:
+        raise UsageError("invalid --metrics %r: expected HOST:PORT, such as 127.0.0.1:9108" % text)
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise UsageError("invalid --metrics %r: expected an IP address before the port" % text) from None
+    return host, parse_port(port, "--metrics port")
 
 
 def is_allowed(address, allow):

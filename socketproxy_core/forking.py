@@ -10,7 +10,7 @@ import setproctitle
 
 FALLBACK_MAX_FD = 1 << 20  # when RLIMIT_NOFILE is unlimited
 # Signals whose handlers or mask the child must not inherit from its parent.
-RESET_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+RESET_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM)
 
 
 def fd_limit():

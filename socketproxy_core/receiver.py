@@ -13,11 +13,13 @@ import sys
 import time
 
 import psutil
+import setproctitle
 
 from socketproxy_core import forking
 import forwarder
 from socketproxy_core import framing
 from socketproxy_core import proxylog
+from socketproxy_core import stats
 from socketproxy_core.proxylog import log
 from socketproxy_core.zerocopy import set_pipe_size, tee
 
@@ -32,6 +34,7 @@ SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 splice = os.splice
 STOP_FLUSH_S = 1.0  # on SIGTERM or main's death: how long already-read data may take to go out
 TICK_S = 5.0  # backstop only: pidfds report a forwarder's death at once
+TITLE_PERIOD_S = 1.0  # the title and the shared counters are refreshed this often at most
 KEEPALIVE = ((socket.TCP_KEEPIDLE, 60), (socket.TCP_KEEPINTVL, 10), (socket.TCP_KEEPCNT, 6))
 RESP_CHUNK = 256 * 1024
 MAX_COMMAND = 64 * 1024 * 1024  # --framing resp: a command is held until whole, up to this size
@@ -69,8 +72,12 @@ def plan_pipe_size(max_connections, pipes_per_source, budget):
 class Receiver:
     """Fans one source out to the forwarders of its group."""
 
-    def __init__(self, source, peer, config, lifeline_fd):
+    def __init__(self, source, peer, config, lifeline_fd, table=None, slot=None):
         self.source = source
+        self.table, self.slot = table, slot  # the shared counters (stats.Table) and our slot in it
+        self.published = None
+        self.published_at = 0.0
+        self.checked_at = 0.0
         self.peer = peer
         self.config = config
         self.lifeline_fd = lifeline_fd
@@ -115,23 +122,23 @@ class Receiver:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: None)  # the wake-up pipe tells the loop
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        for dest in self.config.dests:
-            self.spawn_forwarder(dest)
+        for index, dest in enumerate(self.config.dests):
+            self.spawn_forwarder(index, dest)
         self.poller.register(self.source, select.POLLIN)
         self.poller.register(self.lifeline_fd, select.POLLIN)
         self.poller.register(wake_r, select.POLLIN)
         log.info("accepted; forwarders: %s", ", ".join(
             "%d -> %s" % (pid, dest) for pid, dest in self.forwarders.values()))
 
-    def spawn_forwarder(self, dest):
+    def spawn_forwarder(self, index, dest):
         """Fork one forwarder fed by a new pipe; the receiver keeps the write end only."""
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         set_pipe_size(write_fd, self.config.pipe_size)
         title = "socketproxy: forwarder %s -> %s" % (self.peer, dest)
         # The forwarder must not hold the source (else killing us would not close it) nor any
         # sibling's write end (else that pipe would never read EOF): it keeps its read end only.
-        pid = forking.fork_child(title, self.run_forwarder, read_fd, dest, os.getpid(), keep=[read_fd],
-                                 close=[self.source])
+        pid = forking.fork_child(title, self.run_forwarder, read_fd, index, dest, title, os.getpid(),
+                                 keep=[read_fd], close=[self.source])
         os.close(read_fd)
         os.set_blocking(write_fd, False)
         self.pipes[write_fd] = dest
@@ -140,9 +147,33 @@ class Receiver:
         self.forwarders[pidfd] = (pid, dest)
         self.poller.register(pidfd, select.POLLIN)
 
-    def run_forwarder(self, read_fd, dest, receiver_pid):
+    def run_forwarder(self, read_fd, index, dest, title, receiver_pid):
         proxylog.set_connection("src=%s dst=%s" % (self.peer, dest))
-        return forwarder.run_forwarder(read_fd, dest, self.config, receiver_pid, self.clean_end)
+        row = self.table.forwarder_row(self.slot, index) if self.table is not None else None
+        counters = stats.ForwarderStats(row, lambda text: setproctitle.setproctitle("%s | %s" % (title, text)))
+        return forwarder.run_forwarder(read_fd, dest, self.config, receiver_pid, self.clean_end, counters)
+
+    def publish(self, force=False):
+        """Our counters to the shared table, and a title with our forwarders' states: at most once
+        a second, and only when something changed."""
+        now = time.monotonic()
+        if not force and now - self.published_at < TITLE_PERIOD_S:
+            return
+        self.published_at = now
+        states = []
+        for index, dest in enumerate(self.config.dests):
+            if self.table is None:
+                break
+            values = self.table.forwarder_row(self.slot, index).read()
+            states.append("%s %s" % (dest, stats.state_text(values[stats.FWD_STATE], stats.since_of(values))))
+        current = (self.received, tuple(states))
+        if current == self.published:
+            return
+        self.published = current
+        if self.table is not None:
+            self.table.receiver_row(self.slot).write(os.getpid(), self.received)
+        setproctitle.setproctitle("socketproxy: receiver %s | received %s%s" % (
+            self.peer, stats.human(self.received), "; " + ", ".join(states) if states else ""))
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -150,7 +181,8 @@ class Receiver:
         """Copy the source to every pipe until the source ends or we are told to stop."""
         self.last_data = time.monotonic()
         while self.forwarders:
-            timeout_s = TICK_S
+            self.publish()
+            timeout_s = TITLE_PERIOD_S
             now = time.monotonic()
             if self.stop_deadline is not None:
                 timeout_s = self.stop_deadline - now
@@ -172,7 +204,8 @@ class Receiver:
                     continue
                 timeout_s = min(timeout_s, held_left)
             events = self.poller.poll(timeout_s * 1000)
-            if not events:
+            if not events and time.monotonic() - self.checked_at >= TICK_S:
+                self.checked_at = time.monotonic()
                 self.check_forwarders()
             for fd, _ in events:
                 if fd == self.source_fd and self.commands:
@@ -189,6 +222,7 @@ class Receiver:
                 elif fd == self.lifeline_fd:
                     self.poller.unregister(self.lifeline_fd)
                     self.stop("main process gone")
+        self.publish(force=True)
         log.info("group ended: %s; received %d bytes from source", self.end_reason, self.received)
         return 0
 
@@ -443,9 +477,9 @@ def last_end_before_error(scan, chunk):
         return end
 
 
-def run_receiver(source, peer, config, lifeline_fd):
+def run_receiver(source, peer, config, lifeline_fd, table=None, slot=None):
     """Body of the receiver process (see forking.fork_child)."""
-    receiver = Receiver(source, peer, config, lifeline_fd)
+    receiver = Receiver(source, peer, config, lifeline_fd, table, slot)
     try:
         receiver.start()
     except OSError as exc:

@@ -108,8 +108,8 @@ def test_receivers_lead_groups_and_titles_name_the_peers(proxy, recorder):
     wait_until(lambda: dest.open_count() == 1)
     [rec] = by_role(px.pid, "receiver")
     [fwd] = by_role(px.pid, "forwarder")
-    assert " ".join(rec.cmdline()).strip() == "socketproxy: receiver %s" % peer
-    assert " ".join(fwd.cmdline()).strip() == "socketproxy: forwarder %s -> 127.0.0.1:%d" % (peer, dest.port)
+    assert " ".join(rec.cmdline()).strip().startswith("socketproxy: receiver %s | received " % peer)
+    assert " ".join(fwd.cmdline()).strip().startswith("socketproxy: forwarder %s -> 127.0.0.1:%d | " % (peer, dest.port))
     assert os.getpgid(rec.pid) == rec.pid == os.getpgid(fwd.pid)
     assert "socketproxy: main" in " ".join(psutil.Process(px.pid).cmdline())
     for proc in (rec, fwd):

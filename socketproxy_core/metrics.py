@@ -1,0 +1,91 @@
+"""--metrics HOST:PORT: a process that serves the Prometheus text format from the shared counters.
+
+It is a child of main like the receivers, so main never runs a thread (main forks, and a fork
+copies no thread but may copy a lock one held). It reads the shared table (stats.Table) at each
+scrape and writes nothing anywhere: the counters live in that table, not in files per process.
+"""
+import http.server
+import os
+import threading
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import MetricsHandler
+
+from socketproxy_core import stats
+
+PREFIX = "socketproxy_"
+
+
+class TableCollector:
+    """Every metric, from one consistent snapshot of the table."""
+
+    def __init__(self, table, config):
+        self.table = table
+        self.dests = [str(dest) for dest in config.dests]
+        self.framed = config.framing != "none"
+
+    def collect(self):
+        main, totals, states = self.table.snapshot()
+        yield CounterMetricFamily(PREFIX + "sources_accepted", "Sources accepted and served.",
+                                  value=main["accepted"])
+        refused = CounterMetricFamily(PREFIX + "sources_refused", "Sources closed at once, by reason.",
+                                      labels=["reason"])
+        refused.add_metric(["not_allowed"], main["refused_allow"])
+        refused.add_metric(["max_connections"], main["refused_full"])
+        yield refused
+        yield GaugeMetricFamily(PREFIX + "sources_active", "Sources being served now.", value=main["active"])
+        yield CounterMetricFamily(PREFIX + "received_bytes", "Bytes received from sources.",
+                                  value=main["received"])
+        yield CounterMetricFamily(PREFIX + "group_kills", "Groups killed because one of their processes died "
+                                  "(fate sharing).", value=main["group_kills"])
+        families = {
+            "sent": CounterMetricFamily(PREFIX + "destination_sent_bytes", "Bytes delivered to the destination "
+                                        "(handed to its connection and not lost with it).", labels=["destination"]),
+            "dropped": CounterMetricFamily(PREFIX + "destination_dropped_bytes", "Bytes a destination never got.",
+                                           labels=["destination"]),
+            "connect_failures": CounterMetricFamily(PREFIX + "destination_connect_failures",
+                                                    "Connection attempts that failed.", labels=["destination"]),
+            "reconnects": CounterMetricFamily(PREFIX + "destination_reconnects",
+                                              "Connections made again after one was up.", labels=["destination"]),
+        }
+        if self.framed:
+            families["dropped_records"] = CounterMetricFamily(
+                PREFIX + "destination_dropped_records", "Whole records a destination never got.",
+                labels=["destination"])
+        up = GaugeMetricFamily(PREFIX + "destination_connections_up", "Connections to the destination up now "
+                               "(one per source when all is well).", labels=["destination"])
+        down = GaugeMetricFamily(PREFIX + "destination_connections_down", "Forwarders whose destination is "
+                                 "down now.", labels=["destination"])
+        for index, dest in enumerate(self.dests):
+            for name, family in families.items():
+                family.add_metric([dest], totals[index][name])
+            up.add_metric([dest], states[index].count(stats.STATE_UP))
+            down.add_metric([dest], states[index].count(stats.STATE_DOWN))
+        yield from families.values()
+        yield up
+        yield down
+
+
+class Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, sock, handler):
+        super().__init__(sock.getsockname()[:2], handler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = sock  # bound and listening already, by main (which reports a bind error)
+
+
+def serve(sock, table, config, lifeline_fd):
+    """Body of the metrics process: serve until main is gone (its end of the lifeline closes)."""
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(TableCollector(table, config))
+    server = Server(sock, MetricsHandler.factory(registry))
+
+    def watch_main():
+        os.read(lifeline_fd, 1)  # returns at main's exit
+        server.shutdown()
+
+    threading.Thread(target=watch_main, daemon=True).start()
+    server.serve_forever()
+    return 0

@@ -1,0 +1,214 @@
+"""Counters shared by the whole tree: what the process titles and the metrics show.
+
+One table in shared memory, made by main before its first fork: a header (main's own counters and
+the totals of the groups that are gone), then one slot per source being served, each a row for the
+receiver and a row per destination. A process writes only its own row, at most once a second and
+when it ends, so the data path makes no IPC. Main folds a slot into the totals once its whole group
+is gone, then reuses it: the table never grows, and the totals count every finished connection
+exactly as its processes last wrote it.
+
+Each row (and the header, for folds) has a sequence number, odd while it is being written: a reader
+retries until it reads the same even number before and after (a seqlock).
+"""
+import mmap
+import struct
+import time
+
+FIELD = struct.Struct("q")
+ROW_FIELDS = 10
+ROW = ROW_FIELDS * FIELD.size
+ROW_FORMAT = struct.Struct("%dq" % ROW_FIELDS)
+# A forwarder's row: seq, pid, then these, then its state and since when (a float).
+FORWARDER_COUNTERS = ("sent", "dropped", "dropped_records", "connect_failures", "reconnects")
+STATE_NONE, STATE_CONNECTING, STATE_UP, STATE_DOWN = 0, 1, 2, 3
+STATE_NAMES = {STATE_NONE: "-", STATE_CONNECTING: "connecting", STATE_UP: "up", STATE_DOWN: "down"}
+# The header: a row holding only the fold's seq, main's row (these counters; the received total of
+# finished groups), then a row per destination with the totals of finished forwarders (as their rows).
+MAIN_COUNTERS = ("accepted", "refused_allow", "refused_full", "active", "group_kills", "received")
+
+
+class Row:
+    """One process's row; write() publishes every field at once."""
+
+    def __init__(self, table, offset):
+        self.table = table
+        self.offset = offset
+
+    def write(self, *values):
+        buf, offset = self.table.buf, self.offset
+        seq = FIELD.unpack_from(buf, offset)[0]
+        FIELD.pack_into(buf, offset, seq + 1)
+        struct.pack_into("%dq" % len(values), buf, offset + FIELD.size, *values)
+        FIELD.pack_into(buf, offset, seq + 2)
+
+    def read(self):
+        """The fields after seq, consistent."""
+        buf, offset = self.table.buf, self.offset
+        while True:
+            fields = ROW_FORMAT.unpack_from(buf, offset)
+            if fields[0] % 2 == 0 and FIELD.unpack_from(buf, offset)[0] == fields[0]:
+                return fields[1:]
+
+    def clear(self):
+        self.write(*([0] * (ROW_FIELDS - 1)))
+
+
+class Table:
+    """The shared table: `slots` sources of `dests` destinations each."""
+
+    def __init__(self, slots, dests):
+        self.slots = slots
+        self.dests = dests
+        self.header_rows = 2 + dests  # seq row + main counters, finished received, per destination
+        self.buf = mmap.mmap(-1, ROW * (self.header_rows + slots * (1 + dests)))
+        self.free = list(range(slots - 1, -1, -1))
+        self.retiring = {}  # slot -> process group that must be gone before the slot is folded
+
+    # -- rows -------------------------------------------------------------------------------------
+
+    def main_row(self):
+        return Row(self, ROW)
+
+    def finished_row(self, dest):
+        return Row(self, ROW * (2 + dest))
+
+    def receiver_row(self, slot):
+        return Row(self, ROW * (self.header_rows + slot * (1 + self.dests)))
+
+    def forwarder_row(self, slot, dest):
+        return Row(self, ROW * (self.header_rows + slot * (1 + self.dests) + 1 + dest))
+
+    # -- main's side ------------------------------------------------------------------------------
+
+    def allocate(self):
+        """A free slot for a new source, None when every slot is in use."""
+        return self.free.pop() if self.free else None
+
+    def retire(self, slot, pgid):
+        """The receiver of slot has ended: fold its slot once the group is gone (see fold_gone)."""
+        self.retiring[slot] = pgid
+
+    def fold_gone(self, group_alive):
+        """Fold the slots whose group is gone (group_alive(pgid) False) into the totals."""
+        for slot, pgid in list(self.retiring.items()):
+            if not group_alive(pgid):
+                del self.retiring[slot]
+                self.fold(slot)
+
+    def fold(self, slot):
+        """Add a finished slot's counters to the totals and free it, as one change for readers."""
+        seq = FIELD.unpack_from(self.buf, 0)[0]
+        FIELD.pack_into(self.buf, 0, seq + 1)
+        main = self.main_row()
+        counters = list(main.read())
+        counters[MAIN_COUNTERS.index("received")] += self.receiver_row(slot).read()[1]
+        main.write(*counters)
+        for dest in range(self.dests):
+            row = self.forwarder_row(slot, dest)
+            done = self.finished_row(dest)
+            values = row.read()
+            totals = list(done.read())
+            for index in range(len(FORWARDER_COUNTERS)):
+                totals[1 + index] += values[1 + index]
+            done.write(*totals)
+            row.clear()
+        self.receiver_row(slot).clear()
+        FIELD.pack_into(self.buf, 0, seq + 2)
+        self.free.append(slot)
+
+    def set_main(self, **values):
+        """Main's counters (main is their only writer)."""
+        main = self.main_row()
+        counters = list(main.read())
+        for name, value in values.items():
+            counters[MAIN_COUNTERS.index(name)] = value
+        main.write(*counters)
+
+    def main_counters(self):
+        return dict(zip(MAIN_COUNTERS, self.main_row().read()))
+
+    # -- readers ----------------------------------------------------------------------------------
+
+    def snapshot(self):
+        """Everything at one instant: main's counters with the finished totals added to, and the
+        live rows. Returns (main counters, per destination totals, live forwarder states)."""
+        while True:
+            seq = FIELD.unpack_from(self.buf, 0)[0]
+            if seq % 2:
+                continue
+            main = self.main_counters()
+            totals = []
+            for dest in range(self.dests):
+                totals.append(dict(zip(FORWARDER_COUNTERS, self.finished_row(dest).read()[1:])))
+            states = [[] for _ in range(self.dests)]
+            for slot in range(self.slots):
+                pid, received = self.receiver_row(slot).read()[:2]
+                main["received"] += received
+                for dest in range(self.dests):
+                    values = self.forwarder_row(slot, dest).read()
+                    if not values[0]:
+                        continue
+                    for index, name in enumerate(FORWARDER_COUNTERS):
+                        totals[dest][name] += values[1 + index]
+                    states[dest].append(values[FWD_STATE])
+            if FIELD.unpack_from(self.buf, 0)[0] == seq:
+                return main, totals, states
+
+
+class ForwarderStats:
+    """A forwarder's counters, published to its row and its title at most once a second."""
+
+    def __init__(self, row, title):
+        self.row = row
+        self.title = title
+        self.state, self.since = STATE_CONNECTING, time.time()
+        self.connect_failures = 0
+        self.reconnects = 0  # connections made after one was up
+        self.ever_up = False
+        self.last = None
+
+    def set_state(self, state):
+        if state != self.state:
+            self.state, self.since = state, time.time()
+
+    def values(self, fwd):
+        return (fwd.sent, fwd.dropped, fwd.backlog.dropped_records, self.connect_failures, self.reconnects,
+                self.state)
+
+    def publish(self, fwd, pid):
+        """Write the row and the title if anything changed since the last time."""
+        values = self.values(fwd)
+        if values == self.last:
+            return
+        self.last = values
+        if self.row is not None:
+            self.row.write(pid, *values, struct.unpack("q", struct.pack("d", self.since))[0])
+        if self.title is not None:
+            self.title("%s, sent %s, dropped %s%s, %d reconnects" % (
+                state_text(self.state, self.since), human(fwd.sent), human(fwd.dropped),
+                " (%d records)" % fwd.backlog.dropped_records if fwd.framed else "", self.reconnects))
+
+
+FWD_STATE = 1 + len(FORWARDER_COUNTERS)  # in a forwarder row's fields (after seq): pid, counters, state, since
+FWD_SINCE = FWD_STATE + 1
+
+
+def since_of(values):
+    """The float `since` of a forwarder row's fields (after seq)."""
+    return struct.unpack("d", struct.pack("q", values[FWD_SINCE]))[0]
+
+
+def state_text(state, since):
+    name = STATE_NAMES.get(state, "?")
+    if state in (STATE_UP, STATE_DOWN):
+        return "%s since %s" % (name, time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(since)))
+    return name
+
+
+def human(count):
+    """Bytes as a short figure: 0 B, 512 B, 1.5 KB, 12.3 MB, 4.0 GB."""
+    value = float(count)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return "%d B" % count if unit == "B" else "%.1f %s" % (value, unit)
+        value /= 1000
