@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo demo-live bench chaos soak service-check servers clean
+.PHONY: venv test demo demo-live bench chaos soak service-check servers metrics-check clean
 
 venv: $(STAMP)
 
@@ -61,6 +61,14 @@ servers:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools) >/dev/null 2>&1 && \
 	  echo "servers: installed redis-server and redis-tools"; } || \
 	  echo "servers: could not install redis-server: the tests that need it are skipped"
+
+# A live scrape of --metrics checked by promtool (Debian's prometheus package) and prometheus-client.
+metrics-check: $(STAMP)
+	@command -v promtool >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus) >/dev/null 2>&1 && \
+	  echo "metrics-check: installed prometheus for promtool"; } || \
+	  echo "metrics-check: promtool is not installed and could not be installed: its check is skipped"
+	$(PY) bench/metrics_check.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

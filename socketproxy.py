@@ -331,10 +331,9 @@ class Proxy:
 
     def start_metrics(self):
         """Fork the process that serves --metrics (see socketproxy_core.metrics)."""
-        from socketproxy_core import metrics  # prometheus-client is loaded only when asked for
         host, port = self.metrics_sock.getsockname()[:2]
         self.metrics_pid = forking.fork_child(
-            "socketproxy: metrics %s" % format_peer((host, port)), metrics.serve, self.metrics_sock, self.table,
+            "socketproxy: metrics %s" % format_peer((host, port)), serve_metrics, self.metrics_sock, self.table,
             self.config, self.lifeline_r, keep=[self.metrics_sock.fileno(), self.lifeline_r], close=[self.listener])
         self.metrics_sock.close()
         log.info("serving metrics at http://%s/metrics", format_peer((host, port)))
@@ -419,6 +418,13 @@ class Proxy:
             self.poller.poll(min(remaining, COLLECT_POLL_S) * 1000)
             self.handle_signals()
             self.reap()
+
+
+def serve_metrics(*args):
+    """Body of the metrics process: prometheus-client is loaded there only, not in main (nor so in
+    every receiver and forwarder main forks)."""
+    from socketproxy_core import metrics
+    return metrics.serve(*args)
 
 
 def group_alive(pgid):

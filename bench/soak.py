@@ -14,7 +14,10 @@ the last groups finish, and the verdict says whether they stayed flat:
     more than --rss-margin-kib, and the end no higher than the first sample by more than that;
   - processes: the last third's median no higher than the first third's + --concurrency, no zombie
     still there half a second later (sampled every 0.5 s), main alone at the end;
-  - nothing lost: every byte the clients sent reached each destination.
+  - nothing lost: every byte the clients sent reached each destination;
+  - metrics (--metrics on, unless --no-metrics; scraped at every sample): the metrics process's
+    descriptors and memory flat too, no file opened by main or by it, and at the end the scrape's
+    totals equal what the clients sent and what each destination got.
 Exit status 0 only when all hold; every process it started is gone when it returns.
 Stdlib, psutil and the project's own code only. Roles (internal): --role sink / --role churn.
 """
@@ -31,7 +34,10 @@ import sys
 import threading
 import time
 
+import urllib.request
+
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 from common import become_subreaper, free_port, kill_descendants, reap_exited
 
@@ -161,9 +167,31 @@ class Soak:
             time.sleep(0.02)
         return False
 
+    def metrics_proc(self):
+        for proc in psutil.Process(self.proxy.pid).children():
+            try:
+                if " ".join(proc.cmdline()).startswith("socketproxy: metrics"):
+                    return proc
+            except psutil.Error:
+                pass
+        return None
+
+    def scrape(self):
+        """{(name, destination label or None): value} from --metrics."""
+        with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % self.metrics_port, timeout=10) as response:
+            text = response.read().decode()
+        return {(sample.name, sample.labels.get("destination")): sample.value
+                for family in text_string_to_metric_families(text) for sample in family.samples}
+
     def sample(self):
         main = psutil.Process(self.proxy.pid)
         procs = [main] + main.children(recursive=True)
+        extra = {}
+        if self.args.metrics:
+            self.scrape()
+            metrics = self.metrics_proc()
+            extra = {"m_fds": metrics.num_fds(), "m_rss": metrics.memory_info().rss,
+                     "files": len(main.open_files()) + len(metrics.open_files())}
         zombies = set()
         for proc in procs:
             try:
@@ -171,8 +199,8 @@ class Soak:
                     zombies.add(proc.pid)
             except psutil.Error:
                 pass
-        return {"t": now() - self.start, "fds": len(os.listdir("/proc/%d/fd" % main.pid)),
-                "rss": main.memory_info().rss, "procs": len(procs), "zombies": len(zombies), "zombie_pids": zombies}
+        return dict(extra, t=now() - self.start, fds=len(os.listdir("/proc/%d/fd" % main.pid)),
+                    rss=main.memory_info().rss, procs=len(procs), zombies=len(zombies), zombie_pids=zombies)
 
     def churn_stats(self):
         try:
@@ -199,12 +227,15 @@ class Soak:
             assert sink.stdout.readline().strip() == b"listening"
             self.sinks.append(sink)
         log_path = os.path.join(self.workdir, "proxy.log")
+        self.metrics_port = free_port(taken)
+        metrics = ["--metrics", "127.0.0.1:%d" % self.metrics_port] if a.metrics else []
         with open(log_path, "wb") as log:
             self.proxy = self.spawn([sys.executable, os.path.join(ROOT, "socketproxy.py"), "--listen-host", "127.0.0.1",
-                                     "--listen-port", str(listen_port)] + ["127.0.0.1:%d" % p for p in dest_ports],
-                                    stdout=log, stderr=subprocess.STDOUT)
+                                     "--listen-port", str(listen_port)] + metrics +
+                                    ["127.0.0.1:%d" % p for p in dest_ports], stdout=log, stderr=subprocess.STDOUT)
+        self.dest_names = ["127.0.0.1:%d" % p for p in dest_ports]
         deadline = now() + 20
-        while "listening on" not in open(log_path).read():
+        while "listening on" not in open(log_path).read() or (a.metrics and "serving metrics" not in open(log_path).read()):
             if now() > deadline or self.proxy.poll() is not None:
                 raise RuntimeError("the proxy did not start:\n" + open(log_path).read())
             time.sleep(0.05)
@@ -249,6 +280,7 @@ class Soak:
             time.sleep(0.1)
         time.sleep(0.5)
         final = self.sample()
+        self.final_metrics = self.scrape() if a.metrics else None
         print("%7s %10d %6d %9.2f %6d %8d   (churn stopped, groups finished)" % (
             "end", churn["connections"], final["fds"], final["rss"] / 2**20, final["procs"], final["zombies"]))
         self.proxy.terminate()
@@ -266,6 +298,28 @@ class Soak:
         checks = []
         checks.append(("main's descriptors flat", peaks["fds"] <= base["fds"] + 2 and final["fds"] == base["fds"],
                        "start %d, peak %d, end %d" % (base["fds"], peaks["fds"], final["fds"])))
+        if a.metrics:
+            m_fds = [s["m_fds"] for s in samples]
+            m_rss = [s["m_rss"] for s in samples]
+            third_m = max(1, len(m_rss) // 3)
+            early_m, late_m = statistics.median(m_rss[:third_m]), statistics.median(m_rss[-third_m:])
+            checks.append(("metrics process flat, no file", max(m_fds + [final["m_fds"]]) <= base["m_fds"] + 4 and
+                           final["m_fds"] <= base["m_fds"] + 1 and late_m - early_m <= margin and
+                           max(s["files"] for s in samples + [final]) <= base["files"],
+                           "fds start %d, peak %d, end %d; RSS early median %.2f MiB, late %.2f; regular files open "
+                           "(main and metrics) at start %d, peak %d (the log on stdout and stderr)" % (
+                               base["m_fds"], max(m_fds), final["m_fds"], early_m / 2**20, late_m / 2**20,
+                               base["files"], max(s["files"] for s in samples + [final]))))
+            got = self.final_metrics
+            sent = [got[("socketproxy_destination_sent_bytes_total", d)] for d in self.dest_names]
+            accepted = got[("socketproxy_sources_accepted_total", None)]
+            checks.append(("metrics totals exact", churn["connections"] <= accepted <= churn["connections"] + churn["failed"],
+                           "accepted %d, received %d, sent per destination %s (clients: %d connections, %d bytes)" % (
+                               got[("socketproxy_sources_accepted_total", None)],
+                               got[("socketproxy_received_bytes_total", None)], sent, churn["connections"],
+                               churn["bytes"])))
+            checks[-1] = (checks[-1][0], checks[-1][1] and all(x == churn["bytes"] for x in sent) and
+                          got[("socketproxy_received_bytes_total", None)] == churn["bytes"], checks[-1][2])
         rss = [s["rss"] for s in samples]
         third = max(1, len(rss) // 3)
         early, late = statistics.median(rss[:third]), statistics.median(rss[-third:])
@@ -276,7 +330,8 @@ class Soak:
                            base["rss"] / 2**20, first / 2**20, early / 2**20, late / 2**20, final["rss"] / 2**20)))
         procs = [s["procs"] for s in samples]
         early_p, late_p = statistics.median(procs[:third]), statistics.median(procs[-third:])
-        checks.append(("process count flat, no zombie", late_p <= early_p + a.concurrency and final["procs"] == 1 and
+        alone = 2 if a.metrics else 1  # main, and its metrics process
+        checks.append(("process count flat, no zombie", late_p <= early_p + a.concurrency and final["procs"] == alone and
                        not peaks["lingering"] and not final["zombies"],
                        "early median %g, late median %g, peak %d; zombies lingering %d; end %d (main alone)" % (
                            early_p, late_p, peaks["procs"], peaks["lingering"], final["procs"])))
@@ -326,6 +381,7 @@ def main(argv=None):
     parser.add_argument("--role", choices=["sink", "churn"])
     parser.add_argument("--port", type=int)
     parser.add_argument("--stats")
+    parser.add_argument("--no-metrics", dest="metrics", action="store_false", help="run the proxy without --metrics")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.role == "sink":
         return run_sink(args)

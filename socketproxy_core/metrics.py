@@ -26,7 +26,7 @@ class TableCollector:
         self.framed = config.framing != "none"
 
     def collect(self):
-        main, totals, states = self.table.snapshot()
+        main, totals, states, backlogs = self.table.snapshot()
         yield CounterMetricFamily(PREFIX + "sources_accepted", "Sources accepted and served.",
                                   value=main["accepted"])
         refused = CounterMetricFamily(PREFIX + "sources_refused", "Sources closed at once, by reason.",
@@ -57,7 +57,10 @@ class TableCollector:
                                "(one per source when all is well).", labels=["destination"])
         down = GaugeMetricFamily(PREFIX + "destination_connections_down", "Forwarders whose destination is "
                                  "down now.", labels=["destination"])
+        kept = GaugeMetricFamily(PREFIX + "destination_backlog_bytes", "Bytes kept for the destination while it "
+                                 "is down (--buffer), to be sent when it is back.", labels=["destination"])
         for index, dest in enumerate(self.dests):
+            kept.add_metric([dest], backlogs[index])
             for name, family in families.items():
                 family.add_metric([dest], totals[index][name])
             up.add_metric([dest], states[index].count(stats.STATE_UP))
@@ -65,6 +68,7 @@ class TableCollector:
         yield from families.values()
         yield up
         yield down
+        yield kept
 
 
 class Server(http.server.ThreadingHTTPServer):

@@ -131,7 +131,8 @@ class Table:
 
     def snapshot(self):
         """Everything at one instant: main's counters with the finished totals added to, and the
-        live rows. Returns (main counters, per destination totals, live forwarder states)."""
+        live rows. Returns (main counters, per destination totals, live forwarder states, bytes kept
+        in backlogs per destination)."""
         while True:
             seq = FIELD.unpack_from(self.buf, 0)[0]
             if seq % 2:
@@ -141,6 +142,7 @@ class Table:
             for dest in range(self.dests):
                 totals.append(dict(zip(FORWARDER_COUNTERS, self.finished_row(dest).read()[1:])))
             states = [[] for _ in range(self.dests)]
+            backlogs = [0] * self.dests
             for slot in range(self.slots):
                 pid, received = self.receiver_row(slot).read()[:2]
                 main["received"] += received
@@ -151,8 +153,9 @@ class Table:
                     for index, name in enumerate(FORWARDER_COUNTERS):
                         totals[dest][name] += values[1 + index]
                     states[dest].append(values[FWD_STATE])
+                    backlogs[dest] += values[FWD_BACKLOG]
             if FIELD.unpack_from(self.buf, 0)[0] == seq:
-                return main, totals, states
+                return main, totals, states, backlogs
 
 
 class ForwarderStats:
@@ -173,7 +176,7 @@ class ForwarderStats:
 
     def values(self, fwd):
         return (fwd.sent, fwd.dropped, fwd.backlog.dropped_records, self.connect_failures, self.reconnects,
-                self.state)
+                self.state, len(fwd.backlog))
 
     def publish(self, fwd, pid):
         """Write the row and the title if anything changed since the last time."""
@@ -182,15 +185,17 @@ class ForwarderStats:
             return
         self.last = values
         if self.row is not None:
-            self.row.write(pid, *values, struct.unpack("q", struct.pack("d", self.since))[0])
+            self.row.write(pid, *values[:-1], struct.unpack("q", struct.pack("d", self.since))[0], values[-1])
         if self.title is not None:
-            self.title("%s, sent %s, dropped %s%s, %d reconnects" % (
+            self.title("%s, sent %s, dropped %s%s%s, %d reconnects" % (
                 state_text(self.state, self.since), human(fwd.sent), human(fwd.dropped),
-                " (%d records)" % fwd.backlog.dropped_records if fwd.framed else "", self.reconnects))
+                " (%d records)" % fwd.backlog.dropped_records if fwd.framed else "",
+                ", kept %s" % human(len(fwd.backlog)) if len(fwd.backlog) else "", self.reconnects))
 
 
 FWD_STATE = 1 + len(FORWARDER_COUNTERS)  # in a forwarder row's fields (after seq): pid, counters, state, since
 FWD_SINCE = FWD_STATE + 1
+FWD_BACKLOG = FWD_SINCE + 1
 
 
 def since_of(values):
