@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -48,7 +49,7 @@ def main():
     up_port, down_port, listen_port, metrics_port = (free_port() for _ in range(4))
     problems = []
     log = open(os.devnull, "wb")
-    proxy_log = open(os.path.join(ROOT, "bench", "metrics-check.log"), "wb")
+    proxy_log = tempfile.TemporaryFile()  # the proxy's log: printed when it fails to start
     procs = [start(["-m", "fakes.destination", "--port", str(up_port)], log)]
     proxy = start(["socketproxy.py", "--listen-host", "127.0.0.1", "--listen-port", str(listen_port),
                    "--metrics", "127.0.0.1:%d" % metrics_port, "--framing", "line", "--retry-interval", "1",
@@ -56,13 +57,14 @@ def main():
     procs.append(proxy)
     try:
         if not wait_for(lambda: scrape(metrics_port) is not None):
-            problems.append("no scrape from the proxy's --metrics")
+            proxy_log.seek(0)
+            problems.append("no scrape from the proxy's --metrics; its log:\n" + proxy_log.read().decode())
             return report(problems)
         procs += [start(["-m", "fakes.source", "--port", str(listen_port), "--interval", "0.05", "--id", "src-%d" % i],
                         log) for i in range(3)]
         wait_for(lambda: "socketproxy_sources_active 3.0" in (scrape(metrics_port) or ""))
         time.sleep(3)  # let the counters move: the titles and the table refresh once a second
-        listing = subprocess.run(["ps", "-eo", "pid,pgid,args"], capture_output=True, text=True).stdout
+        listing = subprocess.run(["ps", "-ww", "-eo", "pid,pgid,args"], capture_output=True, text=True).stdout
         mine = {p.pid for p in psutil.Process(proxy.pid).children(recursive=True)} | {proxy.pid}
         print("$ ps -eo pid,pgid,args | grep socketproxy:   (this run's processes)")
         for line in listing.splitlines():

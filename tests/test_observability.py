@@ -1,11 +1,13 @@
 """Live titles and Prometheus metrics: what ps and a scrape show, and totals exact to the log."""
 import re
+import shutil
 import socket
 import subprocess
 import sys
 import urllib.request
 
 import psutil
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from support import ROOT, by_role, connect_source, free_port, wait_until
@@ -137,3 +139,14 @@ def test_a_busy_metrics_port_is_one_line_and_exit_1():
     assert result.returncode == 1
     assert "cannot serve metrics on 127.0.0.1:%d: Address already in use" % port in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_promtool_accepts_a_live_scrape():
+    """make metrics-check's script: one destination up, one down, three sources; promtool and the parser."""
+    if not shutil.which("promtool"):
+        pytest.skip("promtool is not installed (Debian's prometheus package; make metrics-check installs it)")
+    result = subprocess.run([sys.executable, ROOT + "/bench/metrics_check.py"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "promtool check metrics: exit 0" in result.stdout
+    assert re.search(r"forwarder \S+ -> \S+ \| down since .* kept [\d.]+ [KM]?B", result.stdout), result.stdout
