@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo demo-live bench chaos soak service-check servers metrics-check clean
+.PHONY: venv test demo demo-live bench chaos soak service-check servers metrics-check clean cluster-demo
 
 venv: $(STAMP)
 
@@ -24,6 +24,15 @@ demo: $(STAMP)
 
 demo-live: $(STAMP)
 	$(PY) -m fakes.demo --live
+
+# Three instances behind HAProxy (contrib/haproxy.cfg), 30 sources, one instance killed; haproxy comes from Debian.
+cluster-demo: $(STAMP)
+	@if ! { command -v haproxy || test -x /usr/sbin/haproxy; } >/dev/null 2>&1; then \
+	  if command -v apt-get >/dev/null 2>&1 && (apt-get update -qq && \
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy) >/dev/null 2>&1; then \
+	    echo "cluster-demo: installed haproxy"; \
+	  else echo "cluster-demo: haproxy is not installed and could not be installed: the demo is skipped"; exit 0; fi; fi; \
+	$(PY) -m fakes.cluster_demo
 
 bench: $(STAMP)
 	@command -v socat >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
