@@ -20,6 +20,7 @@ from socketproxy_core.backlog import Backlog
 from socketproxy_core import framing
 from socketproxy_core.proxylog import log
 from socketproxy_core.stats import STATE_DOWN, STATE_UP, ForwarderStats
+from socketproxy_core import primary
 from socketproxy_core import zerocopy
 from socketproxy_core.zerocopy import tee
 
@@ -117,8 +118,12 @@ class Lookup:
 class Forwarder:
     """Copies one pipe to one destination for the life of one source connection."""
 
-    def __init__(self, pipe_fd, dest, config, receiver_pid=None, clean_end=None, stats=None):
+    def __init__(self, pipe_fd, dest, config, receiver_pid=None, clean_end=None, stats=None, source=None,
+                 mirror_drops=None):
         self.pipe_fd = pipe_fd
+        self.source = source  # --primary: this forwarder's destination is the source's session
+        self.primary = source is not None
+        self.mirror_drops = mirror_drops  # --mirror-policy drop: (shared counters, our index) the receiver adds to
         self.stats = stats or ForwarderStats(None, None)  # counters for the title and the metrics
         self.receiver_pid = receiver_pid
         self.clean_end = clean_end  # shared with the receiver: set before it closes our pipe on purpose
@@ -147,7 +152,7 @@ class Forwarder:
         # Retaining (--buffer or --framing): what is sent stays in a shadow pipe until acknowledged,
         # and what arrives while down is kept in the backlog, both resent on the next connection.
         self.framed = config.framing != "none"
-        self.retaining = config.buffer > 0 or self.framed
+        self.retaining = (config.buffer > 0 or self.framed) and not self.primary  # the primary is never retried
         self.backlog = Backlog(config.buffer, config.framing)
         # Where records end: lines are found by searching back from any cut; a Redis command only by
         # reading forward from the command before it, so with resp every released byte is read.
@@ -168,7 +173,9 @@ class Forwarder:
     def run(self):
         """Serve until the pipe ends; returns the exit code."""
         first = not self.retaining
-        while not self.pipe_eof:
+        if self.primary:
+            primary.PrimarySession(self, self.source).run()
+        while not self.pipe_eof and not self.primary:
             if not self.connect(hold_pipe=first):
                 first = False
                 self.wait_down()
@@ -181,6 +188,7 @@ class Forwarder:
                     self.pump()
             except Disconnected as reason:
                 self.lose_connection(str(reason))
+        self.add_mirror_drops()
         self.publish_final()
         if self.framed:
             log.info("forwarder done: sent %d bytes, dropped %d bytes (%d records)", self.sent, self.dropped,
@@ -200,7 +208,7 @@ class Forwarder:
         self.attempts += 1
         now = time.monotonic()
         deadline = now + self.config.connect_timeout
-        self.hold_until = now + self.config.send_timeout if hold_pipe else now
+        self.hold_until = deadline if self.primary else now + self.config.send_timeout if hold_pipe else now
         try:
             addresses = self.resolve(deadline)
         except (OSError, UnicodeError) as exc:
@@ -366,6 +374,21 @@ class Forwarder:
         self.publish_final()
         log.info("forwarder done: sent %d bytes, dropped %d bytes", self.sent, self.dropped)
         sys.exit(1)
+
+    def add_mirror_drops(self):
+        """Add what the receiver dropped for us (--mirror-policy drop) to our counts, once."""
+        if self.mirror_drops is not None:
+            dropped, records = self.receiver_drops()
+            self.dropped += dropped
+            self.backlog.dropped_records += records
+            self.mirror_drops = None
+
+    def receiver_drops(self):
+        """(bytes, records) the receiver dropped for us so far instead of waiting for us."""
+        if self.mirror_drops is None:
+            return 0, 0
+        shared, index = self.mirror_drops
+        return struct.unpack_from("qq", shared, 16 * index)
 
     def publish(self, *_):
         """Counters to the shared table and the title (on a 1 s timer: SIGALRM)."""
@@ -836,6 +859,9 @@ class Forwarder:
         """Log a failed attempt: the first of an outage as a warning, then one line a minute."""
         self.stats.connect_failures += 1
         self.stats.set_state(STATE_DOWN)
+        if self.primary:  # never retried: the session's end is logged
+            log.debug("cannot connect to the primary %s: %s", self.dest, reason)
+            return
         now = time.monotonic()
         if not self.outage_started:
             self.outage_started = self.last_down_log = now
@@ -907,7 +933,8 @@ def pipe_bytes(fd):
         return 0
 
 
-def run_forwarder(pipe_fd, dest, config, receiver_pid=None, clean_end=None, stats=None):
+def run_forwarder(pipe_fd, dest, config, receiver_pid=None, clean_end=None, stats=None, source=None,
+                  mirror_drops=None):
     """Body of the forwarder process (see forking.fork_child).
 
     SIGTERM or SIGINT asks the receiver to stop the group in order (so a stop that signals every
@@ -916,7 +943,7 @@ def run_forwarder(pipe_fd, dest, config, receiver_pid=None, clean_end=None, stat
     """
     os.set_blocking(pipe_fd, False)
     zerocopy.return_large_blocks()
-    fwd = Forwarder(pipe_fd, dest, config, receiver_pid, clean_end, stats)
+    fwd = Forwarder(pipe_fd, dest, config, receiver_pid, clean_end, stats, source, mirror_drops)
 
     def ask_receiver_to_stop(_signum, _frame):
         if fwd.receiver_pidfd is not None:

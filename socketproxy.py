@@ -22,6 +22,10 @@ Options:
   --buffer SIZE           per destination of each source, kept while it is down and resent when it is
                           back; K/M suffixes; 0 = keep nothing [default: 4M]
   --metrics HOST:PORT     serve Prometheus metrics at http://HOST:PORT/metrics [default: off]
+  --primary               the first DEST is the primary: its replies go back to the source, and it is the
+                          source's session (it failing, resetting or closing ends the source's connection)
+  --mirror-policy POLICY  with --primary: drop (a mirror that cannot keep up loses data, never slowing the
+                          primary) or wait (backpressure, lossless mirrors) [default: drop]
   -h --help               show this help
   --version               show the version
 """
@@ -79,7 +83,7 @@ def known_options():
 
 def positionals(argv):
     """The arguments that are neither options nor option values."""
-    flags = {"-h", "--help", "--version"}
+    flags = {"-h", "--help", "--version", "--primary"}
     found, expect_value = [], False
     for arg in argv:
         if expect_value:

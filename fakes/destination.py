@@ -1,7 +1,7 @@
 """A fake destination: listen on HOST:PORT, accept any number of connections, print every line, tagged.
 
 Usage:
-  fake-destination --port PORT [--host HOST] [--strict-lines]
+  fake-destination --port PORT [--host HOST] [--strict-lines] [--echo]
   fake-destination (-h | --help)
 
 Prints "<peer>: <line>" for each complete line, "connected: <peer>" and "disconnected: <peer> (<reason>)";
@@ -14,10 +14,14 @@ line, a line longer than 64 KiB) is reported in one line, "malformed record from
 its place in the connection and showing at most 60 characters of it; that connection is closed at once (what
 followed it is not printed) and counted; the other connections carry on.
 
+With --echo every complete line is also sent back to its peer as it is printed (a request/response
+server for --primary: the replies reach the source through the proxy).
+
 Options:
   --port PORT     port to listen on
   --host HOST     address to listen on [default: 127.0.0.1]
   --strict-lines  close a connection at its first record that is not a fake source's line
+  --echo          send every complete line back to its peer
   -h --help       show this help
 """
 import os
@@ -32,19 +36,20 @@ from .lines import parse_line
 
 PROG = "fake-destination"
 VALUE_OPTIONS = ("--port", "--host")
-FLAG_OPTIONS = ("--strict-lines",)
+FLAG_OPTIONS = ("--strict-lines", "--echo")
 ACCEPT_PAUSE_S = 0.1
 MAX_LINE = 65536  # a longer unterminated run is printed as a partial line rather than buffered forever
 SHOWN_BAD = 60  # characters of a malformed record shown
+ECHO = False  # --echo
 
 
 def parse_args(argv):
-    """(host, port, strict) from argv, or exit 2 naming what is wrong."""
+    """(host, port, strict, echo) from argv, or exit 2 naming what is wrong."""
     args = parse(PROG, __doc__, argv, VALUE_OPTIONS, FLAG_OPTIONS)
     text = args["--port"]
     if not (text.isascii() and text.isdigit() and int(text) <= 65535):
         usage_error(PROG, "bad --port %r: expected 0-65535" % text)
-    return checked_host(PROG, args["--host"]), int(text), args["--strict-lines"]
+    return checked_host(PROG, args["--host"]), int(text), args["--strict-lines"], args["--echo"]
 
 
 def listen(host, port):
@@ -124,12 +129,24 @@ class Connection:
                 return self.reject(line, "")
             show(self.peer, line if self.tally else line.rstrip(b"\r"))
             self.records += 1
+            if ECHO:
+                self.echo(line + b"\n")
         if len(self.pending) > MAX_LINE:
             if self.tally:
                 return self.reject(self.pending, "; no newline in %d bytes" % len(self.pending))
             show(self.peer, self.pending, " [partial]")
             self.pending = b""
         return None
+
+    def echo(self, data):
+        """Send data back, waiting for room (a fake: one slow peer may hold the others)."""
+        self.sock.setblocking(True)
+        try:
+            self.sock.sendall(data)
+        except OSError:
+            pass  # its end is seen by the next receive
+        finally:
+            self.sock.setblocking(False)
 
     def reject(self, line, why):
         """Report the malformed record, count it, drop the rest: the connection is to be closed."""
@@ -196,7 +213,8 @@ def finish(selector, signame):
 
 
 def main(argv=None):
-    host, port, strict = parse_args(sys.argv[1:] if argv is None else argv)
+    global ECHO
+    host, port, strict, ECHO = parse_args(sys.argv[1:] if argv is None else argv)
     # The handlers only record: the signal number reaches serve() through the wake-up pipe, so a stop never
     # lands in the middle of printing a line, and serve() still prints what was received before it closes.
     wake_r, wake_w = os.pipe()

@@ -47,6 +47,8 @@ class Config:
     buffer: int = 0  # bytes kept per destination of each source while it is down
     pipe_size: int = 1 << 20  # each pipe of a group, planned by main for the user's pipe budget
     metrics: tuple = None  # (host, port) to serve Prometheus metrics on; None = off
+    primary: bool = False  # the first destination is the source's session; its replies go back
+    mirror_policy: str = "drop"  # with primary: a mirror that cannot keep up loses data (drop) or holds (wait)
 
 
 def parse_port(text, what="port"):
@@ -166,7 +168,16 @@ def build_config(args):
         framing=parse_framing(args["--framing"]),
         buffer=parse_size(args["--buffer"], "--buffer"),
         metrics=parse_metrics(args.get("--metrics")),
+        primary=bool(args.get("--primary")),
+        mirror_policy=parse_mirror_policy(args.get("--mirror-policy") or "drop"),
     )
+
+
+def parse_mirror_policy(text):
+    """drop or wait."""
+    if text not in ("drop", "wait"):
+        raise UsageError("invalid --mirror-policy %r: expected drop or wait" % text)
+    return text
 
 
 def parse_metrics(text):

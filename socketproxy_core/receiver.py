@@ -9,6 +9,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import sys
 import time
 
@@ -18,6 +19,7 @@ import setproctitle
 from socketproxy_core import forking
 import forwarder
 from socketproxy_core import framing
+from socketproxy_core import primary
 from socketproxy_core import proxylog
 from socketproxy_core import stats
 from socketproxy_core.proxylog import log
@@ -95,9 +97,18 @@ class Receiver:
         self.poller = select.poll()
         # Shared with the forwarders: set just before the pipes are closed on purpose, so a forwarder
         # can tell that end from the receiver's death (which closes them too).
-        self.clean_end = mmap.mmap(-1, 1)
+        # The second byte: how a --primary session ended (primary.ENDED_*), set by its forwarder.
+        self.clean_end = mmap.mmap(-1, 2)
+        # --mirror-policy drop: per destination, bytes and records dropped here instead of waiting.
+        self.mirror_drops = mmap.mmap(-1, 16 * len(config.dests))
+        self.droppable = set()  # the write fds of mirrors that must never hold the source
+        self.dest_index = {}  # write fd -> destination index
         # --framing resp: the source is read through a scanner, and only whole commands go on.
-        self.commands = framing.RespScanner() if config.framing == "resp" else None
+        # So is a line-framed source in --primary mode with --mirror-policy drop: a mirror's drops are
+        # whole writes, which are whole records only when we write whole records.
+        drop = config.primary and config.mirror_policy == "drop" and len(config.dests) > 1
+        self.commands = framing.scanner(config.framing) if config.framing == "resp" or (
+            drop and config.framing == "line") else None
         self.partial = bytearray()  # the start of a command not yet whole
         self.resp_buffer = None
 
@@ -124,6 +135,11 @@ class Receiver:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         for index, dest in enumerate(self.config.dests):
             self.spawn_forwarder(index, dest)
+        if self.config.primary:
+            # The primary's pipe last: it gets the chunk by splice (the others by tee), and never a drop.
+            self.pipe_fds.append(self.pipe_fds.pop(0))
+            if self.config.mirror_policy == "drop":
+                self.droppable = set(self.pipe_fds[:-1])
         self.poller.register(self.source, select.POLLIN)
         self.poller.register(self.lifeline_fd, select.POLLIN)
         self.poller.register(wake_r, select.POLLIN)
@@ -134,11 +150,15 @@ class Receiver:
         """Fork one forwarder fed by a new pipe; the receiver keeps the write end only."""
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         set_pipe_size(write_fd, self.config.pipe_size)
-        title = "socketproxy: forwarder %s -> %s" % (self.peer, dest)
-        # The forwarder must not hold the source (else killing us would not close it) nor any
+        is_primary = self.config.primary and index == 0
+        title = "socketproxy: forwarder %s -> %s%s" % (self.peer, dest, " (primary)" if is_primary else "")
+        # A forwarder must not hold the source (else killing us would not close it) nor any
         # sibling's write end (else that pipe would never read EOF): it keeps its read end only.
+        # The primary's keeps the source too, to send it the replies (the group dies together).
+        keep = [read_fd, self.source.fileno()] if is_primary else [read_fd]
         pid = forking.fork_child(title, self.run_forwarder, read_fd, index, dest, title, os.getpid(),
-                                 keep=[read_fd], close=[self.source])
+                                 keep=keep, close=[] if is_primary else [self.source])
+        self.dest_index[write_fd] = index
         os.close(read_fd)
         os.set_blocking(write_fd, False)
         self.pipes[write_fd] = dest
@@ -151,7 +171,9 @@ class Receiver:
         proxylog.set_connection("src=%s dst=%s" % (self.peer, dest))
         row = self.table.forwarder_row(self.slot, index) if self.table is not None else None
         counters = stats.ForwarderStats(row, lambda text: setproctitle.setproctitle("%s | %s" % (title, text)))
-        return forwarder.run_forwarder(read_fd, dest, self.config, receiver_pid, self.clean_end, counters)
+        source = self.source if self.config.primary and index == 0 else None
+        return forwarder.run_forwarder(read_fd, dest, self.config, receiver_pid, self.clean_end, counters, source,
+                                       (self.mirror_drops, index))
 
     def publish(self, force=False):
         """Our counters to the shared table, and a title with our forwarders' states: at most once
@@ -218,7 +240,9 @@ class Receiver:
                     self.check_forwarders()
                 elif fd == self.wake_fd:
                     os.read(self.wake_fd, 64)
-                    self.stop("told to stop")
+                    ended = {primary.ENDED_CLOSE: "the primary closed the session",
+                             primary.ENDED_RESET: "the primary reset the session"}
+                    self.stop(ended.get(self.clean_end[1], "told to stop"))
                 elif fd == self.lifeline_fd:
                     self.poller.unregister(self.lifeline_fd)
                     self.stop("main process gone")
@@ -250,6 +274,8 @@ class Receiver:
         fds = self.pipe_fds
         last = len(fds) - 1
         for index, fd in enumerate(fds):
+            if fd in self.droppable and not self.room_for(fd, size):
+                continue
             try:
                 if index < last:
                     moved = tee(self.stage_r, fd, size, SPLICE_F_NONBLOCK)
@@ -289,7 +315,7 @@ class Receiver:
         chunk = self.resp_buffer[:size].tobytes()
         before = self.commands.copy()
         try:
-            _, end = self.commands.scan(chunk)
+            records, end = self.commands.scan(chunk)
         except framing.NotRecords as exc:
             log.error("closing source: not valid RESP (%s); the whole commands before were passed on", exc)
             self.end_reason = "the source does not speak RESP"
@@ -308,16 +334,30 @@ class Receiver:
             return
         whole = bytes(self.partial) + chunk[:end] if self.partial else chunk[:end]
         self.partial = bytearray(chunk[end:])
-        self.fan_out(whole)
+        self.fan_out(whole, records)
 
-    def fan_out(self, data):
-        """Write data to every pipe from memory; pipes that cannot take it all hold the source."""
+    def fan_out(self, data, records=0):
+        """Write data to every pipe from memory; pipes that cannot take it all hold the source (but
+        mirrors under --mirror-policy drop, which lose it whole instead)."""
         self.view = memoryview(data)
         self.chunk_len = len(data)
         for fd in self.pipe_fds:
-            self.pending[fd] = 0
+            if fd not in self.droppable or self.room_for(fd, len(data), records):
+                self.pending[fd] = 0
+        if not self.pending:  # every pipe dropped it
+            self.after_chunk()
         for fd in list(self.pending):
             self.write_pending(fd, register=True)
+
+    def room_for(self, fd, size, records=0):
+        """Whether a mirror's pipe can take size bytes now; if not, they are dropped for it (counted,
+        for its forwarder to report)."""
+        if self.config.pipe_size - forwarder.pipe_bytes(fd) >= size:
+            return True
+        offset = 16 * self.dest_index[fd]
+        dropped, dropped_records = struct.unpack_from("qq", self.mirror_drops, offset)
+        struct.pack_into("qq", self.mirror_drops, offset, dropped + size, dropped_records + records)
+        return False
 
     def copy_rest(self, index, moved):
         """A pipe took only part of the chunk: finish this chunk from our buffer (backpressure)."""

@@ -175,8 +175,9 @@ class ForwarderStats:
             self.state, self.since = state, time.time()
 
     def values(self, fwd):
-        return (fwd.sent, fwd.dropped, fwd.backlog.dropped_records, self.connect_failures, self.reconnects,
-                self.state, len(fwd.backlog))
+        extra, extra_records = fwd.receiver_drops()  # --mirror-policy drop: dropped by the receiver
+        return (fwd.sent, fwd.dropped + extra, fwd.backlog.dropped_records + extra_records, self.connect_failures,
+                self.reconnects, self.state, len(fwd.backlog))
 
     def publish(self, fwd, pid):
         """Write the row and the title if anything changed since the last time."""
@@ -188,8 +189,8 @@ class ForwarderStats:
             self.row.write(pid, *values[:-1], struct.unpack("q", struct.pack("d", self.since))[0], values[-1])
         if self.title is not None:
             self.title("%s, sent %s, dropped %s%s%s, %d reconnects" % (
-                state_text(self.state, self.since), human(fwd.sent), human(fwd.dropped),
-                " (%d records)" % fwd.backlog.dropped_records if fwd.framed else "",
+                state_text(self.state, self.since), human(values[0]), human(values[1]),
+                " (%d records)" % values[2] if fwd.framed else "",
                 ", kept %s" % human(len(fwd.backlog)) if len(fwd.backlog) else "", self.reconnects))
 
 

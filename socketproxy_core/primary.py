@@ -1,0 +1,166 @@
+"""--primary: the first destination is the source's session, and its replies go back to the source.
+
+The primary's forwarder holds a copy of the source socket. It splices the pipe to the primary
+(requests) and the primary to the source through a pipe of its own (replies): no byte through
+Python either way. Nothing is retried: when the primary cannot be reached, fails, resets or closes,
+the source is closed the same way (a reset for a reset, a close for a close), the receiver is asked
+to end the group (through the shared flag, then SIGTERM), and what the pipe still brings is
+counted as dropped. Half-closes pass both ways: the source's end of requests becomes a FIN to the
+primary, whose remaining replies still reach the source before its own FIN does.
+"""
+import os
+import select
+import signal
+import socket
+
+import forwarder
+from socketproxy_core.proxylog import log
+from socketproxy_core.zerocopy import set_pipe_size
+
+SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+CHUNK = 1 << 20
+ENDED_CLOSE, ENDED_RESET = 1, 2  # the shared flag (the receiver's clean_end[1]): how the primary ended
+ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, TimeoutError)
+
+
+class PrimarySession:
+    """Requests pipe -> primary, replies primary -> source, until one side ends the session."""
+
+    def __init__(self, fwd, source):
+        self.fwd = fwd
+        self.source = source
+        self.returned = 0  # reply bytes delivered to the source
+
+    def run(self):
+        fwd = self.fwd
+        if not fwd.connect(hold_pipe=True):
+            if fwd.pipe_eof:  # the source finished before the primary answered: nothing to deliver
+                self.source.close()
+                return
+            self.end_session(ENDED_RESET, "cannot reach the primary %s within --connect-timeout" % fwd.dest)
+            return
+        try:
+            self.pump()
+        except ERRORS as exc:
+            self.end_session(ENDED_RESET, "the primary %s failed (%s)" % (fwd.dest, exc.strerror or exc))
+
+    def pump(self):
+        fwd = self.fwd
+        sock, pipe_fd, source_fd = fwd.sock, fwd.pipe_fd, self.source.fileno()
+        sock_fd = sock.fileno()
+        reply_r, reply_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        capacity = set_pipe_size(reply_w, fwd.config.pipe_size)
+        queued = 0  # reply bytes waiting in our reply pipe
+        requests_open, replies_open, socket_full = True, True, False
+        while True:
+            moved_any = False
+            if requests_open and not socket_full:
+                try:
+                    moved = os.splice(pipe_fd, sock_fd, CHUNK, flags=SPLICE_FLAGS)
+                    if moved:
+                        fwd.sent += moved
+                        moved_any = True
+                    else:  # the source has finished sending: the primary gets our FIN after the rest
+                        fwd.end_of_pipe()
+                        requests_open = False
+                        sock.shutdown(socket.SHUT_WR)
+                except BlockingIOError:
+                    socket_full = forwarder.pipe_bytes(pipe_fd) > 0
+            if replies_open and queued < capacity:
+                try:
+                    moved = os.splice(sock_fd, reply_w, capacity - queued, flags=SPLICE_FLAGS)
+                    if moved:
+                        queued += moved
+                        moved_any = True
+                    else:
+                        replies_open = False
+                except BlockingIOError:
+                    pass
+            if queued:
+                try:
+                    moved = os.splice(reply_r, source_fd, queued, flags=SPLICE_FLAGS)
+                    queued -= moved
+                    self.returned += moved
+                    moved_any = moved_any or moved > 0
+                except BlockingIOError:
+                    pass
+                except ERRORS as exc:
+                    self.source_gone(exc)
+                    return
+            if not replies_open and not queued:
+                self.primary_closed(requests_open)
+                return
+            if moved_any:
+                continue
+            poller = select.poll()
+            if requests_open and not socket_full:
+                poller.register(pipe_fd, select.POLLIN)
+            sock_events = (select.POLLIN if replies_open and queued < capacity else 0) | (
+                select.POLLOUT if socket_full else 0)
+            if sock_events:
+                poller.register(sock_fd, sock_events)
+            if queued:
+                poller.register(source_fd, select.POLLOUT)
+            if fwd.receiver_pidfd is not None:
+                poller.register(fwd.receiver_pidfd, select.POLLIN)
+            for fd, event in poller.poll():
+                if fd == fwd.receiver_pidfd:
+                    fwd.receiver_died()
+                elif fd == sock_fd and event & (select.POLLOUT | select.POLLERR | select.POLLHUP):
+                    socket_full = False
+
+    def primary_closed(self, requests_open):
+        """The primary sent its FIN and every reply reached the source: the source gets ours."""
+        fwd = self.fwd
+        shutdown(self.source, socket.SHUT_WR)
+        self.source.close()
+        fwd.sock.close()
+        fwd.sock = None
+        if requests_open:  # mid-session: the group ends
+            self.end_session(ENDED_CLOSE, "the primary %s closed the connection" % fwd.dest)
+        else:
+            log.info("closed connection to %s: source finished, and the primary's %d bytes of replies reached it",
+                     fwd.dest, self.returned)
+
+    def source_gone(self, exc):
+        """The source went away while replies were on their way: the primary's connection is reset."""
+        fwd = self.fwd
+        log.info("the source is gone (%s): resetting the connection to the primary %s", exc.strerror or exc, fwd.dest)
+        forwarder.reset(fwd.sock)
+        fwd.sock = None
+        self.source.close()
+        self.stop_group(ENDED_CLOSE)
+
+    def end_session(self, how, why):
+        """The primary ended the session: the source is closed the same way, the group ends."""
+        fwd = self.fwd
+        if how == ENDED_RESET:
+            forwarder.reset(self.source)  # linger 0: the last close of the source (the receiver's) sends a reset
+            if fwd.sock is not None:
+                forwarder.reset(fwd.sock)
+                fwd.sock = None
+        log.warning("%s: %s the source; its group ends (%d bytes of replies reached it)", why,
+                    "resetting" if how == ENDED_RESET else "closing", self.returned)
+        self.stop_group(how)
+
+    def stop_group(self, how):
+        """Tell the receiver how the session ended and ask it to stop; count what the pipe still
+        brings as dropped, until the receiver closes it."""
+        fwd = self.fwd
+        if fwd.clean_end is not None:
+            fwd.clean_end[1] = how
+        if fwd.receiver_pidfd is not None:
+            try:
+                signal.pidfd_send_signal(fwd.receiver_pidfd, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        while not fwd.pipe_eof:
+            select.select([fwd.pipe_fd], [], [])
+            fwd.drain()
+
+
+def shutdown(sock, how):
+    try:
+        sock.shutdown(how)
+    except OSError:
+        pass
