@@ -645,8 +645,11 @@ class Forwarder:
     def splice_retained(self):
         """Move pipe -> socket through the shadow; what it now waits for: "socket", "pipe" or "eof"."""
         sock_fd = self.sock.fileno()
+        drained = False  # the last tee took less than it asked for: the pipe was empty after it
         while True:
             if not self.ahead:
+                if drained:
+                    return "pipe"  # poll says when more comes (or the end): no tee just to see EAGAIN
                 if self.replay or self.shadow_len * 2 > self.shadow_capacity:  # not at every chunk: an ioctl
                     self.release_acknowledged()
                 room = self.shadow_capacity - self.shadow_len
@@ -654,8 +657,9 @@ class Forwarder:
                     if self.spill():
                         continue
                     return "acks"  # everything retained is unacknowledged: wait for the destination
+                asked = min(room, SPLICE_CHUNK)
                 try:
-                    teed = tee(self.pipe_fd, self.shadow_w, min(room, SPLICE_CHUNK), os.SPLICE_F_NONBLOCK)
+                    teed = tee(self.pipe_fd, self.shadow_w, asked, os.SPLICE_F_NONBLOCK)
                 except BlockingIOError:
                     # tee says EAGAIN, not 0, at the pipe's end when the shadow is full: ask poll.
                     if not pipe_bytes(self.pipe_fd):
@@ -671,6 +675,7 @@ class Forwarder:
                     return "eof"
                 self.shadow_len += teed
                 self.ahead = teed
+                drained = teed < asked
             try:
                 moved = os.splice(self.pipe_fd, sock_fd, self.ahead, flags=SPLICE_FLAGS)
             except BlockingIOError:

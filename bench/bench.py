@@ -970,7 +970,8 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--scale", type=float, default=float(os.environ.get("BENCH_SCALE", "1")))
     parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--only", default=",".join(FIGURES))
+    parser.add_argument("--only", default=",".join(FIGURES), help="figures to run, comma-separated (default: all: %s)"
+                        % ",".join(FIGURES))
     parser.add_argument("--no-crc", action="store_true",
                         help="sinks skip the crc32 (count and byte-by-byte compare remain)")
     parser.add_argument("--json", default=os.path.join(HERE, "results.json"))

@@ -22,7 +22,11 @@ class TableCollector:
 
     def __init__(self, table, config):
         self.table = table
-        self.dests = [str(dest) for dest in config.dests]
+        # A destination named twice gets one series per mention: "HOST:PORT", then "HOST:PORT#2".
+        self.dests = []
+        for dest in config.dests:
+            seen = sum(1 for name in self.dests if name.split("#")[0] == str(dest))
+            self.dests.append(str(dest) if not seen else "%s#%d" % (dest, seen + 1))
         self.framed = config.framing != "none"
 
     def collect(self):

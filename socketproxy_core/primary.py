@@ -45,43 +45,62 @@ class PrimarySession:
             self.end_session(ENDED_RESET, "the primary %s failed (%s)" % (fwd.dest, exc.strerror or exc))
 
     def pump(self):
+        """Event by event, one splice each: a request wakes us once and costs one splice; a reply
+        costs two (primary -> our reply pipe -> source), and a poll for the source only when it
+        does not take the reply at once."""
         fwd = self.fwd
         sock, pipe_fd, source_fd = fwd.sock, fwd.pipe_fd, self.source.fileno()
         sock_fd = sock.fileno()
         reply_r, reply_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         capacity = set_pipe_size(reply_w, fwd.config.pipe_size)
-        queued = 0  # reply bytes waiting in our reply pipe
-        requests_open, replies_open, socket_full = True, True, False
+        splice = os.splice
+        queued = 0  # reply bytes waiting in our reply pipe for the source to take them
+        requests_open = replies_open = True
+        socket_full = False
+        poller = select.poll()
+        poller.register(pipe_fd, select.POLLIN)
+        poller.register(sock_fd, select.POLLIN)
+        if fwd.receiver_pidfd is not None:
+            poller.register(fwd.receiver_pidfd, select.POLLIN)
         while True:
-            moved_any = False
-            if requests_open and not socket_full:
-                try:
-                    moved = os.splice(pipe_fd, sock_fd, CHUNK, flags=SPLICE_FLAGS)
-                    if moved:
+            for fd, event in poller.poll():
+                if fd == pipe_fd:
+                    try:
+                        moved = splice(pipe_fd, sock_fd, CHUNK, flags=SPLICE_FLAGS)
+                    except BlockingIOError:  # the pipe has data (POLLIN): the primary's socket is full
+                        moved = -1
+                    if moved > 0:
                         fwd.sent += moved
-                        moved_any = True
-                    else:  # the source has finished sending: the primary gets our FIN after the rest
+                    elif moved == 0:  # the source has finished sending: the primary gets our FIN
                         fwd.end_of_pipe()
                         requests_open = False
+                        poller.unregister(pipe_fd)
                         sock.shutdown(socket.SHUT_WR)
-                except BlockingIOError:
-                    socket_full = forwarder.pipe_bytes(pipe_fd) > 0
-            if replies_open and queued < capacity:
-                try:
-                    moved = os.splice(sock_fd, reply_w, capacity - queued, flags=SPLICE_FLAGS)
-                    if moved:
-                        queued += moved
-                        moved_any = True
+                    elif not forwarder.pipe_bytes(pipe_fd) and forwarder.pipe_hung_up(pipe_fd):
+                        continue  # EOF is seen by the next splice
                     else:
-                        replies_open = False
-                except BlockingIOError:
-                    pass
-            if queued:
+                        socket_full = True
+                        poller.unregister(pipe_fd)
+                elif fd == sock_fd:
+                    if event & select.POLLOUT and socket_full:
+                        socket_full = False
+                        poller.register(pipe_fd, select.POLLIN)
+                    if replies_open and queued < capacity and event & (select.POLLIN | select.POLLERR | select.POLLHUP):
+                        try:
+                            moved = splice(sock_fd, reply_w, capacity - queued, flags=SPLICE_FLAGS)
+                        except BlockingIOError:
+                            moved = -1
+                        if moved == 0:
+                            replies_open = False
+                        elif moved > 0:
+                            queued += moved
+                elif fd == fwd.receiver_pidfd:
+                    fwd.receiver_died()
+            if queued:  # hand the replies to the source now; poll for it only when it is full
                 try:
-                    moved = os.splice(reply_r, source_fd, queued, flags=SPLICE_FLAGS)
+                    moved = splice(reply_r, source_fd, queued, flags=SPLICE_FLAGS)
                     queued -= moved
                     self.returned += moved
-                    moved_any = moved_any or moved > 0
                 except BlockingIOError:
                     pass
                 except ERRORS as exc:
@@ -90,24 +109,18 @@ class PrimarySession:
             if not replies_open and not queued:
                 self.primary_closed(requests_open)
                 return
-            if moved_any:
-                continue
-            poller = select.poll()
-            if requests_open and not socket_full:
-                poller.register(pipe_fd, select.POLLIN)
+            # What to watch next: the primary's replies while our reply pipe has room, its socket
+            # for room when requests wait, the source for room when replies wait.
             sock_events = (select.POLLIN if replies_open and queued < capacity else 0) | (
                 select.POLLOUT if socket_full else 0)
-            if sock_events:
-                poller.register(sock_fd, sock_events)
+            poller.register(sock_fd, sock_events or select.POLLERR)
             if queued:
                 poller.register(source_fd, select.POLLOUT)
-            if fwd.receiver_pidfd is not None:
-                poller.register(fwd.receiver_pidfd, select.POLLIN)
-            for fd, event in poller.poll():
-                if fd == fwd.receiver_pidfd:
-                    fwd.receiver_died()
-                elif fd == sock_fd and event & (select.POLLOUT | select.POLLERR | select.POLLHUP):
-                    socket_full = False
+            else:
+                try:
+                    poller.unregister(source_fd)
+                except KeyError:
+                    pass
 
     def primary_closed(self, requests_open):
         """The primary sent its FIN and every reply reached the source: the source gets ours."""

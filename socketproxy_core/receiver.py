@@ -34,6 +34,7 @@ CAP_SYS_ADMIN, CAP_SYS_RESOURCE = 21, 24
 SPLICE_F_NONBLOCK = os.SPLICE_F_NONBLOCK
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 splice = os.splice
+MAIN_EXIT_WAIT_S = 0.5  # after main's end of the lifeline closed: how long we wait for it to be gone
 STOP_FLUSH_S = 1.0  # on SIGTERM or main's death: how long already-read data may take to go out
 TICK_S = 5.0  # backstop only: pidfds report a forwarder's death at once
 TITLE_PERIOD_S = 1.0  # the title and the shared counters are refreshed this often at most
@@ -83,6 +84,7 @@ class Receiver:
         self.peer = peer
         self.config = config
         self.lifeline_fd = lifeline_fd
+        self.main_pid = os.getppid()
         self.pipes = {}  # write fd -> dest
         self.pipe_fds = []  # the same write fds, in destination order
         self.forwarders = {}  # pidfd -> (pid, dest)
@@ -245,6 +247,7 @@ class Receiver:
                     self.stop(ended.get(self.clean_end[1], "told to stop"))
                 elif fd == self.lifeline_fd:
                     self.poller.unregister(self.lifeline_fd)
+                    self.wait_for_main_to_go()
                     self.stop("main process gone")
         self.publish(force=True)
         log.info("group ended: %s; received %d bytes from source", self.end_reason, self.received)
@@ -430,6 +433,17 @@ class Receiver:
                 self.poller.unregister(self.source)
                 self.close_pipes()
             self.source.close()
+
+    def wait_for_main_to_go(self):
+        """Main's end of the lifeline closes while main is still exiting, before its listener is
+        closed for good: a source we closed now could reconnect (through a load balancer) to the
+        dying port. Wait (briefly) until main has gone entirely."""
+        try:
+            main_fd = os.pidfd_open(self.main_pid)
+        except (OSError, TypeError):
+            return
+        select.select([main_fd], [], [], MAIN_EXIT_WAIT_S)
+        os.close(main_fd)
 
     def close_pipes(self):
         self.clean_end[0] = 1
