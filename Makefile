@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo demo-live bench chaos soak service-check servers metrics-check clean cluster-demo
+.PHONY: venv test demo demo-live bench chaos soak service-check servers metrics-check clean cluster-demo mirror-demo
 
 venv: $(STAMP)
 
@@ -64,12 +64,23 @@ service-check: $(STAMP)
 	  echo "service-check: FAILED: systemd-analyze verify $(UNIT) (exit $$rc)"; exit 1; fi; \
 	echo "service-check: $(UNIT) verified (ExecStart=$(CURDIR)/$(VENV)/bin/socketproxy ...)"
 
-# Servers some tests run against (tests/test_resp_redis.py needs redis-server; it is skipped without).
+# Servers some tests run against (tests/test_resp_redis.py needs redis-server; tests/test_mirror_servers.py and
+# make mirror-demo need redis-server and redis-benchmark, nginx, ab (apache2-utils) and curl); without them
+# those tests are skipped. nginx lives in /usr/sbin, which a user's PATH may lack.
 servers:
-	@{ command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1; } || { command -v apt-get >/dev/null 2>&1 && \
+	@{ command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1 && command -v redis-benchmark >/dev/null 2>&1; } || { command -v apt-get >/dev/null 2>&1 && \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools) >/dev/null 2>&1 && \
 	  echo "servers: installed redis-server and redis-tools"; } || \
 	  echo "servers: could not install redis-server: the tests that need it are skipped"
+	@{ { command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx; } && command -v ab >/dev/null 2>&1 && command -v curl >/dev/null 2>&1; } || { command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx apache2-utils curl) >/dev/null 2>&1 && \
+	  echo "servers: installed nginx, apache2-utils (ab) and curl"; } || \
+	  echo "servers: could not install nginx, apache2-utils (ab) and curl: the tests that need them are skipped"
+
+# --primary with real servers: redis-benchmark through the proxy to a primary and a shadow redis (direct vs
+# proxied, the shadow killed -9 and SIGSTOPped, the primary killed -9), then nginx and ab; exits 1 if a check fails.
+mirror-demo: $(STAMP) servers
+	$(PY) -m fakes.mirror_demo
 
 # A live scrape of --metrics checked by promtool (Debian's prometheus package) and prometheus-client.
 metrics-check: $(STAMP)
