@@ -74,12 +74,16 @@ def unsent_bytes(sock):
 
 def reset(sock):
     """Close with a reset: queued bytes would otherwise still go out later (to a destination that
-    was only stopped), and the drop counts would be wrong."""
+    was only stopped), and the drop counts would be wrong. Returns the bytes the reset discarded:
+    the send queue measured at the last moment, since a destination that was stopped may take
+    bytes until then (a measure taken earlier would count them as dropped, though delivered)."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     except OSError:
         pass
+    lost = unsent_bytes(sock)
     sock.close()
+    return lost
 
 
 class Lookup:
@@ -367,8 +371,7 @@ class Forwarder:
         log.error("receiver %d died: the source's connection is lost; its pipe still held %d bytes, dropped%s",
                   self.receiver_pid, held, " (and %d bytes kept for its destination)" % kept if kept else "")
         if self.sock is not None:
-            lost = unsent_bytes(self.sock)
-            reset(self.sock)
+            lost = reset(self.sock)
             self.sent -= lost
             self.dropped += lost
         self.publish_final()
@@ -497,13 +500,17 @@ class Forwarder:
             except OSError:
                 pass
         if lost:
-            if self.framed and self.retaining:
+            lost = reset(sock)
+            if self.framed and self.retaining and lost:
                 self.backlog.dropped_records += self.records_in_last(lost)
-            reset(sock)
             self.sent -= lost
             self.dropped += lost
-            log.warning("closed connection to %s: it took no data for %.1f s after the source finished; "
-                        "%d unsent bytes dropped", self.dest, self.config.send_timeout, lost)
+            if lost:
+                log.warning("closed connection to %s: it took no data for %.1f s after the source finished; "
+                            "%d unsent bytes dropped", self.dest, self.config.send_timeout, lost)
+            else:
+                log.info("closed connection to %s: source finished (the last bytes acknowledged as it was reset)",
+                         self.dest)
             return
         deadline = time.monotonic() + CLOSE_LINGER_S
         try:
@@ -770,8 +777,7 @@ class Forwarder:
 
         Returns (unacknowledged bytes, bytes resent from already acknowledged ones).
         """
-        unacknowledged = unsent_bytes(self.sock)
-        reset(self.sock)
+        unacknowledged = reset(self.sock)
         self.sock = None
         head = self.cut_head if self.framed else b""
         data = bytearray(head) + self.retained_bytes()
@@ -850,8 +856,7 @@ class Forwarder:
                         "a cut record whole%s), %d bytes in the backlog; reconnecting in %.1f s", self.dest,
                         reason, unacknowledged, again, less, len(self.backlog), self.backoff_s)
         else:
-            lost = unsent_bytes(self.sock)
-            reset(self.sock)
+            lost = reset(self.sock)
             self.sock = None
             self.sent -= lost  # handed to the socket, counted as sent, but never delivered
             self.outage_dropped = lost

@@ -995,7 +995,8 @@ class Analysis:
                 elif RE_CLOSED_DROPPED.match(msg):
                     f["close_dropped"] = int(RE_CLOSED_DROPPED.match(msg).group(1))
                     f["closed_at_end"] = t
-                elif msg.startswith("closed connection to ") and msg.endswith("source finished"):
+                elif msg.startswith("closed connection to ") and (msg.endswith("source finished") or msg.endswith(
+                        "source finished (the last bytes acknowledged as it was reset)")):
                     f["closed_at_end"] = f["closed_clean"] = t
                 elif RE_RECEIVER_DIED.match(msg):
                     f["died_held"] += int(RE_RECEIVER_DIED.match(msg).group(1))
