@@ -41,7 +41,7 @@ class PrimarySession:
             return
         try:
             self.pump()
-        except ERRORS as exc:
+        except OSError as exc:  # from the primary's socket (the source's are handled in pump)
             self.end_session(ENDED_RESET, "the primary %s failed (%s)" % (fwd.dest, exc.strerror or exc))
 
     def pump(self):
@@ -75,7 +75,7 @@ class PrimarySession:
                         fwd.end_of_pipe()
                         requests_open = False
                         poller.unregister(pipe_fd)
-                        sock.shutdown(socket.SHUT_WR)
+                        shutdown(sock, socket.SHUT_WR)  # a failed primary: the next splice says how
                     elif not forwarder.pipe_bytes(pipe_fd) and forwarder.pipe_hung_up(pipe_fd):
                         continue  # EOF is seen by the next splice
                     else:

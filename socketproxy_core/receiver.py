@@ -104,6 +104,7 @@ class Receiver:
         # --mirror-policy drop: per destination, bytes and records dropped here instead of waiting.
         self.mirror_drops = mmap.mmap(-1, 16 * len(config.dests))
         self.droppable = set()  # the write fds of mirrors that must never hold the source
+        self.mirror_tails = {}  # droppable write fd -> the rest of a write it took only part of
         self.dest_index = {}  # write fd -> destination index
         # --framing resp: the source is read through a scanner, and only whole commands go on.
         # So is a line-framed source in --primary mode with --mirror-policy drop: a mirror's drops are
@@ -236,6 +237,8 @@ class Receiver:
                     self.read_commands()
                 elif fd == self.source_fd:
                     self.read_source()
+                elif fd in self.mirror_tails:
+                    self.finish_mirror_tail(fd)
                 elif fd in self.pending:
                     self.write_pending(fd)
                 elif fd in self.forwarders:
@@ -277,7 +280,14 @@ class Receiver:
         fds = self.pipe_fds
         last = len(fds) - 1
         for index, fd in enumerate(fds):
-            if fd in self.droppable and not self.room_for(fd, size):
+            if fd in self.droppable:  # never waited for: what it does not take now, it loses
+                if self.room_for(fd, size):
+                    try:
+                        moved = tee(self.stage_r, fd, size, SPLICE_F_NONBLOCK)
+                    except (BlockingIOError, BrokenPipeError):
+                        moved = 0
+                    if moved < size:
+                        self.count_mirror_drop(fd, size - moved)
                 continue
             try:
                 if index < last:
@@ -345,7 +355,9 @@ class Receiver:
         self.view = memoryview(data)
         self.chunk_len = len(data)
         for fd in self.pipe_fds:
-            if fd not in self.droppable or self.room_for(fd, len(data), records):
+            if fd in self.droppable:
+                self.offer_to_mirror(fd, data, records)
+            else:
                 self.pending[fd] = 0
         if not self.pending:  # every pipe dropped it
             self.after_chunk()
@@ -353,14 +365,65 @@ class Receiver:
             self.write_pending(fd, register=True)
 
     def room_for(self, fd, size, records=0):
-        """Whether a mirror's pipe can take size bytes now; if not, they are dropped for it (counted,
-        for its forwarder to report)."""
+        """Whether a mirror's pipe may have room for size bytes now (counted in bytes: a pipe of
+        small writes can still be full); if not, they are dropped for it."""
         if self.config.pipe_size - forwarder.pipe_bytes(fd) >= size:
             return True
+        self.count_mirror_drop(fd, size, records)
+        return False
+
+    def count_mirror_drop(self, fd, size, records=0):
+        """Count bytes (and records) dropped for a mirror, for its forwarder to report."""
         offset = 16 * self.dest_index[fd]
         dropped, dropped_records = struct.unpack_from("qq", self.mirror_drops, offset)
         struct.pack_into("qq", self.mirror_drops, offset, dropped + size, dropped_records + records)
-        return False
+
+    def offer_to_mirror(self, fd, data, records):
+        """Whole records to a mirror that is never waited for: written whole, or dropped whole. A
+        write the pipe takes only part of is finished later from memory (a record must not be torn),
+        and the mirror loses what comes meanwhile."""
+        if fd in self.mirror_tails:
+            self.count_mirror_drop(fd, len(data), records)
+            return
+        if not self.room_for(fd, len(data), records):
+            return
+        try:
+            written = os.write(fd, data)
+        except (BlockingIOError, BrokenPipeError):
+            written = 0
+        if not written:
+            self.count_mirror_drop(fd, len(data), records)
+        elif written < len(data):
+            self.mirror_tails[fd] = memoryview(data)[written:]
+            self.poller.register(fd, select.POLLOUT)
+
+    def finish_mirror_tails(self):
+        """Before the pipes close: the rest of the records mirrors took only part of, for at most
+        STOP_FLUSH_S; what a mirror still does not take is dropped (it ends inside a record)."""
+        deadline = time.monotonic() + STOP_FLUSH_S
+        while self.mirror_tails and time.monotonic() < deadline:
+            ready, _, _ = select.select([], list(self.mirror_tails), [], deadline - time.monotonic())
+            for fd in ready:
+                self.finish_mirror_tail(fd)
+        for fd, tail in self.mirror_tails.items():
+            self.count_mirror_drop(fd, len(tail))
+            self.poller.unregister(fd)
+        self.mirror_tails.clear()
+
+    def finish_mirror_tail(self, fd):
+        """A mirror's pipe has room again: go on with the rest of the write it took only part of."""
+        tail = self.mirror_tails[fd]
+        try:
+            written = os.write(fd, tail)
+        except BlockingIOError:
+            return
+        except BrokenPipeError:
+            written = len(tail)
+        if written < len(tail):
+            self.mirror_tails[fd] = tail[written:]
+            return
+        del self.mirror_tails[fd]
+        self.poller.unregister(fd)
 
     def copy_rest(self, index, moved):
         """A pipe took only part of the chunk: finish this chunk from our buffer (backpressure)."""
@@ -446,6 +509,7 @@ class Receiver:
         os.close(main_fd)
 
     def close_pipes(self):
+        self.finish_mirror_tails()
         self.clean_end[0] = 1
         for fd in self.pipes:
             os.close(fd)
