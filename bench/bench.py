@@ -43,6 +43,13 @@ last sink's EOF), their ratio (target: >= 0.5, the 50th within 2x of the first; 
 the budget leave later sources 8 KiB pipes, 0.17x), the pipe size the proxy logged, any pipe
 refusal it logged, and every byte of the 50 streams checked at both sinks.
 
+Figure "redis" (needs redis-server and redis-benchmark, `make servers`; skipped with a line without them):
+redis-benchmark -t set,incr -n N -c 20 -q (N = 100000 x scale, at least 2000) straight to a redis-server
+(direct D=1) and through socketproxy.py --primary to that redis plus a shadow redis (socketproxy-primary
+D=2), fresh servers without persistence for every trial, rounds interleaved as above: requests per second
+of SET and of INCR; a trial whose redis-benchmark exits non-zero or prints an error line is an error.
+Target (informational): through --primary >= 0.7x direct, per test.
+
 The bench raises its own RLIMIT_NOFILE soft limit to the hard limit before it starts anything, so
 every process it starts (the proxy included) inherits the raised limit. It makes itself a child
 subreaper, so orphans of the systems it starts are reaped here, and kills every process it started
@@ -77,7 +84,7 @@ PEERS = os.path.join(HERE, "peers.py")
 GIB = 1 << 30
 MIB = 1 << 20
 WINDOW_BYTES = 1 << 20
-FIGURES = ("thr", "resp", "conn", "lat", "mem", "scale", "unprivileged")
+FIGURES = ("thr", "resp", "conn", "lat", "mem", "scale", "unprivileged", "redis")
 BACKLOG = 1024  # socat's default listen backlog (5) drops SYNs at concurrency 8: 1 s retransmits
 
 
@@ -734,6 +741,70 @@ def trial_unprivileged(system, dests, size, held=48, small=1024):
             "bytes_per_destination": 2 * size + held * small}
 
 
+REDIS_RESULT = re.compile(r"^([A-Z_]+)(?: \([^)]*\))?: ([\d.]+) requests per second")
+REDIS_PROGRESS = re.compile(r"^[A-Z_]+(?: \([^)]*\))?: rps=")
+REDIS_CLIENTS = 20
+
+
+def start_redis(tmpdir):
+    """A redis-server on a free loopback port, no persistence, answering PING: (Popen, port)."""
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="redis-%d-" % port, dir=tmpdir)
+    popen = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                              "--appendonly", "no", "--daemonize", "no", "--dir", workdir],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 15
+    while True:
+        if popen.poll() is not None:
+            raise BenchError("redis-server on %d exited with status %s at start" % (port, popen.returncode))
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(64).startswith(b"+PONG"):
+                    return popen, port
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            kill_tree(popen)
+            raise BenchError("redis-server on %d does not answer PING after 15 s" % port)
+        time.sleep(0.05)
+
+
+def trial_redis(system, dests, requests, tmpdir):
+    """redis-benchmark -t set,incr -n requests -c 20 -q to dests[0]: straight (D=1), or through the proxy
+    with --primary to it and a shadow (D=2). Requests per second of SET and INCR; an exit status or an
+    error line (anything but progress and results in -q output) fails the trial."""
+    servers = []
+    try:
+        for _ in range(dests):
+            servers.append(start_redis(tmpdir))
+        host, port = system.start([p for _, p in servers])[0].rsplit(":", 1)
+        timeout = 60 + requests / 1000
+        t0 = time.monotonic()
+        try:
+            done = subprocess.run(["redis-benchmark", "-h", host, "-p", port, "-t", "set,incr", "-n", str(requests),
+                                   "-c", str(REDIS_CLIENTS), "-q"], stdin=subprocess.DEVNULL, capture_output=True,
+                                  text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise BenchError("redis: redis-benchmark did not finish within %.0f s" % timeout) from None
+        seconds = time.monotonic() - t0
+        rps, errors = {}, []
+        for line in re.split(r"[\r\n]+", done.stdout + done.stderr):
+            line = line.strip()
+            result = REDIS_RESULT.match(line)
+            if result:
+                rps[result.group(1)] = float(result.group(2))
+            elif line and not REDIS_PROGRESS.match(line):
+                errors.append(line)
+        if done.returncode or errors or not {"SET", "INCR"} <= set(rps):
+            raise BenchError("redis: redis-benchmark exit %d, results %s, %d error lines %s" % (
+                done.returncode, rps, len(errors), errors[:3]))
+        return {"set_ops": rps["SET"], "incr_ops": rps["INCR"], "seconds": seconds}
+    finally:
+        for popen, _ in servers:
+            kill_tree(popen)
+
+
 # -- the run ------------------------------------------------------------------------------------
 
 def rotated(items, k):
@@ -831,6 +902,11 @@ def summarize(out, scale_n=1000):
             "PASS" if not errors and value >= 0.5 else "FAIL")
         targets.append({"target": "unprivileged %s: 50th/1st MB/s >= 0.5, every byte" % key,
                         "value": value, "limit": 0.5, "verdict": verdict, "unit": "x", "errors": errors})
+    red = out.get("redis", {})
+    if red:
+        for test, field in (("SET", "set_ops"), ("INCR", "incr_ops")):
+            target("redis-benchmark through --primary >= 0.7x direct (%s; informational)" % test,
+                   paired_ratio(red, "socketproxy-primary D=2", "direct D=1", field), 0.7)
     scale = out.get("scale", {}).get("socketproxy D=2")
     if scale:
         ok = bool(scale) and all("error" not in t and t.get("back_to_one") and t.get("held_all")
@@ -955,6 +1031,22 @@ def print_report(out, summary, targets, params):
                 "  ERRORS: %s" % s["errors"] if s["errors"] else ""))
         print("  (pipes: KiB per pipe as the proxy logged at start; - = none logged: no pipe budget (root), 1 MiB;\n"
               "   refused: the proxy logged a pipe size the kernel refused; target 50th/1st >= 0.5)")
+    red = out.get("redis", {})
+    if red:
+        print("\nRedis: redis-benchmark -t set,incr -n %d -c %d -q, requests per second; D=2: socketproxy.py "
+              "--primary to the\n  redis plus a shadow redis (its replies discarded)" % (params["redis_requests"],
+                                                                                       REDIS_CLIENTS))
+        print("  %-20s %3s %10s %10s %9s %9s" % ("system", "D", "SET/s", "INCR/s", "SET x", "INCR x"))
+        for key in red:
+            system, d = key.split(" D=")
+            s = summary["redis"][key]
+            print("  %-20s %3s %10s %10s %9s %9s%s" % (
+                system, d, fmt(s.get("set_ops")), fmt(s.get("incr_ops")),
+                fmt(paired_ratio(red, key, "direct D=1", "set_ops"), "%.2f"),
+                fmt(paired_ratio(red, key, "direct D=1", "incr_ops"), "%.2f"),
+                "  ERRORS: %s" % s["errors"] if s["errors"] else ""))
+    if params.get("redis_skipped"):
+        print("\n(redis figure skipped: %s)" % params["redis_skipped"])
     if params.get("nobody_skipped"):
         print("\n(socketproxy-nobody rows skipped: %s)" % params["nobody_skipped"])
     if targets:
@@ -999,7 +1091,12 @@ def main():
         "lat_count": max(200, int(2000 * scale)), "mem_sources": max(5, int(100 * scale)),
         "scale_sources": max(10, int(1000 * scale)), "scale_duration": max(0.5, 10 * scale),
         "unpriv_bytes": max(64 * MIB, int(GIB * scale)), "resp_bytes": max(8 * MIB, int(GIB * scale / 4)),
+        "redis_requests": max(2000, int(100000 * scale)),
     }
+    missing_redis = [tool for tool in ("redis-server", "redis-benchmark") if not shutil.which(tool)]
+    if "redis" in only and missing_redis:
+        params["redis_skipped"] = "%s not installed (make servers installs them)" % " and ".join(missing_redis)
+        print("redis figure skipped: %s" % params["redis_skipped"])
     nobody_why = why_not_nobody() if only & {"thr", "unprivileged"} else None
     if nobody_why:
         print("socketproxy-nobody rows skipped (the proxy as the unprivileged user nobody): %s" % nobody_why)
@@ -1051,6 +1148,11 @@ def main():
             run_figure("unprivileged", combos, rounds, trial_unprivileged, lambda d: (params["unpriv_bytes"],),
                        lambda r: "1st %.0f MB/s, 50th %.0f MB/s, 50th/1st %.2f, pipes %s KiB" % (
                            r["first_mbps"], r["last_mbps"], r["ratio"], r.get("pipe_kib", "-")), out)
+        if "redis" in only and not missing_redis:
+            primary = SocketProxyWith(tmpdir, "socketproxy-primary", ["--primary"])
+            run_figure("redis", [(direct, 1), (primary, 2)], rounds, trial_redis,
+                       lambda d: (params["redis_requests"], tmpdir),
+                       lambda r: "SET %.0f/s, INCR %.0f/s" % (r["set_ops"], r["incr_ops"]), out)
     finally:
         reap_descendants()
         shutil.rmtree(tmpdir, ignore_errors=True)
