@@ -24,6 +24,7 @@ STATE_NONE, STATE_CONNECTING, STATE_UP, STATE_DOWN = 0, 1, 2, 3
 STATE_NAMES = {STATE_NONE: "-", STATE_CONNECTING: "connecting", STATE_UP: "up", STATE_DOWN: "down"}
 # The header: a row holding only the fold's seq, main's row (these counters; the received total of
 # finished groups), then a row per destination with the totals of finished forwarders (as their rows).
+READ_TRIES = 1000  # a reader never waits for a writer that died in the middle of a write
 MAIN_COUNTERS = ("accepted", "refused_allow", "refused_full", "active", "group_kills", "received")
 
 
@@ -37,17 +38,20 @@ class Row:
     def write(self, *values):
         buf, offset = self.table.buf, self.offset
         seq = FIELD.unpack_from(buf, offset)[0]
-        FIELD.pack_into(buf, offset, seq + 1)
+        writing = seq | 1  # odd while writing (already odd if a writer of this row died writing)
+        FIELD.pack_into(buf, offset, writing)
         struct.pack_into("%dq" % len(values), buf, offset + FIELD.size, *values)
-        FIELD.pack_into(buf, offset, seq + 2)
+        FIELD.pack_into(buf, offset, writing + 1)
 
     def read(self):
-        """The fields after seq, consistent."""
+        """The fields after seq, consistent, unless the writer stays in the middle of a write: it
+        was killed there (its row is final, as it is), or it was preempted (the next read is right)."""
         buf, offset = self.table.buf, self.offset
-        while True:
+        for _ in range(READ_TRIES):
             fields = ROW_FORMAT.unpack_from(buf, offset)
             if fields[0] % 2 == 0 and FIELD.unpack_from(buf, offset)[0] == fields[0]:
-                return fields[1:]
+                break
+        return fields[1:]
 
     def clear(self):
         self.write(*([0] * (ROW_FIELDS - 1)))
@@ -133,9 +137,9 @@ class Table:
         """Everything at one instant: main's counters with the finished totals added to, and the
         live rows. Returns (main counters, per destination totals, live forwarder states, bytes kept
         in backlogs per destination)."""
-        while True:
+        for attempt in range(READ_TRIES):  # main folds in microseconds: one under way for long means it died
             seq = FIELD.unpack_from(self.buf, 0)[0]
-            if seq % 2:
+            if seq % 2 and attempt < READ_TRIES - 1:
                 continue
             main = self.main_counters()
             totals = []
@@ -155,7 +159,8 @@ class Table:
                     states[dest].append(values[FWD_STATE])
                     backlogs[dest] += values[FWD_BACKLOG]
             if FIELD.unpack_from(self.buf, 0)[0] == seq:
-                return main, totals, states, backlogs
+                break
+        return main, totals, states, backlogs
 
 
 class ForwarderStats:
