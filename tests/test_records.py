@@ -1,6 +1,8 @@
 """Records and backlog: a restarted destination misses nothing and never sees a torn record."""
 import random
 import re
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -200,3 +202,47 @@ def test_strict_consumer_killed_and_restarted_never_sees_a_torn_record(proxy, tm
     skips = [(a, b) for a, b in zip(seqs, seqs[1:]) if not a - 1 <= b - 1 <= a]
     assert all(b > a for a, b in skips), skips
     assert len(skips) <= 5
+
+
+class ReadAllThenReset:
+    """A destination that reads `size` bytes of each connection, then closes it with a reset at once."""
+
+    def __init__(self, size, connections):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.size = size
+        self.read = []
+        self.thread = threading.Thread(target=self._run, args=(connections,), daemon=True)
+        self.thread.start()
+
+    def _run(self, connections):
+        for _ in range(connections):
+            conn, _ = self.listener.accept()
+            got = 0
+            while got < self.size:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                got += len(data)
+            self.read.append(got)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+        self.listener.close()
+
+
+@pytest.mark.parametrize("buffer", ["4M", "0"])
+def test_a_destination_that_reads_everything_then_resets_lost_nothing(proxy, buffer):
+    """The forwarder sends its FIN only once every byte is acknowledged: a FIN makes the destination
+    delay its last ACK, and one that read everything and reset at once would leave the last bytes
+    unacknowledged, counted as dropped though read (a chaos run's 53,013 logged for 52,013 missed)."""
+    size, runs = 50_000, 8
+    dest = ReadAllThenReset(size, runs)
+    px = proxy(["127.0.0.1:%d" % dest.port], "--framing", "line", "--buffer", buffer)
+    for _ in range(runs):
+        source = connect_source(px.port)
+        source.sendall(b"%09d\n" % 7 * (size // 10))
+        source.close()
+        wait_until(lambda: px.log().count("forwarder done") == _ + 1, 30)
+    done = re.findall(r"forwarder done: sent (\d+) bytes, dropped (\d+) bytes", px.log())
+    assert dest.read == [size] * runs
+    assert done == [(str(size), "0")] * runs, px.log()
