@@ -343,14 +343,14 @@ def test_primary_forwarder_title_says_primary(proxy, recorder, servers):
     source = connect_source(px.port)
     assert round_trip(source, b"hello") == reply_to(b"hello")
     def forwarder_titles():
-        titles = [" ".join(p.cmdline()) for p in by_role(px.pid, "forwarder")]
+        titles = [" ".join(p.cmdline()).strip() for p in by_role(px.pid, "forwarder")]
         return titles if len(titles) == 2 else None
 
     titles = wait_until(forwarder_titles)
     primary = [t for t in titles if "(primary)" in t]
     assert len(primary) == 1, titles
     assert "-> 127.0.0.1:%d (primary)" % echo.port in primary[0]
-    assert [t for t in titles if "(primary)" not in t][0].split(" | ")[0].endswith("-> 127.0.0.1:%d" % mirror.port)
+    assert [t for t in titles if "(primary)" not in t][0].split(" | ")[0].strip().endswith("-> 127.0.0.1:%d" % mirror.port)
     source.close()
 
 
