@@ -28,6 +28,8 @@ class TableCollector:
             seen = sum(1 for name in self.dests if name.split("#")[0] == str(dest))
             self.dests.append(str(dest) if not seen else "%s#%d" % (dest, seen + 1))
         self.framed = config.framing != "none"
+        self.roles = ["primary" if config.primary and index == 0 else "mirror" if config.primary else "destination"
+                      for index in range(len(config.dests))]
 
     def collect(self):
         main, totals, states, backlogs = self.table.snapshot()
@@ -63,8 +65,11 @@ class TableCollector:
                                  "down now.", labels=["destination"])
         kept = GaugeMetricFamily(PREFIX + "destination_backlog_bytes", "Bytes kept for the destination while it "
                                  "is down (--buffer), to be sent when it is back.", labels=["destination"])
+        info = GaugeMetricFamily(PREFIX + "destination_info", "Each destination's role: primary (its replies go "
+                                 "back to the source, --primary), mirror, or destination.", labels=["destination", "role"])
         for index, dest in enumerate(self.dests):
             kept.add_metric([dest], backlogs[index])
+            info.add_metric([dest, self.roles[index]], 1)
             for name, family in families.items():
                 family.add_metric([dest], totals[index][name])
             up.add_metric([dest], states[index].count(stats.STATE_UP))
@@ -73,6 +78,7 @@ class TableCollector:
         yield up
         yield down
         yield kept
+        yield info
 
 
 class Server(http.server.ThreadingHTTPServer):

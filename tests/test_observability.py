@@ -125,6 +125,8 @@ def test_refused_sources_are_counted_by_reason(proxy, recorder):
     assert metric(values, "socketproxy_sources_accepted_total") == 1
     assert metric(values, "socketproxy_sources_active") == 1
     assert metric(values, "socketproxy_sources_refused_total", reason="not_allowed") == 0
+    assert metric(values, "socketproxy_destination_info", destination="127.0.0.1:%d" % dest.port,
+                  role="destination") == 1
     for sock in extra + [first]:
         sock.close()
 
@@ -150,3 +152,23 @@ def test_promtool_accepts_a_live_scrape():
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "promtool check metrics: exit 0" in result.stdout
     assert re.search(r"forwarder \S+ -> \S+ \| down since .* kept [\d.]+ [KM]?B", result.stdout), result.stdout
+
+
+def test_metrics_name_the_primary(proxy, recorder):
+    primary, mirror = recorder(), recorder()
+    metrics_port = free_port()
+    proxy(["127.0.0.1:%d" % primary.port, "127.0.0.1:%d" % mirror.port], "--primary", "--metrics",
+          "127.0.0.1:%d" % metrics_port)
+    wait_until(lambda: scrape_or_none(metrics_port) is not None)
+    values = scrape(metrics_port)
+    assert metric(values, "socketproxy_destination_info", destination="127.0.0.1:%d" % primary.port,
+                  role="primary") == 1
+    assert metric(values, "socketproxy_destination_info", destination="127.0.0.1:%d" % mirror.port,
+                  role="mirror") == 1
+
+
+def scrape_or_none(port):
+    try:
+        return scrape(port)
+    except OSError:
+        return None
