@@ -391,8 +391,8 @@ class Proxy:
         self.poller.unregister(self.listener.fileno())
         self.listener.close()
         log.info("stopping (%s): ending %d receivers", why, len(self.receivers))
-        if self.metrics_pid is not None:
-            os.kill(self.metrics_pid, signal.SIGTERM)
+        if self.metrics_pid is not None:  # it ignores stop signals (see metrics.serve), and holds no state
+            os.kill(self.metrics_pid, signal.SIGKILL)
             self.metrics_pid = None  # its end is expected now: reaped as any other child
         for pid in self.receivers:
             try:

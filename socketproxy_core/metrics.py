@@ -6,6 +6,7 @@ scrape and writes nothing anywhere: the counters live in that table, not in file
 """
 import http.server
 import os
+import signal
 import threading
 
 from prometheus_client import CollectorRegistry
@@ -91,7 +92,13 @@ class Server(http.server.ThreadingHTTPServer):
 
 
 def serve(sock, table, config, lifeline_fd):
-    """Body of the metrics process: serve until main is gone (its end of the lifeline closes)."""
+    """Body of the metrics process: serve until main is gone (its end of the lifeline closes).
+
+    Stop signals are ignored: a stop that signals every process at once (systemd's) must not end
+    it before main, which would log that death; main ends it when it stops, and nothing is lost.
+    """
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     registry = CollectorRegistry(auto_describe=True)
     registry.register(TableCollector(table, config))
     server = Server(sock, MetricsHandler.factory(registry))

@@ -280,14 +280,13 @@ class Receiver:
         fds = self.pipe_fds
         last = len(fds) - 1
         for index, fd in enumerate(fds):
-            if fd in self.droppable:  # never waited for: what it does not take now, it loses
-                if self.room_for(fd, size):
-                    try:
-                        moved = tee(self.stage_r, fd, size, SPLICE_F_NONBLOCK)
-                    except (BlockingIOError, BrokenPipeError):
-                        moved = 0
-                    if moved < size:
-                        self.count_mirror_drop(fd, size - moved)
+            if fd in self.droppable:  # never waited for: what it does not take now, it loses (a byte stream)
+                try:
+                    moved = tee(self.stage_r, fd, size, SPLICE_F_NONBLOCK)
+                except (BlockingIOError, BrokenPipeError):
+                    moved = 0
+                if moved < size:
+                    self.count_mirror_drop(fd, size - moved)
                 continue
             try:
                 if index < last:
@@ -503,7 +502,7 @@ class Receiver:
         dying port. Wait (briefly) until main has gone entirely."""
         try:
             main_fd = os.pidfd_open(self.main_pid)
-        except (OSError, TypeError):
+        except OSError:  # already gone
             return
         select.select([main_fd], [], [], MAIN_EXIT_WAIT_S)
         os.close(main_fd)

@@ -228,12 +228,17 @@ def test_signals_during_churn_are_handled_by_the_loop(proxy, recorder):
     assert not alive(procs)
 
 
-def test_systemd_stop_signals_every_process_at_once(proxy, recorder):
+@pytest.mark.parametrize("metrics", [False, True], ids=["plain", "with-metrics"])
+def test_systemd_stop_signals_every_process_at_once(proxy, recorder, metrics):
     """KillMode=control-group: SIGTERM to every process of the tree together is the same orderly stop
-    as SIGTERM to main: data already read is delivered, exit 0, no error line, nothing left."""
+    as SIGTERM to main: data already read is delivered, exit 0, no error line, nothing left (the
+    metrics process included)."""
     slow = recorder(read_rate=3_000_000)
     fast = recorder()
-    px = proxy(["127.0.0.1:%d" % slow.port, "127.0.0.1:%d" % fast.port])
+    options = ["--metrics", "127.0.0.1:%d" % free_port()] if metrics else []
+    px = proxy(["127.0.0.1:%d" % slow.port, "127.0.0.1:%d" % fast.port], *options)
+    if metrics:
+        wait_for_log(px.log_path, "serving metrics")
     socks = serving(px, [slow, fast], sources=2)
     payload = os.urandom(1_000_000)
     for sock in socks:
@@ -241,8 +246,8 @@ def test_systemd_stop_signals_every_process_at_once(proxy, recorder):
     ports = [sock.getsockname()[1] for sock in socks]
     wait_until(lambda: all(tcp_queues(p, px.port) == (0, 0) and tcp_queues(px.port, p) == (0, 0) for p in ports))
     procs = tree(px.pid)
-    assert len(procs) == 1 + 2 * 3
-    for proc in procs:
+    assert len(procs) == 1 + 2 * 3 + metrics
+    for proc in reversed(procs):  # main last: its children's ends reach it before its own signal
         proc.send_signal(signal.SIGTERM)
     assert px.proc.wait(scaled(10)) == 0
     assert not alive(procs), "main exited before its tree was gone"

@@ -42,16 +42,22 @@ needs_http = pytest.mark.skipif(bool(missing(HTTP_TOOLS)), reason="%s not instal
                                 "nginx, apache2-utils and curl)" % ", ".join(missing(HTTP_TOOLS)))
 
 
-@pytest.fixture
-def redis(tmp_path):
-    """Factory: redis(name) starts a redis-server (no persistence, DEBUG enabled); all stopped at teardown."""
+def server_factory(kind, tmp_path):
+    """(make, made): make(name) starts a kind(name, port, tmp_path) server; stop every one in made."""
     made = []
 
     def make(name):
-        server = RedisServer(name, free_port(), tmp_path)
+        server = kind(name, free_port(), tmp_path)
         made.append(server)
         return server.start(scaled(20))
 
+    return make, made
+
+
+@pytest.fixture
+def redis(tmp_path):
+    """Factory: redis(name) starts a redis-server (no persistence, DEBUG enabled); all stopped at teardown."""
+    make, made = server_factory(RedisServer, tmp_path)
     yield make
     for server in made:
         server.stop()
@@ -60,13 +66,7 @@ def redis(tmp_path):
 @pytest.fixture
 def nginx(tmp_path):
     """Factory: nginx(name) starts an nginx with its own configuration in tmp_path; all stopped at teardown."""
-    made = []
-
-    def make(name):
-        server = Nginx(name, free_port(), tmp_path)
-        made.append(server)
-        return server.start(scaled(20))
-
+    make, made = server_factory(Nginx, tmp_path)
     yield make
     for server in made:
         server.stop()
