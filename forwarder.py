@@ -35,6 +35,8 @@ STILL_DOWN_LOG_S = 60.0
 PROGRESS_POLL_S = 0.1  # while a destination's socket is full: how often its progress is checked
 USER_TIMEOUT_FACTOR = 3
 MIN_SNDBUF = 128 * 1024  # doubled by the kernel: over two of loopback's 64 KiB segments in flight
+MIRROR_BATCH_S = 0.005  # a mirror of --primary that moved little waits this long before it reads its pipe again
+MIRROR_BATCH_BELOW = 64 * 1024
 ACK_WAIT_S = 0.001  # a full shadow waits for acknowledgements, which have no event: poll this often
 KEEP_ACKED = 64 * 1024  # line framing: acknowledged bytes kept, to resend a cut record whole
 CUT_PEEK = 4096  # line framing: released bytes read (not spliced away) to find the start of the record they cut
@@ -171,6 +173,8 @@ class Forwarder:
         self.acked_front = 0  # bytes at the backlog's front the destination already acknowledged
         self.cut_head, self.head_known = b"", True  # framed: the head of the record the release point cuts
         self.keep_buffer = None  # KEEP_READ bytes, made at the first outage
+        self.batching = config.primary and not self.primary
+        self.sent_at_wake = 0
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -430,6 +434,8 @@ class Forwarder:
                 elif now - progress_at >= self.config.send_timeout:
                     raise Disconnected("no progress for %.1f s (send timeout)" % self.config.send_timeout)
                 timeout_ms = min(PROGRESS_POLL_S, progress_at + self.config.send_timeout - now) * 1000
+            else:
+                self.gather()
             events = poller.poll(timeout_ms)
             if progress_at and not events:
                 events = [(pipe_fd, select.POLLIN)]  # try the socket again
@@ -468,6 +474,14 @@ class Forwarder:
                         poller.register(pipe_fd, POLL_IN)
                     if moved < SPLICE_CHUNK:
                         break
+
+    def gather(self):
+        """A mirror of --primary that moved little at its last wake lets its pipe gather more
+        before it looks again: one wake per batch, not per request, leaves the CPU to the primary."""
+        if self.batching:
+            if self.sent - self.sent_at_wake < MIRROR_BATCH_BELOW:
+                time.sleep(MIRROR_BATCH_S)
+            self.sent_at_wake = self.sent
 
     def read_replies(self):
         """Read and discard what the destination sends; its EOF or an error ends the connection."""
@@ -611,6 +625,7 @@ class Forwarder:
                 timeout_ms = None
                 watch_pipe = True
             if watch_pipe:
+                self.gather()
                 poller.register(pipe_fd, POLL_IN)
             for fd, event in poller.poll(timeout_ms):
                 if fd == sock_fd and event & (select.POLLIN | select.POLLERR | select.POLLHUP):
