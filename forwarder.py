@@ -35,8 +35,13 @@ STILL_DOWN_LOG_S = 60.0
 PROGRESS_POLL_S = 0.1  # while a destination's socket is full: how often its progress is checked
 USER_TIMEOUT_FACTOR = 3
 MIN_SNDBUF = 128 * 1024  # doubled by the kernel: over two of loopback's 64 KiB segments in flight
-MIRROR_BATCH_S = 0.005  # a mirror of --primary that moved little waits this long before it reads its pipe again
+# A mirror of --primary sends in batches (a wake per request would take the CPU the primary needs):
+# after a wake that moved under MIRROR_BATCH_BELOW it waits MIRROR_BATCH_S before it reads its pipe
+# again, unless the receiver pokes it first (it has filled a quarter of the pipe's slots meanwhile).
+# Only with a pipe of MIRROR_BATCH_MIN_PIPE or more (64 slots or more).
+MIRROR_BATCH_S = 0.02
 MIRROR_BATCH_BELOW = 64 * 1024
+MIRROR_BATCH_MIN_PIPE = 256 * 1024
 ACK_WAIT_S = 0.001  # a full shadow waits for acknowledgements, which have no event: poll this often
 KEEP_ACKED = 64 * 1024  # line framing: acknowledged bytes kept, to resend a cut record whole
 CUT_PEEK = 4096  # line framing: released bytes read (not spliced away) to find the start of the record they cut
@@ -125,10 +130,11 @@ class Forwarder:
     """Copies one pipe to one destination for the life of one source connection."""
 
     def __init__(self, pipe_fd, dest, config, receiver_pid=None, clean_end=None, stats=None, source=None,
-                 mirror_drops=None):
+                 mirror_drops=None, requests_link=None, poke_fd=None):
         self.pipe_fd = pipe_fd
         self.source = source  # --primary: this forwarder's destination is the source's session
         self.primary = source is not None
+        self.requests_link = requests_link  # --primary: the receiver writes the requests (primary.RequestsLink)
         self.mirror_drops = mirror_drops  # --mirror-policy drop: (shared counters, our index) the receiver adds to
         self.stats = stats or ForwarderStats(None, None)  # counters for the title and the metrics
         self.receiver_pid = receiver_pid
@@ -145,6 +151,7 @@ class Forwarder:
         self.backoff_s = BACKOFF_START_S
         self.connected_at = 0.0
         self.sent = 0  # bytes handed to the destination's socket, over all connections
+        self.piped = 0  # --primary: of them, those we spliced (the receiver writes the rest)
         self.dropped = 0  # bytes dropped, over all outages
         self.outage_dropped = 0
         self.outage_started = 0.0
@@ -173,7 +180,7 @@ class Forwarder:
         self.acked_front = 0  # bytes at the backlog's front the destination already acknowledged
         self.cut_head, self.head_known = b"", True  # framed: the head of the record the release point cuts
         self.keep_buffer = None  # KEEP_READ bytes, made at the first outage
-        self.batching = config.primary and not self.primary
+        self.poke_fd = poke_fd  # a mirror of --primary: the receiver's eventfd that ends a batch early
         self.sent_at_wake = 0
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -182,7 +189,7 @@ class Forwarder:
         """Serve until the pipe ends; returns the exit code."""
         first = not self.retaining
         if self.primary:
-            primary.PrimarySession(self, self.source).run()
+            primary.PrimarySession(self, self.source, self.requests_link).run()
         while not self.pipe_eof and not self.primary:
             if not self.connect(hold_pipe=first):
                 first = False
@@ -399,12 +406,14 @@ class Forwarder:
 
     def publish(self, *_):
         """Counters to the shared table and the title (on a 1 s timer: SIGALRM)."""
+        if self.requests_link is not None:
+            self.sent = self.piped + self.requests_link.bytes_written()
         self.stats.publish(self, os.getpid())
 
     def publish_final(self):
         """The exact last counters, before the done line: the timer is stopped first."""
         signal.setitimer(signal.ITIMER_REAL, 0)
-        self.stats.publish(self, os.getpid())
+        self.publish()
 
     def pump(self):
         """Copy pipe -> socket while connected; returns at pipe EOF after closing the connection.
@@ -477,11 +486,15 @@ class Forwarder:
 
     def gather(self):
         """A mirror of --primary that moved little at its last wake lets its pipe gather more
-        before it looks again: one wake per batch, not per request, leaves the CPU to the primary."""
-        if self.batching:
-            if self.sent - self.sent_at_wake < MIRROR_BATCH_BELOW:
-                time.sleep(MIRROR_BATCH_S)
-            self.sent_at_wake = self.sent
+        before it looks again: one wake per batch, not per request, leaves the CPU to the primary.
+        The receiver pokes it when the pipe fills faster (so a burst is never dropped for a nap)."""
+        if self.poke_fd is None:
+            return
+        if self.sent - self.sent_at_wake < MIRROR_BATCH_BELOW:
+            if select.select([self.poke_fd], [], [], MIRROR_BATCH_S)[0]:
+                os.eventfd_read(self.poke_fd)
+                log.debug("woken before the batch's end: the pipe fills fast")
+        self.sent_at_wake = self.sent
 
     def read_replies(self):
         """Read and discard what the destination sends; its EOF or an error ends the connection."""
@@ -959,7 +972,7 @@ def pipe_bytes(fd):
 
 
 def run_forwarder(pipe_fd, dest, config, receiver_pid=None, clean_end=None, stats=None, source=None,
-                  mirror_drops=None):
+                  mirror_drops=None, requests_link=None, poke_fd=None):
     """Body of the forwarder process (see forking.fork_child).
 
     SIGTERM or SIGINT asks the receiver to stop the group in order (so a stop that signals every
@@ -968,7 +981,8 @@ def run_forwarder(pipe_fd, dest, config, receiver_pid=None, clean_end=None, stat
     """
     os.set_blocking(pipe_fd, False)
     zerocopy.return_large_blocks()
-    fwd = Forwarder(pipe_fd, dest, config, receiver_pid, clean_end, stats, source, mirror_drops)
+    fwd = Forwarder(pipe_fd, dest, config, receiver_pid, clean_end, stats, source, mirror_drops, requests_link,
+                    poke_fd)
 
     def ask_receiver_to_stop(_signum, _frame):
         if fwd.receiver_pidfd is not None:

@@ -1,17 +1,21 @@
 """--primary: the first destination is the source's session, and its replies go back to the source.
 
-The primary's forwarder holds a copy of the source socket. It splices the pipe to the primary
-(requests) and the primary to the source through a pipe of its own (replies): no byte through
-Python either way. Nothing is retried: when the primary cannot be reached, fails, resets or closes,
+Requests reach the primary through its forwarder's pipe until the forwarder has connected and
+handed the socket to the receiver (RequestsLink); from then on, once that pipe is empty, the receiver
+splices them straight into the socket: a request wakes one process, not two. The pipe's end is still
+the end of requests. The forwarder holds a copy of the source socket and splices the primary's
+replies to it through a pipe of its own: no byte through Python either way. Nothing is retried: when the primary cannot be reached, fails, resets or closes,
 the source is closed the same way (a reset for a reset, a close for a close), the receiver is asked
 to end the group (through the shared flag, then SIGTERM), and what the pipe still brings is
 counted as dropped. Half-closes pass both ways: the source's end of requests becomes a FIN to the
 primary, whose remaining replies still reach the source before its own FIN does.
 """
+import mmap
 import os
 import select
 import signal
 import socket
+import struct
 
 import forwarder
 from socketproxy_core.proxylog import log
@@ -23,17 +27,59 @@ ENDED_CLOSE, ENDED_RESET = 1, 2  # the shared flag (the receiver's clean_end[1])
 ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, TimeoutError)
 
 
+class RequestsLink:
+    """Between the receiver and the primary's forwarder: the connected socket, handed over once
+    (SCM_RIGHTS), and the count of request bytes the receiver wrote into it (shared memory)."""
+
+    def __init__(self):
+        self.receiver_end, self.forwarder_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.written = mmap.mmap(-1, 8)
+
+    def hand_over(self, sock):
+        """Forwarder: the primary is connected; the receiver may write to it from now on."""
+        try:
+            socket.send_fds(self.forwarder_end, [b"c"], [sock.fileno()])
+        except OSError:
+            pass  # the receiver is gone: its group ends
+        self.forwarder_end.close()
+
+    def refuse(self):
+        """Forwarder: there will be no connection (the receiver reads end of file)."""
+        self.forwarder_end.close()
+
+    def take(self):
+        """Receiver: the primary's socket as a descriptor, None when it was not connected."""
+        try:
+            _, fds, _, _ = socket.recv_fds(self.receiver_end, 1, 1)
+        except OSError:
+            fds = []
+        self.receiver_end.close()
+        return fds[0] if fds else None
+
+    def add_written(self, size):
+        struct.pack_into("q", self.written, 0, self.bytes_written() + size)
+
+    def bytes_written(self):
+        return struct.unpack_from("q", self.written)[0]
+
+
 class PrimarySession:
     """Requests pipe -> primary, replies primary -> source, until one side ends the session."""
 
-    def __init__(self, fwd, source):
+    def __init__(self, fwd, source, link):
         self.fwd = fwd
         self.source = source
+        self.link = link
         self.returned = 0  # reply bytes delivered to the source
 
     def run(self):
         fwd = self.fwd
-        if not fwd.connect(hold_pipe=True):
+        connected = fwd.connect(hold_pipe=True)
+        if connected:
+            self.link.hand_over(fwd.sock)
+        else:
+            self.link.refuse()
+        if not connected:
             if fwd.pipe_eof:  # the source finished before the primary answered: nothing to deliver
                 self.source.close()
                 return
@@ -45,9 +91,9 @@ class PrimarySession:
             self.end_session(ENDED_RESET, "the primary %s failed (%s)" % (fwd.dest, exc.strerror or exc))
 
     def pump(self):
-        """Event by event, one splice each: a request wakes us once and costs one splice; a reply
+        """Event by event, one splice each: a request still in our pipe costs one splice; a reply
         costs two (primary -> our reply pipe -> source), and a poll for the source only when it
-        does not take the reply at once."""
+        does not take the reply at once. The end of our pipe is the end of requests."""
         fwd = self.fwd
         sock, pipe_fd, source_fd = fwd.sock, fwd.pipe_fd, self.source.fileno()
         sock_fd = sock.fileno()
@@ -70,7 +116,7 @@ class PrimarySession:
                     except BlockingIOError:  # the pipe has data (POLLIN): the primary's socket is full
                         moved = -1
                     if moved > 0:
-                        fwd.sent += moved
+                        fwd.piped += moved
                     elif moved == 0:  # the source has finished sending: the primary gets our FIN
                         fwd.end_of_pipe()
                         requests_open = False

@@ -114,6 +114,15 @@ class Receiver:
             drop and config.framing == "line") else None
         self.partial = bytearray()  # the start of a command not yet whole
         self.resp_buffer = None
+        # --primary: requests go through the primary's pipe until its forwarder has connected and
+        # handed us the socket, then (once that pipe is empty, for order) straight into the socket.
+        self.requests_link = primary.RequestsLink() if config.primary else None
+        self.primary_fd = None
+        self.handed_fd = None  # the primary's socket, handed over but not yet written to
+        # --primary: mirrors send in batches; each has an eventfd we poke when its pipe fills faster
+        # (see forwarder.MIRROR_BATCH_S): write fd -> [eventfd, pipe slots used since the last poke].
+        self.pokes = {}
+        self.poke_slots = config.pipe_size // PAGE // 4
 
     def start(self):
         """Own process group, keepalive on the source, wake-up pipe for signals, forwarders."""
@@ -143,6 +152,8 @@ class Receiver:
             self.pipe_fds.append(self.pipe_fds.pop(0))
             if self.config.mirror_policy == "drop":
                 self.droppable = set(self.pipe_fds[:-1])
+            self.requests_link.forwarder_end.close()
+            self.poller.register(self.requests_link.receiver_end, select.POLLIN)
         self.poller.register(self.source, select.POLLIN)
         self.poller.register(self.lifeline_fd, select.POLLIN)
         self.poller.register(wake_r, select.POLLIN)
@@ -158,9 +169,15 @@ class Receiver:
         # A forwarder must not hold the source (else killing us would not close it) nor any
         # sibling's write end (else that pipe would never read EOF): it keeps its read end only.
         # The primary's keeps the source too, to send it the replies (the group dies together).
-        keep = [read_fd, self.source.fileno()] if is_primary else [read_fd]
-        pid = forking.fork_child(title, self.run_forwarder, read_fd, index, dest, title, os.getpid(),
+        keep = [read_fd, self.source.fileno(), self.requests_link.forwarder_end.fileno()] if is_primary else [read_fd]
+        poke_fd = None
+        if self.config.primary and not is_primary and self.config.pipe_size >= forwarder.MIRROR_BATCH_MIN_PIPE:
+            poke_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            keep.append(poke_fd)
+        pid = forking.fork_child(title, self.run_forwarder, read_fd, index, dest, title, os.getpid(), poke_fd,
                                  keep=keep, close=[] if is_primary else [self.source])
+        if poke_fd is not None:
+            self.pokes[write_fd] = [poke_fd, 0]
         self.dest_index[write_fd] = index
         os.close(read_fd)
         os.set_blocking(write_fd, False)
@@ -170,13 +187,13 @@ class Receiver:
         self.forwarders[pidfd] = (pid, dest)
         self.poller.register(pidfd, select.POLLIN)
 
-    def run_forwarder(self, read_fd, index, dest, title, receiver_pid):
+    def run_forwarder(self, read_fd, index, dest, title, receiver_pid, poke_fd):
         proxylog.set_connection("src=%s dst=%s" % (self.peer, dest))
         row = self.table.forwarder_row(self.slot, index) if self.table is not None else None
         counters = stats.ForwarderStats(row, lambda text: setproctitle.setproctitle("%s | %s" % (title, text)))
         source = self.source if self.config.primary and index == 0 else None
         return forwarder.run_forwarder(read_fd, dest, self.config, receiver_pid, self.clean_end, counters, source,
-                                       (self.mirror_drops, index))
+                                       (self.mirror_drops, index), self.requests_link if source else None, poke_fd)
 
     def publish(self, force=False):
         """Our counters to the shared table, and a title with our forwarders' states: at most once
@@ -237,6 +254,8 @@ class Receiver:
                     self.read_commands()
                 elif fd == self.source_fd:
                     self.read_source()
+                elif self.requests_link is not None and fd == self.requests_link.receiver_end.fileno():
+                    self.take_primary()
                 elif fd in self.mirror_tails:
                     self.finish_mirror_tail(fd)
                 elif fd in self.pending:
@@ -255,6 +274,49 @@ class Receiver:
         self.publish(force=True)
         log.info("group ended: %s; received %d bytes from source", self.end_reason, self.received)
         return 0
+
+    def take_primary(self):
+        """--primary: its forwarder has connected (or given up) and handed us its socket."""
+        link = self.requests_link
+        self.poller.unregister(link.receiver_end)
+        fd = link.take()
+        if fd is None:
+            return  # not reached: its forwarder resets the source and ends the group
+        self.handed_fd = fd
+        self.pipes[fd] = self.config.dests[0]  # closed with the pipes
+        self.dest_index[fd] = 0
+
+    def write_to_primary(self):
+        """Between two chunks: once the primary's pipe is empty (its forwarder has sent on all we
+        wrote there), the next chunks go straight into the primary's socket."""
+        if self.handed_fd is not None and not self.pending and self.pipe_fds and not forwarder.pipe_bytes(
+                self.pipe_fds[-1]):
+            self.pipe_fds[-1] = self.primary_fd = self.handed_fd
+            self.handed_fd = None
+            log.debug("requests go straight into the primary's socket from now on")
+
+    def discard_stage(self, size):
+        """The chunk in the staging pipe is lost (for a failed primary): the next must not follow it."""
+        while size > 0:
+            size -= len(os.read(self.stage_r, min(size, CHUNK)))
+
+    def fed(self, fd, size):
+        """A mirror's pipe took size bytes: poke its forwarder once they fill a quarter of the pipe's
+        slots (a write takes one slot per page it touches), so it does not nap through a burst."""
+        poke = self.pokes[fd]
+        poke[1] += size // PAGE + 1
+        if poke[1] >= self.poke_slots:
+            poke[1] = 0
+            os.eventfd_write(poke[0], 1)
+
+    def wrote(self, fd, size):
+        if fd == self.primary_fd:
+            self.requests_link.add_written(size)
+
+    def lost(self, fd, size):
+        """Requests the failed primary's socket did not take: dropped, in its forwarder's counts."""
+        if fd == self.primary_fd:
+            self.count_mirror_drop(fd, size)
 
     def read_source(self):
         """Move one chunk of the source into every pipe without copying it through Python.
@@ -277,6 +339,8 @@ class Receiver:
         self.received += size
         self.last_data = time.monotonic()
         self.chunk_len = size
+        if self.handed_fd is not None:
+            self.write_to_primary()
         fds = self.pipe_fds
         last = len(fds) - 1
         for index, fd in enumerate(fds):
@@ -287,16 +351,25 @@ class Receiver:
                     moved = 0
                 if moved < size:
                     self.count_mirror_drop(fd, size - moved)
+                if fd in self.pokes:
+                    self.fed(fd, moved)
                 continue
             try:
                 if index < last:
                     moved = tee(self.stage_r, fd, size, SPLICE_F_NONBLOCK)
+                    if fd in self.pokes:
+                        self.fed(fd, moved)
                 else:
                     moved = splice(self.stage_r, fd, size, flags=SPLICE_FLAGS)
+                    self.wrote(fd, moved)
             except BlockingIOError:
                 moved = 0
-            except BrokenPipeError:
-                moved = size  # that forwarder died; check_forwarders ends the group
+            except OSError:
+                # That forwarder died (check_forwarders ends the group), or the primary failed (its
+                # forwarder resets the source and ends the group): the chunk is lost for it.
+                self.lost(fd, size)
+                self.discard_stage(size)
+                moved = size
             if moved < size:
                 self.copy_rest(index, moved)
                 return
@@ -351,6 +424,8 @@ class Receiver:
     def fan_out(self, data, records=0):
         """Write data to every pipe from memory; pipes that cannot take it all hold the source (but
         mirrors under --mirror-policy drop, which lose it whole instead)."""
+        if self.handed_fd is not None:
+            self.write_to_primary()
         self.view = memoryview(data)
         self.chunk_len = len(data)
         for fd in self.pipe_fds:
@@ -390,6 +465,8 @@ class Receiver:
             written = os.write(fd, data)
         except (BlockingIOError, BrokenPipeError):
             written = 0
+        if fd in self.pokes:
+            self.fed(fd, written)
         if not written:
             self.count_mirror_drop(fd, len(data), records)
         elif written < len(data):
@@ -448,10 +525,15 @@ class Receiver:
         """Continue the current chunk into a pipe that has room again (register: a first try)."""
         offset = self.pending[fd]
         try:
-            offset += os.write(fd, self.view[offset:self.chunk_len])
+            written = os.write(fd, self.view[offset:self.chunk_len])
+            offset += written
+            self.wrote(fd, written)
+            if fd in self.pokes:
+                self.fed(fd, written)
         except BlockingIOError:
             pass
-        except BrokenPipeError:
+        except OSError:  # as in read_source: the group is ending
+            self.lost(fd, self.chunk_len - offset)
             offset = self.chunk_len
         if offset < self.chunk_len:
             self.pending[fd] = offset
@@ -492,7 +574,10 @@ class Receiver:
         self.stop_deadline = time.monotonic() + STOP_FLUSH_S
         if self.source.fileno() >= 0:
             if not self.pending:
-                self.poller.unregister(self.source)
+                try:
+                    self.poller.unregister(self.source)
+                except KeyError:
+                    pass  # --primary: not read yet, the primary was not connected
                 self.close_pipes()
             self.source.close()
 

@@ -576,7 +576,11 @@ def test_requests_sent_before_the_primary_reads_get_their_replies(proxy, recorde
 def test_requests_sent_while_the_primary_connect_is_in_flight_wait_for_it(proxy, recorder, servers):
     """A primary that drops the first SYN (its accept queue full), then makes room: the SYN retransmitted
     1 s later connects, within --connect-timeout 3; what the source sent at once waited in the primary's
-    pipe (the mirror got its copy meanwhile) and gets its replies."""
+    pipe (the mirror got its copy meanwhile) and gets its replies.
+
+    Then the forwarder hands the connected socket to the receiver, which (once the pipe is empty)
+    writes the later requests straight into it: order holds across the switch, and the primary's
+    done line counts what went either way."""
     listener, fillers = blackhole()
     port = listener.getsockname()[1]
     gate = threading.Event()
@@ -598,8 +602,17 @@ def test_requests_sent_while_the_primary_connect_is_in_flight_wait_for_it(proxy,
             filler.close()
         assert recv_exactly(source, len(request), 15) == reply_to(request)
         assert time.monotonic() - started >= 0.9  # not before the SYN's retransmission
-        assert request in echo.streams()
+        rng = random.Random(3)
+        later = [rng.randbytes(rng.randint(1, 3000)) for _ in range(50)]
+        for one in later:
+            assert round_trip(source, one) == reply_to(one)
+        wait_for_log(px.log_path, r"requests go straight into the primary's socket from now on")
         source.close()
+        everything = request + b"".join(later)
+        assert done_line(px, port) == (len(everything), 0)
+        assert everything in echo.streams()
+        wait_until(lambda: mirror.closed_count() == 1)
+        assert mirror.streams() == [everything]
         wait_group_gone(px)
         assert "cannot reach the primary" not in px.log()
         assert_clean_log(px)
@@ -609,6 +622,36 @@ def test_requests_sent_while_the_primary_connect_is_in_flight_wait_for_it(proxy,
 
 
 # -- mirror policies --------------------------------------------------------------------------------
+
+
+def test_a_burst_after_a_pause_reaches_a_napping_mirror_whole(proxy, recorder, servers):
+    """Mirrors of --primary send in batches: after a quiet wake a mirror naps (20 ms) before it reads
+    its pipe again. A burst must not be dropped for that nap: the receiver pokes the mirror as soon as
+    a quarter of its pipe is used. 4 MiB after a pause, in 32 KiB pieces 0.5 ms apart (up to 60 MB/s,
+    so a nap would let the 1 MiB pipe overflow, yet the mirror has over 10 ms to answer a poke on a
+    busy machine), to a primary that never replies, reach the mirror whole, with no drop."""
+    sink = recorder()  # the primary: reads everything at once, replies nothing
+    mirror = recorder()
+    px = proxy(["127.0.0.1:%d" % sink.port, "127.0.0.1:%d" % mirror.port], "--primary", "--log-level", "debug")
+    source = connect_source(px.port)
+    first = b"hello"
+    source.sendall(first)
+    wait_until(lambda: mirror.total() == len(first))
+    burst = os.urandom(4 << 20)
+    for offset in range(0, len(burst), 32 << 10):
+        source.sendall(burst[offset:offset + (32 << 10)])
+        time.sleep(0.0005)  # pacing only: a mirror that is awake keeps up
+    source.shutdown(socket.SHUT_WR)
+    assert recv_until_end(source, 60) == (b"", "eof")
+    source.close()
+    everything = first + burst
+    wait_until(lambda: mirror.closed_count() == 1, 30)
+    assert "dst=127.0.0.1:%d woken before the batch's end" % mirror.port in px.log()
+    assert done_line(px, mirror.port) == (len(everything), 0)
+    assert mirror.streams() == [everything]
+    assert sink.streams() == [everything]
+    wait_group_gone(px)
+    assert_clean_log(px)
 
 ROUNDS = 2000
 WAIT_ROUNDS = 500  # 32 MiB: several times what the mirror's socket buffers and pipe hold (about 5 MiB here)
