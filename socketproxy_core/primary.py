@@ -56,8 +56,10 @@ class RequestsLink:
         self.receiver_end.close()
         return fds[0] if fds else None
 
-    def add_written(self, size):
-        struct.pack_into("q", self.written, 0, self.bytes_written() + size)
+    def publish_written(self, total):
+        """Receiver: the request bytes written into the primary's socket so far (read once a second
+        and at the end by the forwarder, for its counters)."""
+        struct.pack_into("q", self.written, 0, total)
 
     def bytes_written(self):
         return struct.unpack_from("q", self.written)[0]
@@ -101,6 +103,7 @@ class PrimarySession:
         capacity = set_pipe_size(reply_w, fwd.config.pipe_size)
         splice = os.splice
         queued = 0  # reply bytes waiting in our reply pipe for the source to take them
+        watching_source = False  # for room, while replies wait
         requests_open = replies_open = True
         socket_full = False
         poller = select.poll()
@@ -160,13 +163,12 @@ class PrimarySession:
             sock_events = (select.POLLIN if replies_open and queued < capacity else 0) | (
                 select.POLLOUT if socket_full else 0)
             poller.register(sock_fd, sock_events or select.POLLERR)
-            if queued:
+            if queued and not watching_source:
                 poller.register(source_fd, select.POLLOUT)
-            else:
-                try:
-                    poller.unregister(source_fd)
-                except KeyError:
-                    pass
+                watching_source = True
+            elif watching_source and not queued:
+                poller.unregister(source_fd)
+                watching_source = False
 
     def primary_closed(self, requests_open):
         """The primary sent its FIN and every reply reached the source: the source gets ours."""

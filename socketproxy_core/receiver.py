@@ -119,6 +119,7 @@ class Receiver:
         self.requests_link = primary.RequestsLink() if config.primary else None
         self.primary_fd = None
         self.handed_fd = None  # the primary's socket, handed over but not yet written to
+        self.primary_written = 0  # bytes written into it (published with our counters)
         # --primary: mirrors send in batches; each has an eventfd we poke when its pipe fills faster
         # (see forwarder.MIRROR_BATCH_S): write fd -> [eventfd, pipe slots used since the last poke].
         self.pokes = {}
@@ -214,6 +215,8 @@ class Receiver:
         self.published = current
         if self.table is not None:
             self.table.receiver_row(self.slot).write(os.getpid(), self.received)
+        if self.requests_link is not None:
+            self.requests_link.publish_written(self.primary_written)
         setproctitle.setproctitle("socketproxy: receiver %s | received %s%s" % (
             self.peer, stats.human(self.received), "; " + ", ".join(states) if states else ""))
 
@@ -311,7 +314,7 @@ class Receiver:
 
     def wrote(self, fd, size):
         if fd == self.primary_fd:
-            self.requests_link.add_written(size)
+            self.primary_written += size
 
     def lost(self, fd, size):
         """Requests the failed primary's socket did not take: dropped, in its forwarder's counts."""
@@ -594,6 +597,8 @@ class Receiver:
 
     def close_pipes(self):
         self.finish_mirror_tails()
+        if self.requests_link is not None:
+            self.requests_link.publish_written(self.primary_written)
         self.clean_end[0] = 1
         for fd in self.pipes:
             os.close(fd)
