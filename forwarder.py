@@ -36,12 +36,13 @@ PROGRESS_POLL_S = 0.1  # while a destination's socket is full: how often its pro
 USER_TIMEOUT_FACTOR = 3
 MIN_SNDBUF = 128 * 1024  # doubled by the kernel: over two of loopback's 64 KiB segments in flight
 # A mirror of --primary sends in batches (a wake per request would take the CPU the primary needs):
-# after a wake that moved under MIRROR_BATCH_BELOW it waits MIRROR_BATCH_S before it reads its pipe
+# after a wake that moved under MIRROR_BATCH_BELOW (sent and replies read) it waits MIRROR_BATCH_S before it reads its pipe
 # again, unless the receiver pokes it first (it has filled a quarter of the pipe's slots meanwhile).
 # Only with a pipe of MIRROR_BATCH_MIN_PIPE or more (64 slots or more).
 MIRROR_BATCH_S = 0.02
 MIRROR_BATCH_BELOW = 64 * 1024
 MIRROR_BATCH_MIN_PIPE = 256 * 1024
+REPLY_READS = 64  # of 16 KiB: what a wake reads of the replies at most (1 MiB)
 ACK_WAIT_S = 0.001  # a full shadow waits for acknowledgements, which have no event: poll this often
 KEEP_ACKED = 64 * 1024  # line framing: acknowledged bytes kept, to resend a cut record whole
 CUT_PEEK = 4096  # line framing: released bytes read (not spliced away) to find the start of the record they cut
@@ -181,7 +182,8 @@ class Forwarder:
         self.cut_head, self.head_known = b"", True  # framed: the head of the record the release point cuts
         self.keep_buffer = None  # KEEP_READ bytes, made at the first outage
         self.poke_fd = poke_fd  # a mirror of --primary: the receiver's eventfd that ends a batch early
-        self.sent_at_wake = 0
+        self.replies_read = 0  # bytes of replies read and discarded
+        self.moved_at_wake = 0
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -490,18 +492,25 @@ class Forwarder:
         The receiver pokes it when the pipe fills faster (so a burst is never dropped for a nap)."""
         if self.poke_fd is None:
             return
-        if self.sent - self.sent_at_wake < MIRROR_BATCH_BELOW:
+        moved = self.sent + self.replies_read
+        if moved - self.moved_at_wake < MIRROR_BATCH_BELOW:
             if select.select([self.poke_fd], [], [], MIRROR_BATCH_S)[0]:
                 os.eventfd_read(self.poke_fd)
                 log.debug("woken before the batch's end: the pipe fills fast")
-        self.sent_at_wake = self.sent
+        self.moved_at_wake = moved
 
     def read_replies(self):
-        """Read and discard what the destination sends; its EOF or an error ends the connection."""
+        """Read and discard what the destination has sent, up to REPLY_READS buffers a wake (a mirror
+        that sends in batches wakes seldom: its shadow's replies must not pile up); its EOF or an
+        error ends the connection."""
         try:
-            if self.sock.recv_into(self.discard):
-                return
-            raise Disconnected("closed by destination")
+            for _ in range(REPLY_READS):
+                got = self.sock.recv_into(self.discard)
+                if not got:
+                    raise Disconnected("closed by destination")
+                self.replies_read += got
+                if got < len(self.discard):
+                    return
         except BlockingIOError:
             return
         except OSError as exc:

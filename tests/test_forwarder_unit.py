@@ -1,4 +1,4 @@
-"""The forwarder in-process: a resolver that hangs must not stall the source."""
+"""The forwarder in-process: a resolver that hangs must not stall the source; a mirror in batches reads its replies."""
 import os
 import socket
 import threading
@@ -62,3 +62,34 @@ def test_first_attempt_holds_the_pipe_while_resolving(monkeypatch):
     assert os.read(read_fd, 100) == b"early bytes"
     os.close(read_fd)
     os.close(write_fd)
+
+
+def test_a_mirror_in_batches_reads_all_its_shadow_sent_and_naps_only_when_quiet(monkeypatch):
+    """A mirror of --primary naps between batches, so it wakes seldom: one wake reads everything its
+    shadow has sent (up to 1 MiB), not one 16 KiB buffer, and a wake that moved much (sent or read) is
+    not followed by a nap; a quiet one is."""
+    dest = Dest("127.0.0.1", 9, "127.0.0.1:9", socket.AF_INET)
+    config = Config(listen_host="127.0.0.1", listen_port=1, dests=(dest, dest), primary=True)
+    read_fd, write_fd = os.pipe()
+    poke_fd = os.eventfd(0, os.EFD_NONBLOCK)
+    ours, shadow = socket.socketpair()
+    try:
+        fwd = forwarder.Forwarder(read_fd, dest, config, poke_fd=poke_fd)
+        ours.setblocking(False)
+        fwd.sock = ours
+        shadow.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        replies = 160 * 1024
+        shadow.sendall(b"r" * replies)
+        naps = []
+        monkeypatch.setattr(forwarder.select, "select", lambda r, w, x, timeout: naps.append(timeout) or ([], [], []))
+        fwd.read_replies()
+        assert fwd.replies_read == replies
+        fwd.gather()
+        assert naps == []  # it read 160 KiB this wake: more may be coming at once
+        fwd.gather()
+        assert naps == [forwarder.MIRROR_BATCH_S]  # nothing moved since: a nap
+    finally:
+        for fd in (read_fd, write_fd, poke_fd):
+            os.close(fd)
+        ours.close()
+        shadow.close()
