@@ -24,7 +24,7 @@ import time
 import psutil
 
 from .demo import LIBC, PEER_LINE, PR_SET_CHILD_SUBREAPER, Stop, die_with_parent, free_ports, on_signal, record_of
-from .demo import running, spans
+from .demo import Narration, running, spans, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEMPLATE = os.path.join(ROOT, "contrib", "haproxy.cfg")
@@ -83,7 +83,7 @@ def title(proc):
         return ""
 
 
-class Cluster:
+class Cluster(Narration):
     """Starts the processes, kills an instance, checks and ends everything."""
 
     def __init__(self, haproxy):
@@ -98,27 +98,14 @@ class Cluster:
         self.seen = {d: {s: [] for s in SOURCES} for d in DESTS}  # seq numbers in arrival order
         self.bad = {d: [] for d in DESTS}  # malformed, partial or foreign lines
         self.haproxy_lines = []  # (monotonic time, line)
-        self.results = []  # (title, passed, detail)
+        self.results = []  # (title, passed, detail, required)
         self.leftover = []  # processes of the killed instance still running at cleanup
         self.cleaned = False
 
-    # -- output -----------------------------------------------------------------------------------------
-    def say(self, text):
-        print("demo    | " + text, flush=True)
-
-    def banner(self, heading, *explain):
-        print("\n=== %s %s" % (heading, "=" * max(3, 100 - len(heading))), flush=True)
-        for line in explain:
-            print("    " + line, flush=True)
-
-    def record(self, heading, ok, detail):
-        self.results.append((heading, ok, detail))
-        self.say("%s  %s: %s" % ("PASS" if ok else "FAIL", heading, detail))
-
+    # -- processes --------------------------------------------------------------------------------------
     def log_path(self, name):
         return os.path.join(self.dir, name + ".log")
 
-    # -- processes --------------------------------------------------------------------------------------
     def start(self, name, argv, reader=None):
         """Start argv as name, output to its log file (or, with reader, to reader(line) in a thread too)."""
         log = open(self.log_path(name), "wb")
@@ -254,7 +241,7 @@ class Cluster:
             self.record("haproxy -c -f %s" % os.path.relpath(path, ROOT) if path == TEMPLATE else
                         "haproxy -c of the demo's copy", check.returncode == 0,
                         (check.stdout + check.stderr).strip().replace("\n", " / ") or "exit %d" % check.returncode)
-        if not all(ok for _, ok, _ in self.results):
+        if not all(ok for _, ok, _, _ in self.results):
             return self.summary()
 
         started = time.monotonic()
@@ -430,9 +417,9 @@ class Cluster:
                     "%d lines, none torn or malformed" % sum(len(self.numbers(d, s)) for d in DESTS for s in SOURCES))
 
     def summary(self):
-        passed = sum(ok for _, ok, _ in self.results)
+        passed = sum(ok for _, ok, _, _ in self.results)
         self.banner("SUMMARY: %d of %d checks passed" % (passed, len(self.results)))
-        for heading, ok, _ in self.results:
+        for heading, ok, _, _ in self.results:
             print("  %-4s  %s" % ("PASS" if ok else "FAIL", heading), flush=True)
         return 0 if passed == len(self.results) else 1
 
@@ -475,16 +462,6 @@ class Cluster:
         else:
             shutil.rmtree(self.dir, ignore_errors=True)
         return ok
-
-
-def wait_for(predicate, timeout):
-    """Poll predicate until it holds (True) or timeout seconds pass (False)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def main():

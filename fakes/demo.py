@@ -42,14 +42,34 @@ def die_with_parent():
     LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
-def wait_for(predicate, timeout=DEADLINE_S):
-    """Poll predicate until it holds (True) or timeout seconds pass (False)."""
+def wait_for(predicate, timeout=DEADLINE_S, interval=0.05):
+    """Poll predicate until it returns something truthy (returned) or timeout seconds pass (None)."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while True:
+        value = predicate()
+        if value:
+            return value
         if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
+            return None
+        time.sleep(interval)
+
+
+class Narration:
+    """What the cluster and mirror demos print: their own lines, a banner per part, and a PASS or
+    FAIL line per check, kept in self.results as (heading, passed, detail, required)."""
+
+    def say(self, text):
+        print("demo    | " + text, flush=True)
+
+    def banner(self, heading, *explain):
+        print("\n=== %s %s" % (heading, "=" * max(3, 100 - len(heading))), flush=True)
+        for line in explain:
+            print("    " + line, flush=True)
+
+    def record(self, heading, ok, detail, required=True):
+        self.results.append((heading, bool(ok), detail, required))
+        verdict = ("PASS" if ok else "FAIL") + ("" if required else " (target, informational)")
+        self.say("%s  %s: %s" % (verdict, heading, detail))
 
 
 def seq(line):
@@ -260,7 +280,7 @@ class Demo:
                  + "; dst-1 listens on :%d, dst-2 on :%d" % tuple(self.dest_port.values()))
 
     def record(self, title, ok, started, detail):
-        self.results.append((title, ok, time.monotonic() - started))
+        self.results.append((title, bool(ok), time.monotonic() - started))
         self.say("%s  %s (%.1f s)%s" % ("PASS" if ok else "FAIL", title, time.monotonic() - started, detail))
 
     def check_flow(self, title, mark, dests=DESTS):
@@ -325,7 +345,7 @@ class Demo:
     def check_ended(self, title, group):
         started = time.monotonic()
         pids = " ".join(str(p.pid) for p in group)
-        self.record(title, wait_for(lambda: not running(group), DEADLINE_S / 2), started, ": pids " + pids)
+        self.record(title, bool(wait_for(lambda: not running(group), DEADLINE_S / 2)), started, ": pids " + pids)
 
     def run(self, live):
         port = self.listen_port

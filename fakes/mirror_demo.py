@@ -43,7 +43,8 @@ import time
 
 import psutil
 
-from .demo import LIBC, PR_SET_CHILD_SUBREAPER, Stop, die_with_parent, free_ports, on_signal, running
+from .demo import LIBC, PR_SET_CHILD_SUBREAPER, Narration, Stop, die_with_parent, free_ports, on_signal, running
+from .demo import wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCALE = float(os.environ.get("SOCKETPROXY_TEST_TIMEOUT_SCALE", "1"))
@@ -76,18 +77,6 @@ def find_tool(name):
 def missing(names):
     """The commands of names that are not installed."""
     return [name for name in names if not find_tool(name)]
-
-
-def wait_for(predicate, timeout, interval=0.05):
-    """Poll predicate until it returns something truthy (returned) or timeout seconds pass (None)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            return None
-        time.sleep(interval)
 
 
 def end_process(proc, grace=5.0):
@@ -567,7 +556,7 @@ def ratio(a, b):
     return a / b if a and b else None
 
 
-class MirrorDemo:
+class MirrorDemo(Narration):
     def __init__(self, requests, keep_logs):
         self.requests = requests
         self.keep_logs = keep_logs
@@ -580,20 +569,6 @@ class MirrorDemo:
         self.skipped = []
         self.fault_sets = {}  # what wait_fault_point saw (SETs at the shadow when the fault came)
         self.cleaned = False
-
-    # -- output ---------------------------------------------------------------------------------------
-    def say(self, text):
-        print("demo    | " + text, flush=True)
-
-    def banner(self, heading, *explain):
-        print("\n=== %s %s" % (heading, "=" * max(3, 100 - len(heading))), flush=True)
-        for line in explain:
-            print("    " + line, flush=True)
-
-    def record(self, heading, ok, detail, required=True):
-        self.results.append((heading, ok, detail, required))
-        verdict = ("PASS" if ok else "FAIL") + ("" if required else " (target, informational)")
-        self.say("%s  %s: %s" % (verdict, heading, detail))
 
     def own(self, thing):
         self.things.append(thing)

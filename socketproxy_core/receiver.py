@@ -329,18 +329,9 @@ class Receiver:
         take the whole chunk at once (a slow destination) is the chunk read into our buffer and
         written out from there, each pipe at its own pace.
         """
-        try:
-            size = splice(self.source_fd, self.stage_w, CHUNK, flags=SPLICE_FLAGS)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self.end_source(forwarder.describe(exc))
-            return
+        size = self.take_from_source(splice, self.source_fd, self.stage_w, CHUNK, None, None, SPLICE_FLAGS)
         if not size:
-            self.end_source("source closed")
             return
-        self.received += size
-        self.last_data = time.monotonic()
         self.chunk_len = size
         if self.handed_fd is not None:
             self.write_to_primary()
@@ -377,6 +368,26 @@ class Receiver:
                 self.copy_rest(index, moved)
                 return
 
+    def take_from_source(self, read, *args):
+        """One read of the source, read(*args): its size, or 0 when there is nothing to pass on (nothing
+        yet; or the source closed or failed, and then it is ended here)."""
+        try:
+            size = read(*args)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            self.end_source(forwarder.describe(exc))
+            return 0
+        if not size:
+            if self.partial:
+                log.warning("source closed inside a %s: its %d bytes were not passed on",
+                            "command" if self.config.framing == "resp" else "line", len(self.partial))
+            self.end_source("source closed")
+            return 0
+        self.received += size
+        self.last_data = time.monotonic()
+        return size
+
     def read_commands(self):
         """--framing resp: read the source into memory and pass on only whole Redis commands.
 
@@ -386,20 +397,9 @@ class Receiver:
         """
         if self.resp_buffer is None:
             self.resp_buffer = memoryview(bytearray(RESP_CHUNK))
-        try:
-            size = self.source.recv_into(self.resp_buffer)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self.end_source(forwarder.describe(exc))
-            return
+        size = self.take_from_source(self.source.recv_into, self.resp_buffer)
         if not size:
-            if self.partial:
-                log.warning("source closed inside a command: its %d bytes were not passed on", len(self.partial))
-            self.end_source("source closed")
             return
-        self.received += size
-        self.last_data = time.monotonic()
         chunk = self.resp_buffer[:size].tobytes()
         before = self.commands.copy()
         try:
