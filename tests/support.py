@@ -9,6 +9,7 @@ import random
 import re
 import select
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -391,3 +392,19 @@ class CountingSink:
 
     def stop(self):
         self.listener.close()
+
+
+AS_NOBODY = ("setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups")
+
+
+def nobody_can_run_the_proxy():
+    """None when the proxy can run as nobody here, else why not (for the skip line)."""
+    if os.geteuid() != 0:
+        return "needs root to switch to nobody"
+    if not shutil.which("setpriv"):
+        return "setpriv is not installed"
+    probe = subprocess.run([*AS_NOBODY, sys.executable, "-c", "import psutil, docopt, setproctitle"],
+                           cwd=ROOT, capture_output=True)
+    if probe.returncode:
+        return "nobody cannot run %s (make test builds .venv from /usr/bin/python3 so it can)" % sys.executable
+    return None

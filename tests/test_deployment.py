@@ -14,10 +14,10 @@ import psutil
 import pytest
 
 from socketproxy_core import forking
-from support import (ROOT, CountingSink, alive, blackhole, by_role, connect_source, free_port, scaled, sees_close,
-                     send_in_thread, syn_sent_to, tcp_queues, tree, wait_for_log, wait_until)
+from support import (AS_NOBODY, ROOT, CountingSink, alive, blackhole, by_role, connect_source, free_port,
+                     nobody_can_run_the_proxy, scaled, sees_close, send_in_thread, syn_sent_to, tcp_queues, tree,
+                     wait_for_log, wait_until)
 
-AS_NOBODY = ("setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups")
 
 
 def serving(px, dests, sources=1, per_source=1):
@@ -25,19 +25,6 @@ def serving(px, dests, sources=1, per_source=1):
     socks = [connect_source(px.port) for _ in range(sources)]
     wait_until(lambda: all(d.open_count() == sources * per_source for d in dests))
     return socks
-
-
-def nobody_can_run_the_proxy():
-    """None when the proxy can run as nobody here, else why not (for the skip line)."""
-    if os.geteuid() != 0:
-        return "needs root to switch to nobody"
-    if not shutil.which("setpriv"):
-        return "setpriv is not installed"
-    probe = subprocess.run([*AS_NOBODY, sys.executable, "-c", "import psutil, docopt, setproctitle"],
-                           cwd=ROOT, capture_output=True)
-    if probe.returncode:
-        return "nobody cannot run %s (make test builds .venv from /usr/bin/python3 so it can)" % sys.executable
-    return None
 
 
 def errors_in(log_text):

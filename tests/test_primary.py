@@ -19,8 +19,8 @@ import time
 
 import pytest
 
-from support import (ROOT, blackhole, by_role, connect_source, free_port, scaled, stays_true, syn_sent_to,
-                     wait_for_log, wait_until)
+from support import (AS_NOBODY, ROOT, blackhole, by_role, connect_source, free_port, nobody_can_run_the_proxy,
+                     scaled, stays_true, syn_sent_to, wait_for_log, wait_until)
 
 REPLY_MAP = bytes((b ^ 0x5A) for b in range(256))  # what the echo server does to every byte
 
@@ -262,6 +262,17 @@ def round_trip(sock, request):
     return recv_exactly(sock, len(request))
 
 
+def random_rounds(source, count, largest, seed):
+    """count request/response rounds of 1..largest random bytes, each reply checked; the requests."""
+    rng = random.Random(seed)
+    requests = []
+    for _ in range(count):
+        request = rng.randbytes(rng.randint(1, largest))
+        assert round_trip(source, request) == reply_to(request)
+        requests.append(request)
+    return requests
+
+
 def group_gone(px):
     return not by_role(px.pid, "receiver") and not by_role(px.pid, "forwarder")
 
@@ -311,13 +322,8 @@ def test_replies_come_back_byte_for_byte_and_the_mirror_gets_every_request(proxy
     mirror = recorder()
     answering = servers(EchoServer)
     px = proxy(["127.0.0.1:%d" % d.port for d in (echo, mirror, answering)], "--primary", "--mirror-policy", policy)
-    rng = random.Random(7)
     source = connect_source(px.port)
-    requests = []
-    for _ in range(200):
-        request = rng.randbytes(rng.randint(1, 5000))
-        requests.append(request)
-        assert round_trip(source, request) == reply_to(request)
+    requests = random_rounds(source, 200, 5000, 7)
     source.shutdown(socket.SHUT_WR)
     tail, how = recv_until_end(source)
     assert (tail, how) == (b"", "eof")
@@ -331,6 +337,35 @@ def test_replies_come_back_byte_for_byte_and_the_mirror_gets_every_request(proxy
     assert done_line(px, mirror.port) == (len(everything), 0)
     assert done_line(px, answering.port) == (len(everything), 0)
     assert received_line(px) == len(everything)
+    wait_group_gone(px)
+    assert_clean_log(px)
+
+
+@pytest.mark.parametrize("max_connections, pipe_kib", [(256, 32), (100, 64)])
+def test_as_nobody_replies_come_back_and_the_mirror_gets_every_request(proxy, recorder, servers, max_connections,
+                                                                       pipe_kib):
+    """As an unprivileged user, whose pipe budget makes pipes small: 32 KiB at the default
+    --max-connections (mirrors do without batches), 64 KiB at 100 (mirrors batch, and are poked every
+    4 pipe slots). The socket handed over (SCM_RIGHTS) and the pokes (eventfd) work unprivileged, every
+    reply comes back and the mirror (--mirror-policy wait: nothing may be dropped) gets every request."""
+    why = nobody_can_run_the_proxy()
+    if why:
+        pytest.skip(why)
+    echo = servers(EchoServer)
+    mirror = recorder()
+    px = proxy(["127.0.0.1:%d" % echo.port, "127.0.0.1:%d" % mirror.port], "--primary", "--mirror-policy", "wait",
+               "--max-connections", str(max_connections), "--log-level", "debug", prefix=AS_NOBODY)
+    wait_for_log(px.log_path, r"pipes of %d KiB: %d sources" % (pipe_kib, max_connections))
+    source = connect_source(px.port)
+    requests = random_rounds(source, 300, 5000, 11)
+    wait_for_log(px.log_path, r"requests go straight into the primary's socket from now on")
+    source.close()
+    everything = b"".join(requests)
+    wait_until(lambda: mirror.closed_count() == 1, 30)
+    assert mirror.streams() == [everything]
+    assert echo.streams() == [everything]
+    assert done_line(px, echo.port) == (len(everything), 0)
+    assert done_line(px, mirror.port) == (len(everything), 0)
     wait_group_gone(px)
     assert_clean_log(px)
 
@@ -602,10 +637,7 @@ def test_requests_sent_while_the_primary_connect_is_in_flight_wait_for_it(proxy,
             filler.close()
         assert recv_exactly(source, len(request), 15) == reply_to(request)
         assert time.monotonic() - started >= 0.9  # not before the SYN's retransmission
-        rng = random.Random(3)
-        later = [rng.randbytes(rng.randint(1, 3000)) for _ in range(50)]
-        for one in later:
-            assert round_trip(source, one) == reply_to(one)
+        later = random_rounds(source, 50, 3000, 3)
         wait_for_log(px.log_path, r"requests go straight into the primary's socket from now on")
         source.close()
         everything = request + b"".join(later)
