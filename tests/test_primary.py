@@ -20,7 +20,7 @@ import time
 import pytest
 
 from support import (AS_NOBODY, ROOT, blackhole, by_role, connect_source, free_port, nobody_can_run_the_proxy,
-                     scaled, stays_true, syn_sent_to, wait_for_log, wait_until)
+                     scaled, sees_close, stays_true, syn_sent_to, wait_for_log, wait_until)
 
 REPLY_MAP = bytes((b ^ 0x5A) for b in range(256))  # what the echo server does to every byte
 
@@ -580,6 +580,28 @@ def test_primary_killed_every_source_sees_its_close_within_a_second(proxy, recor
     assert round_trip(again, b"back again\n") == b"back again\n"
     again.close()
     assert_clean_log(px)
+
+
+def test_primary_forwarder_killed_the_source_and_the_primary_both_see_the_end(proxy, recorder, servers):
+    """kill -9 of the primary's forwarder, once it has handed the primary's socket to the receiver: the
+    group ends (fate sharing), so the source sees its connection end, and so does the primary: no
+    process of the group keeps a copy of its socket open. Main serves the next source."""
+    echo = servers(EchoServer)
+    mirror = recorder()
+    px = proxy(["127.0.0.1:%d" % echo.port, "127.0.0.1:%d" % mirror.port], "--primary", "--log-level", "debug")
+    source = connect_source(px.port)
+    random_rounds(source, 5, 100, 1)
+    wait_for_log(px.log_path, r"requests go straight into the primary's socket from now on")
+    primary_fwd = [p for p in by_role(px.pid, "forwarder") if "(primary)" in " ".join(p.cmdline())]
+    assert len(primary_fwd) == 1
+    primary_fwd[0].kill()
+    wait_until(lambda: sees_close(source), message=px.log)
+    wait_until(lambda: echo.ended()[0] is not None, message=px.log)  # EOF or reset: no copy kept it open
+    wait_group_gone(px)
+    source.close()
+    assert re.search(r"group ended: forwarder %d to 127\.0\.0\.1:%d died \(killed by SIGKILL\)" % (
+        primary_fwd[0].pid, echo.port), px.log()), px.log()[-2000:]
+    new_source_works(px)
 
 
 # -- data sent before the primary answers -----------------------------------------------------------
