@@ -26,6 +26,7 @@ from socketproxy_core.zerocopy import tee
 
 BACKOFF_START_S = 0.1
 TITLE_PERIOD_S = 1.0  # the title and the shared counters are refreshed this often at most
+IDLE_TITLE_PERIOD_S = 5.0  # ... and this often once a refresh found nothing changed (an idle group sleeps)
 SPLICE_CHUNK = 1 << 20
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 DRAIN_FLAGS = os.SPLICE_F_NONBLOCK
@@ -182,6 +183,7 @@ class Forwarder:
         self.cut_head, self.head_known = b"", True  # framed: the head of the record the release point cuts
         self.keep_buffer = None  # KEEP_READ bytes, made at the first outage
         self.poke_fd = poke_fd  # a mirror of --primary: the receiver's eventfd that ends a batch early
+        self.title_period = None  # of the title timer, once started
         self.replies_read = 0  # bytes of replies read and discarded
         self.moved_at_wake = 0
 
@@ -407,13 +409,22 @@ class Forwarder:
         return struct.unpack_from("qq", shared, 16 * index)
 
     def publish(self, *_):
-        """Counters to the shared table and the title (on a 1 s timer: SIGALRM)."""
+        """Counters to the shared table and the title (on a timer: SIGALRM), every second while they
+        change, every IDLE_TITLE_PERIOD_S while they do not."""
         if self.requests_link is not None:
             self.sent = self.piped + self.requests_link.bytes_written()
-        self.stats.publish(self, os.getpid())
+        changed = self.stats.publish(self, os.getpid())
+        period = TITLE_PERIOD_S if changed else IDLE_TITLE_PERIOD_S
+        if self.title_period is not None and period != self.title_period:
+            self.start_title_timer(period)
+
+    def start_title_timer(self, period=TITLE_PERIOD_S):
+        self.title_period = period
+        signal.setitimer(signal.ITIMER_REAL, period, period)
 
     def publish_final(self):
         """The exact last counters, before the done line: the timer is stopped first."""
+        self.title_period = None
         signal.setitimer(signal.ITIMER_REAL, 0)
         self.publish()
 
@@ -1005,5 +1016,5 @@ def run_forwarder(pipe_fd, dest, config, receiver_pid=None, clean_end=None, stat
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGALRM, fwd.publish)
     fwd.publish()
-    signal.setitimer(signal.ITIMER_REAL, TITLE_PERIOD_S, TITLE_PERIOD_S)
+    fwd.start_title_timer()
     return fwd.run()

@@ -37,7 +37,8 @@ splice = os.splice
 MAIN_EXIT_WAIT_S = 0.5  # after main's end of the lifeline closed: how long we wait for it to be gone
 STOP_FLUSH_S = 1.0  # on SIGTERM or main's death: how long already-read data may take to go out
 TICK_S = 5.0  # backstop only: pidfds report a forwarder's death at once
-TITLE_PERIOD_S = 1.0  # the title and the shared counters are refreshed this often at most
+TITLE_PERIOD_S = 1.0  # the title and the shared counters are refreshed this often at most ...
+IDLE_TITLE_PERIOD_S = TICK_S  # ... and this often once a refresh found nothing changed (an idle group sleeps)
 KEEPALIVE = ((socket.TCP_KEEPIDLE, 60), (socket.TCP_KEEPINTVL, 10), (socket.TCP_KEEPCNT, 6))
 RESP_CHUNK = 256 * 1024
 MAX_COMMAND = 64 * 1024 * 1024  # --framing resp: a command is held until whole, up to this size
@@ -80,6 +81,7 @@ class Receiver:
         self.table, self.slot = table, slot  # the shared counters (stats.Table) and our slot in it
         self.published = None
         self.published_at = 0.0
+        self.title_period = TITLE_PERIOD_S
         self.checked_at = 0.0
         self.peer = peer
         self.config = config
@@ -198,9 +200,9 @@ class Receiver:
 
     def publish(self, force=False):
         """Our counters to the shared table, and a title with our forwarders' states: at most once
-        a second, and only when something changed."""
+        a second (every IDLE_TITLE_PERIOD_S once nothing changed), and only when something changed."""
         now = time.monotonic()
-        if not force and now - self.published_at < TITLE_PERIOD_S:
+        if not force and now - self.published_at < self.title_period:
             return
         self.published_at = now
         states = []
@@ -211,7 +213,9 @@ class Receiver:
             states.append("%s %s" % (dest, stats.state_text(values[stats.FWD_STATE], stats.since_of(values))))
         current = (self.received, tuple(states))
         if current == self.published:
+            self.title_period = IDLE_TITLE_PERIOD_S
             return
+        self.title_period = TITLE_PERIOD_S
         self.published = current
         if self.table is not None:
             self.table.receiver_row(self.slot).write(os.getpid(), self.received)
@@ -227,7 +231,7 @@ class Receiver:
         self.last_data = time.monotonic()
         while self.forwarders:
             self.publish()
-            timeout_s = TITLE_PERIOD_S
+            timeout_s = self.title_period
             now = time.monotonic()
             if self.stop_deadline is not None:
                 timeout_s = self.stop_deadline - now

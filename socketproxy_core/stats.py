@@ -185,10 +185,10 @@ class ForwarderStats:
                 self.reconnects, self.state, len(fwd.backlog))
 
     def publish(self, fwd, pid):
-        """Write the row and the title if anything changed since the last time."""
+        """Write the row and the title if anything changed since the last time; whether it did."""
         values = self.values(fwd)
         if values == self.last:
-            return
+            return False
         self.last = values
         if self.row is not None:
             self.row.write(pid, *values[:-1], struct.unpack("q", struct.pack("d", self.since))[0], values[-1])
@@ -197,6 +197,7 @@ class ForwarderStats:
                 state_text(self.state, self.since), human(values[0]), human(values[1]),
                 " (%d records)" % values[2] if fwd.framed else "",
                 ", kept %s" % human(len(fwd.backlog)) if len(fwd.backlog) else "", self.reconnects))
+        return True
 
 
 FWD_STATE = 1 + len(FORWARDER_COUNTERS)  # in a forwarder row's fields (after seq): pid, counters, state, since

@@ -10,7 +10,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from support import ROOT, by_role, connect_source, free_port, wait_until
+from support import ROOT, by_role, connect_source, free_port, stays_true, wait_until
 
 
 def title(proc):
@@ -172,3 +172,31 @@ def scrape_or_none(port):
         return scrape(port)
     except OSError:
         return None
+
+
+def test_an_idle_group_wakes_every_few_seconds_not_every_second(proxy, recorder):
+    """Titles and counters are refreshed every second while they change; once a refresh finds nothing
+    changed (a source that sends nothing) the receiver and its forwarders refresh every 5 s, so many
+    idle sources do not wake every process every second. Over 12 idle seconds each process of the
+    group wakes (blocks again: a voluntary context switch) at most 5 times, against 12 when they
+    refreshed every second; the titles follow again once data flows."""
+    dests = [recorder(), recorder()]
+    px = proxy(["127.0.0.1:%d" % d.port for d in dests])
+    source = connect_source(px.port)
+    source.sendall(b"hello\n")
+
+    def group_says(text):
+        procs = by_role(px.pid, "receiver") + by_role(px.pid, "forwarder")
+        titles = [" ".join(p.cmdline()) for p in procs]
+        return procs if len(procs) == 3 and all(text in t for t in titles) else None
+
+    procs = wait_until(lambda: group_says(" 6 B"))
+    start = {p.pid: p.num_ctx_switches().voluntary for p in procs}
+
+    def wakes():
+        return {p.pid: p.num_ctx_switches().voluntary - start[p.pid] for p in procs}
+
+    assert stays_true(lambda: max(wakes().values()) <= 5, 12), wakes()
+    source.sendall(b"again\n")
+    wait_until(lambda: group_says(" 12 B"))
+    source.close()
