@@ -364,9 +364,11 @@ class Receiver:
                 moved = 0
             except OSError:
                 # That forwarder died (check_forwarders ends the group), or the primary failed (its
-                # forwarder resets the source and ends the group): the chunk is lost for it.
-                self.lost(fd, size)
-                self.discard_stage(size)
+                # forwarder resets the source and ends the group): the chunk is lost for it. A failed
+                # splice (the last) leaves the chunk in the staging pipe: it must not stay there.
+                if index == last:
+                    self.lost(fd, size)
+                    self.discard_stage(size)
                 moved = size
             if moved < size:
                 self.copy_rest(index, moved)
@@ -581,10 +583,7 @@ class Receiver:
         self.stop_deadline = time.monotonic() + STOP_FLUSH_S
         if self.source.fileno() >= 0:
             if not self.pending:
-                try:
-                    self.poller.unregister(self.source)
-                except KeyError:
-                    pass  # --primary: not read yet, the primary was not connected
+                self.poller.unregister(self.source)
                 self.close_pipes()
             self.source.close()
 
