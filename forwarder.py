@@ -387,11 +387,20 @@ class Forwarder:
                   self.receiver_pid, held, " (and %d bytes kept for its destination)" % kept if kept else "")
         if self.sock is not None:
             lost = reset(self.sock)
+            self.settle_sent()
             self.sent -= lost
             self.dropped += lost
         self.publish_final()
         log.info("forwarder done: sent %d bytes, dropped %d bytes", self.sent, self.dropped)
         sys.exit(1)
+
+    def settle_sent(self):
+        """--primary: take the receiver's count of the requests it wrote into ours for good, before
+        the final counts are corrected (publish would otherwise count them afresh)."""
+        if self.requests_link is not None:
+            self.piped += self.requests_link.bytes_written()
+            self.sent = self.piped
+            self.requests_link = None
 
     def add_mirror_drops(self):
         """Add what the receiver dropped for us (--mirror-policy drop) to our counts, once."""

@@ -40,6 +40,7 @@ TICK_S = 5.0  # backstop only: pidfds report a forwarder's death at once
 TITLE_PERIOD_S = 1.0  # the title and the shared counters are refreshed this often at most ...
 IDLE_TITLE_PERIOD_S = TICK_S  # ... and this often once a refresh found nothing changed (an idle group sleeps)
 KEEPALIVE = ((socket.TCP_KEEPIDLE, 60), (socket.TCP_KEEPINTVL, 10), (socket.TCP_KEEPCNT, 6))
+SLOT_GUESS = 256  # bytes per pipe slot, as the pokes of mirrors count them (see Receiver.fed)
 RESP_CHUNK = 256 * 1024
 MAX_COMMAND = 64 * 1024 * 1024  # --framing resp: a command is held until whole, up to this size
 
@@ -123,9 +124,9 @@ class Receiver:
         self.handed_fd = None  # the primary's socket, handed over but not yet written to
         self.primary_written = 0  # bytes written into it (published with our counters)
         # --primary: mirrors send in batches; each has an eventfd we poke when its pipe fills faster
-        # (see forwarder.MIRROR_BATCH_S): write fd -> [eventfd, pipe slots used since the last poke].
+        # (see forwarder.MIRROR_BATCH_S): write fd -> [eventfd, pipe slots used since the last poke,
+        # a quarter of the pipe's slots].
         self.pokes = {}
-        self.poke_slots = config.pipe_size // PAGE // 4
 
     def start(self):
         """Own process group, keepalive on the source, wake-up pipe for signals, forwarders."""
@@ -166,7 +167,7 @@ class Receiver:
     def spawn_forwarder(self, index, dest):
         """Fork one forwarder fed by a new pipe; the receiver keeps the write end only."""
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-        set_pipe_size(write_fd, self.config.pipe_size)
+        size = set_pipe_size(write_fd, self.config.pipe_size)
         is_primary = self.config.primary and index == 0
         title = "socketproxy: forwarder %s -> %s%s" % (self.peer, dest, " (primary)" if is_primary else "")
         # A forwarder must not hold the source (else killing us would not close it) nor any
@@ -174,13 +175,13 @@ class Receiver:
         # The primary's keeps the source too, to send it the replies (the group dies together).
         keep = [read_fd, self.source.fileno(), self.requests_link.forwarder_end.fileno()] if is_primary else [read_fd]
         poke_fd = None
-        if self.config.primary and not is_primary and self.config.pipe_size >= forwarder.MIRROR_BATCH_MIN_PIPE:
+        if self.config.primary and not is_primary and size >= forwarder.MIRROR_BATCH_MIN_PIPE:
             poke_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             keep.append(poke_fd)
         pid = forking.fork_child(title, self.run_forwarder, read_fd, index, dest, title, os.getpid(), poke_fd,
                                  keep=keep, close=[] if is_primary else [self.source])
         if poke_fd is not None:
-            self.pokes[write_fd] = [poke_fd, 0]
+            self.pokes[write_fd] = [poke_fd, 0, size // PAGE // 4]
         self.dest_index[write_fd] = index
         os.close(read_fd)
         os.set_blocking(write_fd, False)
@@ -211,7 +212,7 @@ class Receiver:
                 break
             values = self.table.forwarder_row(self.slot, index).read()
             states.append("%s %s" % (dest, stats.state_text(values[stats.FWD_STATE], stats.since_of(values))))
-        current = (self.received, tuple(states))
+        current = (self.received, self.primary_written, tuple(states))
         if current == self.published:
             self.title_period = IDLE_TITLE_PERIOD_S
             return
@@ -289,6 +290,9 @@ class Receiver:
         fd = link.take()
         if fd is None:
             return  # not reached: its forwarder resets the source and ends the group
+        if self.clean_end[0]:  # the pipes are closed already (the source has finished): nothing to write
+            os.close(fd)
+            return
         self.handed_fd = fd
         self.pipes[fd] = self.config.dests[0]  # closed with the pipes
         self.dest_index[fd] = 0
@@ -308,11 +312,13 @@ class Receiver:
             size -= len(os.read(self.stage_r, min(size, CHUNK)))
 
     def fed(self, fd, size):
-        """A mirror's pipe took size bytes: poke its forwarder once they fill a quarter of the pipe's
-        slots (a write takes one slot per page it touches), so it does not nap through a burst."""
+        """A mirror's pipe took size bytes: poke its forwarder once they may fill a quarter of the
+        pipe's slots, so it does not nap through a burst. A write takes a slot per buffer, and a
+        chunk spliced from the source has one per packet it came in: counted as one per
+        SLOT_GUESS bytes (a request in one packet counts one)."""
         poke = self.pokes[fd]
-        poke[1] += size // PAGE + 1
-        if poke[1] >= self.poke_slots:
+        poke[1] += size // SLOT_GUESS + 1
+        if poke[1] >= poke[2]:
             poke[1] = 0
             os.eventfd_write(poke[0], 1)
 

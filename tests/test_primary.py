@@ -675,6 +675,42 @@ def test_requests_sent_while_the_primary_connect_is_in_flight_wait_for_it(proxy,
             sock.close()
 
 
+def test_a_source_that_finishes_while_the_primary_connect_is_in_flight_gets_its_replies(proxy, recorder, servers):
+    """The source sends a request and shuts down its write side while the primary's SYN goes
+    unanswered: the receiver has read everything and closed its pipes (the mirror is done) by the time
+    the primary's forwarder connects and hands the socket over, which the receiver then just closes.
+    The request reaches the primary through its pipe, the reply and then EOF reach the source, and
+    the group ends cleanly (no member taken for dead)."""
+    listener, fillers = blackhole()
+    port = listener.getsockname()[1]
+    gate = threading.Event()
+    echo = servers(EchoServer, listener=listener, accept_gate=gate)
+    mirror = recorder()
+    try:
+        px = proxy(["127.0.0.1:%d" % port, "127.0.0.1:%d" % mirror.port], "--primary", "--connect-timeout", "3")
+        source = connect_source(px.port)
+        request = os.urandom(20000)
+        source.sendall(request)
+        source.shutdown(socket.SHUT_WR)
+        wait_until(lambda: mirror.closed_count() == 1)  # the receiver has closed every pipe
+        assert mirror.streams() == [request]
+        wait_until(lambda: syn_sent_to(port))
+        gate.set()
+        wait_until(lambda: len(echo.connections) >= len(fillers))
+        for filler in fillers:
+            filler.close()
+        assert recv_until_end(source, 15) == (reply_to(request), "eof")
+        source.close()
+        assert request in echo.streams()
+        assert done_line(px, port) == (len(request), 0)
+        wait_group_gone(px)
+        assert " ERROR " not in px.log() and "SIGKILL" not in px.log(), px.log()
+        assert_clean_log(px)
+    finally:
+        for sock in fillers:
+            sock.close()
+
+
 # -- mirror policies --------------------------------------------------------------------------------
 
 
