@@ -630,6 +630,29 @@ def test_requests_sent_before_the_primary_reads_get_their_replies(proxy, recorde
     assert_clean_log(px)
 
 
+class LatePrimary:
+    """An echo primary whose accept queue is full: the first SYN to it goes unanswered, and the one
+    retransmitted 1 s later connects once admit() has made room."""
+
+    def __init__(self, servers):
+        listener, self.fillers = blackhole()
+        self.port = listener.getsockname()[1]
+        self.gate = threading.Event()
+        self.echo = servers(EchoServer, listener=listener, accept_gate=self.gate)
+
+    def admit(self):
+        """Once a SYN went unanswered (the connect is in flight): room for the retransmitted one."""
+        wait_until(lambda: syn_sent_to(self.port))
+        self.gate.set()  # accept the fillers
+        wait_until(lambda: len(self.echo.connections) >= len(self.fillers))
+        for filler in self.fillers:
+            filler.close()
+
+    def close(self):
+        for sock in self.fillers:
+            sock.close()
+
+
 def test_requests_sent_while_the_primary_connect_is_in_flight_wait_for_it(proxy, recorder, servers):
     """A primary that drops the first SYN (its accept queue full), then makes room: the SYN retransmitted
     1 s later connects, within --connect-timeout 3; what the source sent at once waited in the primary's
@@ -638,10 +661,8 @@ def test_requests_sent_while_the_primary_connect_is_in_flight_wait_for_it(proxy,
     Then the forwarder hands the connected socket to the receiver, which (once the pipe is empty)
     writes the later requests straight into it: order holds across the switch, and the primary's
     done line counts what went either way."""
-    listener, fillers = blackhole()
-    port = listener.getsockname()[1]
-    gate = threading.Event()
-    echo = servers(EchoServer, listener=listener, accept_gate=gate)
+    late = LatePrimary(servers)
+    port, echo = late.port, late.echo
     mirror = recorder()
     try:
         px = proxy(["127.0.0.1:%d" % port, "127.0.0.1:%d" % mirror.port], "--primary", "--connect-timeout", "3",
@@ -653,10 +674,7 @@ def test_requests_sent_while_the_primary_connect_is_in_flight_wait_for_it(proxy,
         wait_until(lambda: mirror.total() == len(request))  # the mirror is not held by the primary's connect
         wait_until(lambda: syn_sent_to(port))  # the forwarder's SYN went unanswered: the connect is in flight
         assert not select.select([source], [], [], 0)[0]
-        gate.set()  # accept the fillers: room in the accept queue for the retransmitted SYN
-        wait_until(lambda: len(echo.connections) >= len(fillers))
-        for filler in fillers:
-            filler.close()
+        late.admit()
         assert recv_exactly(source, len(request), 15) == reply_to(request)
         assert time.monotonic() - started >= 0.9  # not before the SYN's retransmission
         later = random_rounds(source, 50, 3000, 3)
@@ -671,8 +689,7 @@ def test_requests_sent_while_the_primary_connect_is_in_flight_wait_for_it(proxy,
         assert "cannot reach the primary" not in px.log()
         assert_clean_log(px)
     finally:
-        for sock in fillers:
-            sock.close()
+        late.close()
 
 
 def test_a_source_that_finishes_while_the_primary_connect_is_in_flight_gets_its_replies(proxy, recorder, servers):
@@ -681,10 +698,8 @@ def test_a_source_that_finishes_while_the_primary_connect_is_in_flight_gets_its_
     the primary's forwarder connects and hands the socket over, which the receiver then just closes.
     The request reaches the primary through its pipe, the reply and then EOF reach the source, and
     the group ends cleanly (no member taken for dead)."""
-    listener, fillers = blackhole()
-    port = listener.getsockname()[1]
-    gate = threading.Event()
-    echo = servers(EchoServer, listener=listener, accept_gate=gate)
+    late = LatePrimary(servers)
+    port, echo = late.port, late.echo
     mirror = recorder()
     try:
         px = proxy(["127.0.0.1:%d" % port, "127.0.0.1:%d" % mirror.port], "--primary", "--connect-timeout", "3")
@@ -694,11 +709,7 @@ def test_a_source_that_finishes_while_the_primary_connect_is_in_flight_gets_its_
         source.shutdown(socket.SHUT_WR)
         wait_until(lambda: mirror.closed_count() == 1)  # the receiver has closed every pipe
         assert mirror.streams() == [request]
-        wait_until(lambda: syn_sent_to(port))
-        gate.set()
-        wait_until(lambda: len(echo.connections) >= len(fillers))
-        for filler in fillers:
-            filler.close()
+        late.admit()
         assert recv_until_end(source, 15) == (reply_to(request), "eof")
         source.close()
         assert request in echo.streams()
@@ -707,8 +718,7 @@ def test_a_source_that_finishes_while_the_primary_connect_is_in_flight_gets_its_
         assert " ERROR " not in px.log() and "SIGKILL" not in px.log(), px.log()
         assert_clean_log(px)
     finally:
-        for sock in fillers:
-            sock.close()
+        late.close()
 
 
 # -- mirror policies --------------------------------------------------------------------------------
