@@ -38,11 +38,13 @@ USER_TIMEOUT_FACTOR = 3
 MIN_SNDBUF = 128 * 1024  # doubled by the kernel: over two of loopback's 64 KiB segments in flight
 # A mirror of --primary sends in batches (a wake per request would take the CPU the primary needs):
 # after a wake that moved under MIRROR_BATCH_BELOW (sent and replies read) it waits MIRROR_BATCH_S before it reads its pipe
-# again, unless the receiver pokes it first (it has filled a quarter of the pipe's slots meanwhile).
-# Only with a pipe of MIRROR_BATCH_MIN_PIPE or more (16 slots or more: a poke every 4 writes at least).
+# again, unless the receiver pokes it first (it has filled a sixteenth of the pipe's slots meanwhile,
+# leaving the rest as slack for a mirror slow to be scheduled on a busy machine). Only with a pipe of
+# MIRROR_BATCH_MIN_PIPE or more (64 slots: a poke every 4 writes at least).
 MIRROR_BATCH_S = 0.02
 MIRROR_BATCH_BELOW = 64 * 1024
-MIRROR_BATCH_MIN_PIPE = 64 * 1024
+MIRROR_BATCH_MIN_PIPE = 256 * 1024
+MIRROR_POKE_SHARE = 16  # the receiver pokes a napping mirror once 1/16 of its pipe's slots are used
 REPLY_READS = 64  # of 16 KiB: what a wake reads of the replies at most (1 MiB)
 ACK_WAIT_S = 0.001  # a full shadow waits for acknowledgements, which have no event: poll this often
 KEEP_ACKED = 64 * 1024  # line framing: acknowledged bytes kept, to resend a cut record whole

@@ -125,7 +125,7 @@ class Receiver:
         self.primary_written = 0  # bytes written into it (published with our counters)
         # --primary: mirrors send in batches; each has an eventfd we poke when its pipe fills faster
         # (see forwarder.MIRROR_BATCH_S): write fd -> [eventfd, pipe slots used since the last poke,
-        # a quarter of the pipe's slots].
+        # the slots that call for a poke].
         self.pokes = {}
 
     def start(self):
@@ -181,7 +181,7 @@ class Receiver:
         pid = forking.fork_child(title, self.run_forwarder, read_fd, index, dest, title, os.getpid(), poke_fd,
                                  keep=keep, close=[] if is_primary else [self.source])
         if poke_fd is not None:
-            self.pokes[write_fd] = [poke_fd, 0, size // PAGE // 4]
+            self.pokes[write_fd] = [poke_fd, 0, size // PAGE // forwarder.MIRROR_POKE_SHARE]
         self.dest_index[write_fd] = index
         os.close(read_fd)
         os.set_blocking(write_fd, False)
@@ -312,7 +312,7 @@ class Receiver:
             size -= len(os.read(self.stage_r, min(size, CHUNK)))
 
     def fed(self, fd, size):
-        """A mirror's pipe took size bytes: poke its forwarder once they may fill a quarter of the
+        """A mirror's pipe took size bytes: poke its forwarder once they may fill a sixteenth of the
         pipe's slots, so it does not nap through a burst. A write takes a slot per buffer, and a
         chunk spliced from the source has one per packet it came in: counted as one per
         SLOT_GUESS bytes (a request in one packet counts one)."""
