@@ -254,7 +254,9 @@ def kill_tree(procs, timeout=5):
             pass
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not alive(procs):
+        # Gone for good: dead, and reaped too. A process whose parent was killed with it becomes our
+        # zombie (we are a subreaper) a moment after its parent dies: alive() reaps it then.
+        if not alive(procs) and not any(psutil.pid_exists(p.pid) for p in procs):
             break
         time.sleep(0.05)
     reap_orphans()
