@@ -410,6 +410,9 @@ class Proxy:
                 pass
         self.collect(time.monotonic() + STOP_KILL_S, lambda: not psutil.Process().children())
         os.close(self.lifeline_w)
+        # A title refresh may still be due (a one-shot SIGALRM): at exit Python gives the signal its
+        # default action back, which would end us "Alarm clock" (status 142) instead of 0.
+        signal.setitimer(signal.ITIMER_REAL, 0)
         signal.set_wakeup_fd(-1)
         log.info("stopped")
 

@@ -29,6 +29,10 @@ from support import free_port, scaled, wait_until
 REQUESTS = 20000  # per redis-benchmark test: the demo runs 100000, a test keeps it short
 CLIENTS = 20
 OPTIONS = ("--primary", "--mirror-policy", "drop", "--retry-interval", "0.5")
+# Where the shadow must end with everything: --mirror-policy drop loses what a mirror cannot take when
+# it comes, and on 2 saturated cores a mirror's forwarder is sometimes not run for tens of ms (ab -k
+# sends 5,000 requests/s on one connection: its pipe's 256 slots last 45 ms). wait is the lossless policy.
+LOSSLESS = ("--primary", "--mirror-policy", "wait", "--retry-interval", "0.5")
 FAULT_AT = 0.25  # a shadow fault comes once the shadow has run this fraction of the SETs
 OUTAGE_S = 0.5  # a killed shadow is restarted after this
 CLOSED_WITHIN_S = 1.0
@@ -117,10 +121,10 @@ def no_traceback(px):
 @needs_redis
 @pytest.mark.timeout(300)
 def test_redis_benchmark_through_the_primary_and_the_shadow_ends_with_equal_digests(proxy, redis, benchmark):
-    """redis-benchmark through --primary: exit 0, no error line, every INCR counted by the primary; once the
-    shadow has caught up its DEBUG DIGEST is the primary's."""
+    """redis-benchmark through --primary (--mirror-policy wait): exit 0, no error line, every INCR counted by
+    the primary; once the shadow has caught up its DEBUG DIGEST is the primary's."""
     primary, shadow = redis("primary"), redis("shadow")
-    px = proxy(dests(primary, shadow), *OPTIONS)
+    px = proxy(dests(primary, shadow), *LOSSLESS)
     run = benchmark(px.port).finish(scaled(240))
     assert run.ok, "%s\n%s" % (run.problem(), px.log()[-3000:])
     assert primary.call("GET", "counter:__rand_int__") == b"%d" % REQUESTS  # every INCR answered by the primary
@@ -216,9 +220,9 @@ def test_primary_killed_closes_every_client_within_a_second_and_main_goes_on(pro
 def test_nginx_through_the_primary_answers_everything_and_the_shadow_logs_every_request(proxy, nginx):
     """Two nginx, primary and shadow: curl requests and ab -k -n 2000 -c 10 through the proxy all succeed
     (the file's bytes; 0 failed, 0 non-2xx), and the shadow's access log ends with every request (method
-    and URI) of the primary's."""
+    and URI) of the primary's (--mirror-policy wait)."""
     primary, shadow = nginx("primary"), nginx("shadow")
-    px = proxy(dests(primary, shadow), *OPTIONS)
+    px = proxy(dests(primary, shadow), *LOSSLESS)
     for i in range(CURL_REQUESTS):
         status, body = curl_get("http://127.0.0.1:%d/index.html?curl=%d" % (px.port, i), scaled(20))
         assert (status, body) == (200, STATIC), "curl %d: %r %r\n%s" % (i, status, body[:200], px.log()[-3000:])
