@@ -467,7 +467,7 @@ class Forwarder:
                 elif now - progress_at >= self.config.send_timeout:
                     raise Disconnected("no progress for %.1f s (send timeout)" % self.config.send_timeout)
                 timeout_ms = min(PROGRESS_POLL_S, progress_at + self.config.send_timeout - now) * 1000
-            else:
+            elif self.poke_fd is not None:  # a mirror of --primary: batches
                 self.gather()
             events = poller.poll(timeout_ms)
             if progress_at and not events:
@@ -512,8 +512,6 @@ class Forwarder:
         """A mirror of --primary that moved little at its last wake lets its pipe gather more
         before it looks again: one wake per batch, not per request, leaves the CPU to the primary.
         The receiver pokes it when the pipe fills faster (so a burst is never dropped for a nap)."""
-        if self.poke_fd is None:
-            return
         moved = self.sent + self.replies_read
         if moved - self.moved_at_wake < MIRROR_BATCH_BELOW:
             if select.select([self.poke_fd], [], [], MIRROR_BATCH_S)[0]:
@@ -669,7 +667,8 @@ class Forwarder:
                 timeout_ms = None
                 watch_pipe = True
             if watch_pipe:
-                self.gather()
+                if self.poke_fd is not None:  # a mirror of --primary: batches
+                    self.gather()
                 poller.register(pipe_fd, POLL_IN)
             for fd, event in poller.poll(timeout_ms):
                 if fd == sock_fd and event & (select.POLLIN | select.POLLERR | select.POLLHUP):
