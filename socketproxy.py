@@ -26,6 +26,8 @@ Options:
                           source's session (it failing, resetting or closing ends the source's connection)
   --mirror-policy POLICY  with --primary: drop (a mirror that cannot keep up loses data, never slowing the
                           primary) or wait (backpressure, lossless mirrors) [default: drop]
+  --fin-timeout SEC       with --primary: after the source's FIN, end the session once nothing has moved
+                          either way this long (the primary neither answers nor closes); 0 = never [default: 30]
   -h --help               show this help
   --version               show the version
 """

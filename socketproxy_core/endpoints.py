@@ -49,6 +49,7 @@ class Config:
     metrics: tuple = None  # (host, port) to serve Prometheus metrics on; None = off
     primary: bool = False  # the first destination is the source's session; its replies go back
     mirror_policy: str = "drop"  # with primary: a mirror that cannot keep up loses data (drop) or holds (wait)
+    fin_timeout: float = 30.0  # with primary: a half-closed session idle this long is closed; 0 = never
 
 
 def parse_port(text, what="port"):
@@ -170,6 +171,7 @@ def build_config(args):
         metrics=parse_metrics(args.get("--metrics")),
         primary=bool(args.get("--primary")),
         mirror_policy=parse_mirror_policy(args.get("--mirror-policy") or "drop"),
+        fin_timeout=parse_seconds(args.get("--fin-timeout") or "30", "--fin-timeout"),
     )
 
 

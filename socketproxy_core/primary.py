@@ -17,13 +17,26 @@ import signal
 import socket
 import struct
 
-import forwarder
+import time
+
+from socketproxy_core import loop
 from socketproxy_core.proxylog import log
-from socketproxy_core.zerocopy import set_pipe_size
+from socketproxy_core.sockets import reset
+from socketproxy_core.zerocopy import pipe_bytes, pipe_hung_up, set_pipe_size
 
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 CHUNK = 1 << 20
 ENDED_CLOSE, ENDED_RESET = 1, 2  # the shared flag (the receiver's clean_end[1]): how the primary ended
+# A mirror of --primary sends in batches (a wake per request would take the CPU the primary needs):
+# after a wake that moved under MIRROR_BATCH_BELOW (sent and replies read) it waits MIRROR_BATCH_S before it reads its pipe
+# again, unless the receiver pokes it first (it has filled a sixteenth of the pipe's slots meanwhile,
+# leaving the rest as slack for a mirror slow to be scheduled on a busy machine). Only with a pipe of
+# MIRROR_BATCH_MIN_PIPE or more (64 slots: a poke every 4 writes at least).
+MIRROR_BATCH_S = 0.02
+MIRROR_BATCH_BELOW = 64 * 1024
+MIRROR_BATCH_MIN_PIPE = 256 * 1024
+MIRROR_POKE_SHARE = 16  # the receiver pokes a napping mirror once 1/16 of its pipe's slots are used
+STOP_WAIT_S = 5.0  # after asking the receiver to end the group: its stop takes 1 s, then it kills
 ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, TimeoutError)
 
 
@@ -95,7 +108,14 @@ class PrimarySession:
     def pump(self):
         """Event by event, one splice each: a request still in our pipe costs one splice; a reply
         costs two (primary -> our reply pipe -> source), and a poll for the source only when it
-        does not take the reply at once. The end of our pipe is the end of requests."""
+        does not take the reply at once. The end of our pipe is the end of requests.
+
+        Only what we wait for is watched: the primary's socket for replies while our reply pipe has
+        room (and for room while requests wait), the source for room while replies wait. An end of
+        the primary's connection (POLLHUP) is reported at every poll while its socket is watched, so
+        it is watched for nothing once its replies have ended. After the source's FIN the session
+        ends when nothing moves either way for --fin-timeout.
+        """
         fwd = self.fwd
         sock, pipe_fd, source_fd = fwd.sock, fwd.pipe_fd, self.source.fileno()
         sock_fd = sock.fileno()
@@ -103,16 +123,24 @@ class PrimarySession:
         capacity = set_pipe_size(reply_w, fwd.config.pipe_size)
         splice = os.splice
         queued = 0  # reply bytes waiting in our reply pipe for the source to take them
-        watching_source = False  # for room, while replies wait
         requests_open = replies_open = True
         socket_full = False
-        poller = select.poll()
-        poller.register(pipe_fd, select.POLLIN)
-        poller.register(sock_fd, select.POLLIN)
+        fin_timeout = fwd.config.fin_timeout
+        moved_at = 0.0  # after the source's FIN: when a byte last moved either way
+        poller = loop.Poller()
+        poller.watch(pipe_fd, select.POLLIN)
+        poller.watch(sock_fd, select.POLLIN)
         if fwd.receiver_pidfd is not None:
-            poller.register(fwd.receiver_pidfd, select.POLLIN)
+            poller.watch(fwd.receiver_pidfd, select.POLLIN)
         while True:
-            for fd, event in poller.poll():
+            timeout_s = fwd.publish_due()
+            if not requests_open and fin_timeout:
+                idle_left = moved_at + fin_timeout - time.monotonic()
+                if idle_left <= 0:
+                    self.fin_timed_out(queued)
+                    return
+                timeout_s = idle_left if timeout_s is None else min(timeout_s, idle_left)
+            for fd, event in poller.events(timeout_s):
                 if fd == pipe_fd:
                     try:
                         moved = splice(pipe_fd, sock_fd, CHUNK, flags=SPLICE_FLAGS)
@@ -123,17 +151,18 @@ class PrimarySession:
                     elif moved == 0:  # the source has finished sending: the primary gets our FIN
                         fwd.end_of_pipe()
                         requests_open = False
-                        poller.unregister(pipe_fd)
+                        moved_at = time.monotonic()
+                        poller.unwatch(pipe_fd)
                         shutdown(sock, socket.SHUT_WR)  # a failed primary: the next splice says how
-                    elif not forwarder.pipe_bytes(pipe_fd) and forwarder.pipe_hung_up(pipe_fd):
+                    elif not pipe_bytes(pipe_fd) and pipe_hung_up(pipe_fd):
                         continue  # EOF is seen by the next splice
                     else:
                         socket_full = True
-                        poller.unregister(pipe_fd)
+                        poller.unwatch(pipe_fd)
                 elif fd == sock_fd:
                     if event & select.POLLOUT and socket_full:
                         socket_full = False
-                        poller.register(pipe_fd, select.POLLIN)
+                        poller.watch(pipe_fd, select.POLLIN)
                     if replies_open and queued < capacity and event & (select.POLLIN | select.POLLERR | select.POLLHUP):
                         try:
                             moved = splice(sock_fd, reply_w, capacity - queued, flags=SPLICE_FLAGS)
@@ -143,13 +172,16 @@ class PrimarySession:
                             replies_open = False
                         elif moved > 0:
                             queued += moved
+                            moved_at = time.monotonic()
                 elif fd == fwd.receiver_pidfd:
                     fwd.receiver_died()
+            fwd.publish_if_due()
             if queued:  # hand the replies to the source now; poll for it only when it is full
                 try:
                     moved = splice(reply_r, source_fd, queued, flags=SPLICE_FLAGS)
                     queued -= moved
                     self.returned += moved
+                    moved_at = time.monotonic()
                 except BlockingIOError:
                     pass
                 except ERRORS as exc:
@@ -158,17 +190,28 @@ class PrimarySession:
             if not replies_open and not queued:
                 self.primary_closed(requests_open)
                 return
-            # What to watch next: the primary's replies while our reply pipe has room, its socket
-            # for room when requests wait, the source for room when replies wait.
             sock_events = (select.POLLIN if replies_open and queued < capacity else 0) | (
                 select.POLLOUT if socket_full else 0)
-            poller.register(sock_fd, sock_events or select.POLLERR)
-            if queued and not watching_source:
-                poller.register(source_fd, select.POLLOUT)
-                watching_source = True
-            elif watching_source and not queued:
-                poller.unregister(source_fd)
-                watching_source = False
+            if sock_events:
+                poller.watch(sock_fd, sock_events)
+            else:
+                poller.unwatch(sock_fd)
+            if queued:
+                poller.watch(source_fd, select.POLLOUT)
+            else:
+                poller.unwatch(source_fd)
+
+    def fin_timed_out(self, queued):
+        """--fin-timeout: the source has finished and nothing moved either way since: both ends are
+        closed (the source after the replies it already took)."""
+        fwd = self.fwd
+        log.info("closing the session: nothing moved for %.1f s after the source finished (--fin-timeout); "
+                 "%d bytes of replies reached the source%s", fwd.config.fin_timeout, self.returned,
+                 ", %d more were waiting for it" % queued if queued else "")
+        reset(fwd.sock)
+        fwd.sock = None
+        shutdown(self.source, socket.SHUT_WR)
+        self.source.close()
 
     def primary_closed(self, requests_open):
         """The primary sent its FIN and every reply reached the source: the source gets ours."""
@@ -187,7 +230,7 @@ class PrimarySession:
         """The source went away while replies were on their way: the primary's connection is reset."""
         fwd = self.fwd
         log.info("the source is gone (%s): resetting the connection to the primary %s", exc.strerror or exc, fwd.dest)
-        forwarder.reset(fwd.sock)
+        reset(fwd.sock)
         fwd.sock = None
         self.source.close()
         self.stop_group(ENDED_CLOSE)
@@ -196,9 +239,9 @@ class PrimarySession:
         """The primary ended the session: the source is closed the same way, the group ends."""
         fwd = self.fwd
         if how == ENDED_RESET:
-            forwarder.reset(self.source)  # linger 0: the last close of the source (the receiver's) sends a reset
+            reset(self.source)  # linger 0: the last close of the source (the receiver's) sends a reset
             if fwd.sock is not None:
-                forwarder.reset(fwd.sock)
+                reset(fwd.sock)
                 fwd.sock = None
         log.warning("%s: %s the source; its group ends (%d bytes of replies reached it)", why,
                     "resetting" if how == ENDED_RESET else "closing", self.returned)
@@ -215,9 +258,13 @@ class PrimarySession:
                 signal.pidfd_send_signal(fwd.receiver_pidfd, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        while not fwd.pipe_eof:
-            select.select([fwd.pipe_fd], [], [])
+        deadline = time.monotonic() + STOP_WAIT_S
+        while not fwd.pipe_eof and time.monotonic() < deadline:
+            fwd.publish_if_due()
+            select.select([fwd.pipe_fd], [], [], min(fwd.publish_due(), deadline - time.monotonic()))
             fwd.drain()
+        if not fwd.pipe_eof:
+            log.warning("the receiver did not end the group within %.1f s: exiting", STOP_WAIT_S)
 
 
 def shutdown(sock, how):
@@ -225,3 +272,15 @@ def shutdown(sock, how):
         sock.shutdown(how)
     except OSError:
         pass
+
+
+def gather(fwd):
+    """A mirror of --primary that moved little at its last wake lets its pipe gather more
+    before it looks again: one wake per batch, not per request, leaves the CPU to the primary.
+    The receiver pokes it when the pipe fills faster (so a burst is never dropped for a nap)."""
+    moved = fwd.conn_sent + fwd.replies_read
+    if moved - fwd.moved_at_wake < MIRROR_BATCH_BELOW:
+        if select.select([fwd.poke_fd], [], [], MIRROR_BATCH_S)[0]:
+            os.eventfd_read(fwd.poke_fd)
+            log.debug("woken before the batch's end: the pipe fills fast")
+    fwd.moved_at_wake = moved

@@ -17,13 +17,15 @@ import psutil
 import setproctitle
 
 from socketproxy_core import forking
-import forwarder
+from socketproxy_core import forwarding
 from socketproxy_core import framing
+from socketproxy_core import loop
 from socketproxy_core import primary
 from socketproxy_core import proxylog
 from socketproxy_core import stats
 from socketproxy_core.proxylog import log
-from socketproxy_core.zerocopy import set_pipe_size, tee
+from socketproxy_core.sockets import describe
+from socketproxy_core.zerocopy import pipe_bytes, set_pipe_size, tee
 
 CHUNK = 1024 * 1024
 PIPE_SIZE_MAX = 1024 * 1024
@@ -98,8 +100,9 @@ class Receiver:
         self.received = 0
         self.last_data = 0.0
         self.stop_deadline = None  # set when stopping: no more reading, bounded flush
+        self.pipes_closing_at = None  # the pipes close at the latest then (mirrors finishing a record)
         self.end_reason = "ended"
-        self.poller = select.poll()
+        self.poller = loop.Poller()
         # Shared with the forwarders: set just before the pipes are closed on purpose, so a forwarder
         # can tell that end from the receiver's death (which closes them too).
         # The second byte: how a --primary session ended (primary.ENDED_*), set by its forwarder.
@@ -124,7 +127,7 @@ class Receiver:
         self.handed_fd = None  # the primary's socket, handed over but not yet written to
         self.primary_written = 0  # bytes written into it (published with our counters)
         # --primary: mirrors send in batches; each has an eventfd we poke when its pipe fills faster
-        # (see forwarder.MIRROR_BATCH_S): write fd -> [eventfd, pipe slots used since the last poke,
+        # (see primary.MIRROR_BATCH_S): write fd -> [eventfd, pipe slots used since the last poke,
         # the slots that call for a poke].
         self.pokes = {}
 
@@ -157,10 +160,10 @@ class Receiver:
             if self.config.mirror_policy == "drop":
                 self.droppable = set(self.pipe_fds[:-1])
             self.requests_link.forwarder_end.close()
-            self.poller.register(self.requests_link.receiver_end, select.POLLIN)
-        self.poller.register(self.source, select.POLLIN)
-        self.poller.register(self.lifeline_fd, select.POLLIN)
-        self.poller.register(wake_r, select.POLLIN)
+            self.poller.watch(self.requests_link.receiver_end, select.POLLIN)
+        self.poller.watch(self.source, select.POLLIN)
+        self.poller.watch(self.lifeline_fd, select.POLLIN)
+        self.poller.watch(wake_r, select.POLLIN)
         log.info("accepted; forwarders: %s", ", ".join(
             "%d -> %s" % (pid, dest) for pid, dest in self.forwarders.values()))
 
@@ -175,13 +178,13 @@ class Receiver:
         # The primary's keeps the source too, to send it the replies (the group dies together).
         keep = [read_fd, self.source.fileno(), self.requests_link.forwarder_end.fileno()] if is_primary else [read_fd]
         poke_fd = None
-        if self.config.primary and not is_primary and size >= forwarder.MIRROR_BATCH_MIN_PIPE:
+        if self.config.primary and not is_primary and size >= primary.MIRROR_BATCH_MIN_PIPE:
             poke_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             keep.append(poke_fd)
         pid = forking.fork_child(title, self.run_forwarder, read_fd, index, dest, title, os.getpid(), poke_fd,
                                  keep=keep, close=[] if is_primary else [self.source])
         if poke_fd is not None:
-            self.pokes[write_fd] = [poke_fd, 0, size // PAGE // forwarder.MIRROR_POKE_SHARE]
+            self.pokes[write_fd] = [poke_fd, 0, size // PAGE // primary.MIRROR_POKE_SHARE]
         self.dest_index[write_fd] = index
         os.close(read_fd)
         os.set_blocking(write_fd, False)
@@ -189,14 +192,14 @@ class Receiver:
         self.pipe_fds.append(write_fd)
         pidfd = os.pidfd_open(pid)
         self.forwarders[pidfd] = (pid, dest)
-        self.poller.register(pidfd, select.POLLIN)
+        self.poller.watch(pidfd, select.POLLIN)
 
     def run_forwarder(self, read_fd, index, dest, title, receiver_pid, poke_fd):
         proxylog.set_connection("src=%s dst=%s" % (self.peer, dest))
         row = self.table.forwarder_row(self.slot, index) if self.table is not None else None
         counters = stats.ForwarderStats(row, lambda text: setproctitle.setproctitle("%s | %s" % (title, text)))
         source = self.source if self.config.primary and index == 0 else None
-        return forwarder.run_forwarder(read_fd, dest, self.config, receiver_pid, self.clean_end, counters, source,
+        return forwarding.run_forwarder(read_fd, dest, self.config, receiver_pid, self.clean_end, counters, source,
                                        (self.mirror_drops, index), self.requests_link if source else None, poke_fd)
 
     def publish(self, force=False):
@@ -247,17 +250,21 @@ class Receiver:
                     self.end_source("idle timeout")
                     continue
                 timeout_s = min(timeout_s, idle_left)
+            if self.pipes_closing_at is not None:
+                closing_left = self.pipes_closing_at - now
+                if closing_left <= 0:
+                    self.close_pipes()
+                    continue
+                timeout_s = min(timeout_s, closing_left)
             if self.held_since is not None:
                 held_left = self.held_since + self.config.send_timeout - now
                 if held_left <= 0:
                     self.check_stopped_forwarders()
                     continue
                 timeout_s = min(timeout_s, held_left)
-            events = self.poller.poll(timeout_s * 1000)
-            if not events and time.monotonic() - self.checked_at >= TICK_S:
-                self.checked_at = time.monotonic()
-                self.check_forwarders()
-            for fd, _ in events:
+            woken = False
+            for fd, _ in self.poller.events(timeout_s):
+                woken = True
                 if fd == self.source_fd and self.commands:
                     self.read_commands()
                 elif fd == self.source_fd:
@@ -276,9 +283,12 @@ class Receiver:
                              primary.ENDED_RESET: "the primary reset the session"}
                     self.stop(ended.get(self.clean_end[1], "told to stop"))
                 elif fd == self.lifeline_fd:
-                    self.poller.unregister(self.lifeline_fd)
+                    self.poller.unwatch(self.lifeline_fd)
                     self.wait_for_main_to_go()
                     self.stop("main process gone")
+            if not woken and time.monotonic() - self.checked_at >= TICK_S:
+                self.checked_at = time.monotonic()
+                self.check_forwarders()
         self.publish(force=True)
         log.info("group ended: %s; received %d bytes from source", self.end_reason, self.received)
         return 0
@@ -286,7 +296,7 @@ class Receiver:
     def take_primary(self):
         """--primary: its forwarder has connected (or given up) and handed us its socket."""
         link = self.requests_link
-        self.poller.unregister(link.receiver_end)
+        self.poller.unwatch(link.receiver_end)
         fd = link.take()
         if fd is None:
             return  # not reached: its forwarder resets the source and ends the group
@@ -300,7 +310,7 @@ class Receiver:
     def write_to_primary(self):
         """Between two chunks: once the primary's pipe is empty (its forwarder has sent on all we
         wrote there), the next chunks go straight into the primary's socket."""
-        if self.handed_fd is not None and not self.pending and self.pipe_fds and not forwarder.pipe_bytes(
+        if self.handed_fd is not None and not self.pending and self.pipe_fds and not pipe_bytes(
                 self.pipe_fds[-1]):
             self.pipe_fds[-1] = self.primary_fd = self.handed_fd
             self.handed_fd = None
@@ -388,7 +398,7 @@ class Receiver:
         except BlockingIOError:
             return 0
         except OSError as exc:
-            self.end_source(forwarder.describe(exc))
+            self.end_source(describe(exc))
             return 0
         if not size:
             if self.partial:
@@ -419,7 +429,7 @@ class Receiver:
         except framing.NotRecords as exc:
             log.error("closing source: not valid RESP (%s); the whole commands before were passed on", exc)
             self.end_reason = "the source does not speak RESP"
-            self.poller.unregister(self.source)
+            self.poller.unwatch(self.source_fd)
             self.source.close()
             end = last_end_before_error(before, chunk)
             self.fan_out(bytes(self.partial) + chunk[:end] if end > 0 else b"")
@@ -456,7 +466,7 @@ class Receiver:
     def room_for(self, fd, size, records=0):
         """Whether a mirror's pipe may have room for size bytes now (counted in bytes: a pipe of
         small writes can still be full); if not, they are dropped for it."""
-        if self.config.pipe_size - forwarder.pipe_bytes(fd) >= size:
+        if self.config.pipe_size - pipe_bytes(fd) >= size:
             return True
         self.count_mirror_drop(fd, size, records)
         return False
@@ -486,19 +496,14 @@ class Receiver:
             self.count_mirror_drop(fd, len(data), records)
         elif written < len(data):
             self.mirror_tails[fd] = memoryview(data)[written:]
-            self.poller.register(fd, select.POLLOUT)
+            self.poller.watch(fd, select.POLLOUT)
 
-    def finish_mirror_tails(self):
-        """Before the pipes close: the rest of the records mirrors took only part of, for at most
-        STOP_FLUSH_S; what a mirror still does not take is dropped (it ends inside a record)."""
-        deadline = time.monotonic() + STOP_FLUSH_S
-        while self.mirror_tails and time.monotonic() < deadline:
-            ready, _, _ = select.select([], list(self.mirror_tails), [], deadline - time.monotonic())
-            for fd in ready:
-                self.finish_mirror_tail(fd)
+    def drop_mirror_tails(self):
+        """The pipes close now: the rest of the records mirrors took only part of is dropped (such a
+        mirror ends inside a record)."""
         for fd, tail in self.mirror_tails.items():
             self.count_mirror_drop(fd, len(tail))
-            self.poller.unregister(fd)
+            self.poller.unwatch(fd)
         self.mirror_tails.clear()
 
     def finish_mirror_tail(self, fd):
@@ -514,7 +519,9 @@ class Receiver:
             self.mirror_tails[fd] = tail[written:]
             return
         del self.mirror_tails[fd]
-        self.poller.unregister(fd)
+        self.poller.unwatch(fd)
+        if not self.mirror_tails and self.pipes_closing_at is not None:
+            self.close_pipes()
 
     def copy_rest(self, index, moved):
         """A pipe took only part of the chunk: finish this chunk from our buffer (backpressure)."""
@@ -531,9 +538,9 @@ class Receiver:
             for fd in self.pipe_fds[index + 1:]:
                 self.pending[fd] = 0
         for fd in self.pending:
-            self.poller.register(fd, select.POLLOUT)
+            self.poller.watch(fd, select.POLLOUT)
         # Backpressure: read no more until every pipe has taken this chunk.
-        self.poller.unregister(self.source_fd)
+        self.poller.unwatch(self.source_fd)
         self.held_since = time.monotonic()
 
     def write_pending(self, fd, register=False):
@@ -553,14 +560,14 @@ class Receiver:
         if offset < self.chunk_len:
             self.pending[fd] = offset
             if register:
-                self.poller.register(fd, select.POLLOUT)
+                self.poller.watch(fd, select.POLLOUT)
                 if self.source.fileno() >= 0 and self.held_since is None:
-                    self.poller.unregister(self.source_fd)  # backpressure, as copy_rest
+                    self.poller.unwatch(self.source_fd)  # backpressure, as copy_rest
                     self.held_since = time.monotonic()
             return
         del self.pending[fd]
         if not register:
-            self.poller.unregister(fd)
+            self.poller.unwatch(fd)
         if not self.pending:
             self.after_chunk()
 
@@ -569,14 +576,14 @@ class Receiver:
         self.held_since = None
         self.view = None  # give the copy buffer back: a thousand slow sources must not keep 1 GiB
         if self.stop_deadline is None and self.source.fileno() >= 0:
-            self.poller.register(self.source, select.POLLIN)
+            self.poller.watch(self.source, select.POLLIN)
         else:
             self.close_pipes()
 
     def end_source(self, reason):
         """The source is done: close the pipes, so every forwarder flushes and exits."""
         self.end_reason = reason
-        self.poller.unregister(self.source)
+        self.poller.unwatch(self.source_fd)
         self.source.close()
         self.close_pipes()
 
@@ -589,7 +596,7 @@ class Receiver:
         self.stop_deadline = time.monotonic() + STOP_FLUSH_S
         if self.source.fileno() >= 0:
             if not self.pending:
-                self.poller.unregister(self.source)
+                self.poller.unwatch(self.source_fd)
                 self.close_pipes()
             self.source.close()
 
@@ -605,11 +612,20 @@ class Receiver:
         os.close(main_fd)
 
     def close_pipes(self):
-        self.finish_mirror_tails()
+        """End every forwarder's pipe (each then flushes and exits). Mirrors that took only part of a
+        record get the rest first, for at most STOP_FLUSH_S: the loop goes on meanwhile."""
+        if self.mirror_tails:
+            if self.pipes_closing_at is None:
+                self.pipes_closing_at = time.monotonic() + STOP_FLUSH_S
+            if time.monotonic() < self.pipes_closing_at:
+                return
+            self.drop_mirror_tails()
+        self.pipes_closing_at = None
         if self.requests_link is not None:
             self.requests_link.publish_written(self.primary_written)
         self.clean_end[0] = 1
         for fd in self.pipes:
+            self.poller.unwatch(fd)
             os.close(fd)
         self.pipes.clear()
         self.pipe_fds = []
@@ -632,7 +648,7 @@ class Receiver:
         """Collect exited forwarders; one that died before its pipe closed takes the group down."""
         gone, _ = psutil.wait_procs(self.forwarder_procs(), timeout=0)
         for proc in gone:
-            self.poller.unregister(proc.pidfd)
+            self.poller.unwatch(proc.pidfd)
             os.close(proc.pidfd)
             del self.forwarders[proc.pidfd]
             if proc.returncode == 0 and not self.pipes:

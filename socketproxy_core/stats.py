@@ -181,7 +181,7 @@ class ForwarderStats:
 
     def values(self, fwd):
         extra, extra_records = fwd.receiver_drops()  # --mirror-policy drop: dropped by the receiver
-        return (fwd.sent, fwd.dropped + extra, fwd.backlog.dropped_records + extra_records, self.connect_failures,
+        return (fwd.delivered(), fwd.dropped + extra, fwd.backlog.dropped_records + extra_records, self.connect_failures,
                 self.reconnects, self.state, len(fwd.backlog))
 
     def publish(self, fwd, pid):

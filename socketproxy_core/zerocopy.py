@@ -5,6 +5,9 @@ import errno
 import fcntl
 import mmap
 import os
+import select
+import struct
+import termios
 
 from socketproxy_core.proxylog import log
 
@@ -71,3 +74,19 @@ def set_pipe_size(fd, size):
     if got < size:
         PipeRefusal.report(size, got, error)
     return got
+
+
+def pipe_hung_up(fd):
+    """Whether a pipe is at its end: its writers all gone (POLLHUP) and nothing left in it (no POLLIN,
+    since bytes may have arrived, their writer gone, after the caller found the pipe empty)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return any(event & select.POLLHUP and not event & select.POLLIN for _, event in poller.poll(0))
+
+
+def pipe_bytes(fd):
+    """Bytes waiting in a pipe (FIONREAD)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0

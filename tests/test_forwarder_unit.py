@@ -4,7 +4,9 @@ import socket
 import threading
 import time
 
-import forwarder
+from socketproxy_core import forwarding as forwarder
+from socketproxy_core import primary
+from socketproxy_core import sockets
 from socketproxy_core.endpoints import Config, Dest
 
 SLOW_NAME = Dest("slow.invalid", 9, "slow.invalid:9", 0)
@@ -25,7 +27,7 @@ def writer(fd, total, done):
 
 
 def make_forwarder(monkeypatch):
-    monkeypatch.setattr(forwarder.socket, "getaddrinfo", slow_getaddrinfo)
+    monkeypatch.setattr(sockets.socket, "getaddrinfo", slow_getaddrinfo)
     read_fd, write_fd = os.pipe()
     os.set_blocking(read_fd, False)
     config = Config(listen_host="127.0.0.1", listen_port=1, dests=(SLOW_NAME,), connect_timeout=1.0)
@@ -81,13 +83,13 @@ def test_a_mirror_in_batches_reads_all_its_shadow_sent_and_naps_only_when_quiet(
         replies = 160 * 1024
         shadow.sendall(b"r" * replies)
         naps = []
-        monkeypatch.setattr(forwarder.select, "select", lambda r, w, x, timeout: naps.append(timeout) or ([], [], []))
+        monkeypatch.setattr(primary.select, "select", lambda r, w, x, timeout: naps.append(timeout) or ([], [], []))
         fwd.read_replies()
         assert fwd.replies_read == replies
-        fwd.gather()
+        primary.gather(fwd)
         assert naps == []  # it read 160 KiB this wake: more may be coming at once
-        fwd.gather()
-        assert naps == [forwarder.MIRROR_BATCH_S]  # nothing moved since: a nap
+        primary.gather(fwd)
+        assert naps == [primary.MIRROR_BATCH_S]  # nothing moved since: a nap
     finally:
         for fd in (read_fd, write_fd, poke_fd):
             os.close(fd)

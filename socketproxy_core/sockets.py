@@ -1,0 +1,82 @@
+"""Sockets to destinations: resolving a name without blocking, the reasons for a failure, the bytes
+a connection still holds, and closing it with a reset."""
+import errno
+import fcntl
+import os
+import socket
+import struct
+import termios
+import threading
+
+ERR_REASONS = {
+    errno.ECONNREFUSED: "connection refused",
+    errno.ECONNRESET: "reset by peer",
+    errno.EPIPE: "broken pipe",
+    errno.ETIMEDOUT: "timed out",
+    errno.EHOSTUNREACH: "host unreachable",
+    errno.ENETUNREACH: "network unreachable",
+}
+
+
+def describe(exc):
+    """Short text for a socket error."""
+    if isinstance(exc, socket.gaierror):
+        return "name not resolved (%s)" % exc.strerror
+    if isinstance(exc, OSError) and exc.errno in ERR_REASONS:
+        return ERR_REASONS[exc.errno]
+    return str(exc) or type(exc).__name__
+
+
+def unsent_bytes(sock):
+    """Bytes still in the socket's send queue (SIOCOUTQ): lost with the connection."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
+
+
+def reset(sock):
+    """Close with a reset: queued bytes would otherwise still go out later (to a destination that
+    was only stopped), and the drop counts would be wrong. Returns the bytes the reset discarded:
+    the send queue measured at the last moment, since a destination that was stopped may take
+    bytes until then (a measure taken earlier would count them as dropped, though delivered)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    lost = unsent_bytes(sock)
+    sock.close()
+    return lost
+
+
+class Lookup:
+    """One getaddrinfo for a destination, in a thread; done_fd turns readable when it is over."""
+
+    def __init__(self, dest):
+        self.done_fd, self.done_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.info = self.error = None
+        threading.Thread(target=self.run, args=(dest,), daemon=True).start()
+
+    def run(self, dest):
+        info = error = None
+        try:
+            info = socket.getaddrinfo(dest.host, dest.port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:  # UnicodeError: a name IDNA cannot encode
+            error = exc
+        os.write(self.done_w, b"x")  # before finished() can be true: result() closes this pipe
+        self.error, self.info = error, info
+
+    def finished(self):
+        return self.info is not None or self.error is not None
+
+    def result(self):
+        """[(family, address), ...] in the resolver's order, or its error raised; closes the pipe."""
+        os.close(self.done_fd)
+        os.close(self.done_w)
+        if self.error is not None:
+            raise self.error
+        addresses = []
+        for family, _, _, _, address in self.info:
+            if (family, address) not in addresses:
+                addresses.append((family, address))
+        return addresses
