@@ -1,10 +1,14 @@
-"""The poll set of a process's loop: one owner of what is watched, and no stale events.
+"""One loop per process: what it watches, its named timers, and the handler of each.
 
 A poll reports a batch of events; handling one of them may stop watching (or close) a descriptor
-whose event comes later in the same batch. Such an event is stale: events() skips it, so a handler
-never runs for a descriptor it no longer owns (a closed source, a pipe already let go).
+whose event comes later in the same batch. Such an event is stale: it is skipped, so a handler never
+runs for a descriptor it no longer owns (a closed source, a pipe already let go).
+
+Handlers never block and never sleep: a wait is a descriptor watched or a timer set, and the loop
+returns to its poll.
 """
 import select
+import time
 
 
 class Poller:
@@ -39,3 +43,58 @@ class Poller:
         for fd, event in self.poll_set.poll(timeout_ms):
             if fd in self.watched:
                 yield fd, event
+
+
+class Loop:
+    """A Poller whose descriptors each have a handler, and one list of named timers.
+
+    watch(fd, events, handler): handler(event) runs for each event of fd. set_timer(name, delay,
+    handler): handler() runs once, delay seconds from now (a timer of the same name is replaced).
+    """
+
+    def __init__(self):
+        self.poller = Poller()
+        self.handlers = {}  # fd -> handler(event)
+        self.timers = {}  # name -> (deadline, handler)
+
+    def watch(self, fd, events, handler):
+        fd = fd if isinstance(fd, int) else fd.fileno()
+        self.poller.watch(fd, events)
+        self.handlers[fd] = handler
+
+    def unwatch(self, fd):
+        fd = fd if isinstance(fd, int) else fd.fileno()
+        self.poller.unwatch(fd)
+        self.handlers.pop(fd, None)
+
+    def watching(self, fd):
+        return self.poller.watching(fd)
+
+    def set_timer(self, name, delay_s, handler):
+        self.timers[name] = (time.monotonic() + delay_s, handler)
+
+    def set_deadline(self, name, deadline, handler):
+        self.timers[name] = (deadline, handler)
+
+    def cancel(self, *names):
+        for name in names:
+            self.timers.pop(name, None)
+
+    def has_timer(self, name):
+        return name in self.timers
+
+    def run_once(self):
+        """One poll (until the next timer at most), its handlers, then the timers that are due."""
+        now = time.monotonic()
+        timeout_s = min((deadline for deadline, _ in self.timers.values()), default=None)
+        if timeout_s is not None:
+            timeout_s -= now
+        for fd, event in self.poller.events(timeout_s):
+            handler = self.handlers.get(fd)
+            if handler is not None:
+                handler(event)
+        now = time.monotonic()
+        for name, (deadline, handler) in list(self.timers.items()):
+            if deadline <= now and self.timers.get(name) == (deadline, handler):
+                del self.timers[name]
+                handler()

@@ -73,7 +73,7 @@ class TableCollector:
             info.add_metric([dest, self.roles[index]], 1)
             for name, family in families.items():
                 family.add_metric([dest], totals[index][name])
-            up.add_metric([dest], states[index].count(stats.STATE_UP))
+            up.add_metric([dest], sum(states[index].count(state) for state in stats.CONNECTED_STATES))
             down.add_metric([dest], states[index].count(stats.STATE_DOWN))
         yield from families.values()
         yield up

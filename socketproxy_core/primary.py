@@ -1,14 +1,19 @@
 """--primary: the first destination is the source's session, and its replies go back to the source.
 
+Everything of --primary is here: the session (Session, run by the primary's forwarder on its loop),
+the link that hands the primary's socket to the receiver (RequestsLink), and the batches of the
+mirrors (MirrorBatch).
+
 Requests reach the primary through its forwarder's pipe until the forwarder has connected and
 handed the socket to the receiver (RequestsLink); from then on, once that pipe is empty, the receiver
 splices them straight into the socket: a request wakes one process, not two. The pipe's end is still
 the end of requests. The forwarder holds a copy of the source socket and splices the primary's
-replies to it through a pipe of its own: no byte through Python either way. Nothing is retried: when the primary cannot be reached, fails, resets or closes,
-the source is closed the same way (a reset for a reset, a close for a close), the receiver is asked
-to end the group (through the shared flag, then SIGTERM), and what the pipe still brings is
-counted as dropped. Half-closes pass both ways: the source's end of requests becomes a FIN to the
-primary, whose remaining replies still reach the source before its own FIN does.
+replies to it through a pipe of its own: no byte through Python either way. Nothing is retried: when
+the primary cannot be reached, fails, resets or closes, the source is closed the same way (a reset
+for a reset, a close for a close), the receiver is asked to end the group (through the shared flag,
+then SIGTERM), and what the pipe still brings is counted as dropped. Half-closes pass both ways: the
+source's end of requests becomes a FIN to the primary, whose remaining replies still reach the source
+before its own FIN does. After the source's FIN, --fin-timeout bounds a session where nothing moves.
 """
 import mmap
 import os
@@ -16,28 +21,28 @@ import select
 import signal
 import socket
 import struct
-
 import time
 
-from socketproxy_core import loop
 from socketproxy_core.proxylog import log
 from socketproxy_core.sockets import reset
+from socketproxy_core.stats import STATE_CLOSING, STATE_DONE
 from socketproxy_core.zerocopy import pipe_bytes, pipe_hung_up, set_pipe_size
 
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 CHUNK = 1 << 20
 ENDED_CLOSE, ENDED_RESET = 1, 2  # the shared flag (the receiver's clean_end[1]): how the primary ended
 # A mirror of --primary sends in batches (a wake per request would take the CPU the primary needs):
-# after a wake that moved under MIRROR_BATCH_BELOW (sent and replies read) it waits MIRROR_BATCH_S before it reads its pipe
-# again, unless the receiver pokes it first (it has filled a sixteenth of the pipe's slots meanwhile,
-# leaving the rest as slack for a mirror slow to be scheduled on a busy machine). Only with a pipe of
-# MIRROR_BATCH_MIN_PIPE or more (64 slots: a poke every 4 writes at least).
+# after a wake that moved under MIRROR_BATCH_BELOW (sent and replies read) it waits MIRROR_BATCH_S
+# before it reads its pipe again, unless the receiver pokes it first (it has filled a sixteenth of the
+# pipe's slots meanwhile, leaving the rest as slack for a mirror slow to be scheduled on a busy
+# machine). Only with a pipe of MIRROR_BATCH_MIN_PIPE or more (64 slots: a poke every 4 writes at least).
 MIRROR_BATCH_S = 0.02
 MIRROR_BATCH_BELOW = 64 * 1024
 MIRROR_BATCH_MIN_PIPE = 256 * 1024
 MIRROR_POKE_SHARE = 16  # the receiver pokes a napping mirror once 1/16 of its pipe's slots are used
 STOP_WAIT_S = 5.0  # after asking the receiver to end the group: its stop takes 1 s, then it kills
 ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, TimeoutError)
+POLL_IN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 
 
 class RequestsLink:
@@ -78,178 +83,197 @@ class RequestsLink:
         return struct.unpack_from("q", self.written)[0]
 
 
-class PrimarySession:
-    """Requests pipe -> primary, replies primary -> source, until one side ends the session."""
+class Session:
+    """Requests pipe -> primary, replies primary -> source, until one side ends the session: the
+    handlers of the primary's forwarder while it is UP, then CLOSING until the receiver ends the group.
+
+    Only what the session waits for is watched: the primary's socket for replies while the reply
+    pipe has room (and for room while requests wait), the source for room while replies wait. An
+    ended connection (POLLHUP) is reported at every poll while its socket is watched, so a socket is
+    watched for nothing once nothing is expected of it.
+    """
 
     def __init__(self, fwd, source, link):
         self.fwd = fwd
+        self.loop = fwd.loop
         self.source = source
         self.link = link
+        fwd.counts.extra_sent = link.bytes_written  # requests the receiver writes into the primary's socket
         self.returned = 0  # reply bytes delivered to the source
+        self.queued = 0  # reply bytes waiting in our reply pipe for the source to take them
+        self.requests_open = self.replies_open = True
+        self.socket_full = False
+        self.moved_at = 0.0  # when a byte last moved either way (for --fin-timeout)
+        self.reply_r = self.reply_w = None
+        self.capacity = 0
 
-    def run(self):
+    def start(self, sock):
+        """Connected: hand the socket to the receiver, and serve."""
         fwd = self.fwd
-        connected = fwd.connect(hold_pipe=True)
-        if connected:
-            self.link.hand_over(fwd.sock)
-        else:
-            self.link.refuse()
-        if not connected:
-            if fwd.pipe_eof:  # the source finished before the primary answered: nothing to deliver
-                self.source.close()
-                return
-            self.end_session(ENDED_RESET, "cannot reach the primary %s within --connect-timeout" % fwd.dest)
+        self.link.hand_over(sock)
+        self.sock, self.sock_fd, self.source_fd = sock, sock.fileno(), self.source.fileno()
+        self.reply_r, self.reply_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.capacity = set_pipe_size(self.reply_w, fwd.config.pipe_size)
+        self.loop.watch(fwd.pipe_fd, select.POLLIN, self.requests)
+        self.watch()
+
+    def unreachable(self):
+        """The connection attempt failed: the source is reset, the group ends."""
+        fwd = self.fwd
+        self.link.refuse()
+        if fwd.pipe_eof:  # the source finished before the primary answered: nothing to deliver
+            self.source.close()
+            fwd.enter(STATE_DONE)
             return
-        try:
-            self.pump()
-        except OSError as exc:  # from the primary's socket (the source's are handled in pump)
-            self.end_session(ENDED_RESET, "the primary %s failed (%s)" % (fwd.dest, exc.strerror or exc))
+        self.end_session(ENDED_RESET, "cannot reach the primary %s within --connect-timeout" % fwd.dest)
 
-    def pump(self):
-        """Event by event, one splice each: a request still in our pipe costs one splice; a reply
-        costs two (primary -> our reply pipe -> source), and a poll for the source only when it
-        does not take the reply at once. The end of our pipe is the end of requests.
-
-        Only what we wait for is watched: the primary's socket for replies while our reply pipe has
-        room (and for room while requests wait), the source for room while replies wait. An end of
-        the primary's connection (POLLHUP) is reported at every poll while its socket is watched, so
-        it is watched for nothing once its replies have ended. After the source's FIN the session
-        ends when nothing moves either way for --fin-timeout.
-        """
+    def requests(self, _event):
+        """Our pipe has requests (or its end, which becomes our FIN to the primary)."""
         fwd = self.fwd
-        sock, pipe_fd, source_fd = fwd.sock, fwd.pipe_fd, self.source.fileno()
-        sock_fd = sock.fileno()
-        reply_r, reply_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        capacity = set_pipe_size(reply_w, fwd.config.pipe_size)
-        splice = os.splice
-        queued = 0  # reply bytes waiting in our reply pipe for the source to take them
-        requests_open = replies_open = True
-        socket_full = False
-        fin_timeout = fwd.config.fin_timeout
-        moved_at = 0.0  # after the source's FIN: when a byte last moved either way
-        poller = loop.Poller()
-        poller.watch(pipe_fd, select.POLLIN)
-        poller.watch(sock_fd, select.POLLIN)
-        if fwd.receiver_pidfd is not None:
-            poller.watch(fwd.receiver_pidfd, select.POLLIN)
-        while True:
-            timeout_s = fwd.publish_due()
-            if not requests_open and fin_timeout:
-                idle_left = moved_at + fin_timeout - time.monotonic()
-                if idle_left <= 0:
-                    self.fin_timed_out(queued)
-                    return
-                timeout_s = idle_left if timeout_s is None else min(timeout_s, idle_left)
-            for fd, event in poller.events(timeout_s):
-                if fd == pipe_fd:
-                    try:
-                        moved = splice(pipe_fd, sock_fd, CHUNK, flags=SPLICE_FLAGS)
-                    except BlockingIOError:  # the pipe has data (POLLIN): the primary's socket is full
-                        moved = -1
-                    if moved > 0:
-                        fwd.piped += moved
-                    elif moved == 0:  # the source has finished sending: the primary gets our FIN
-                        fwd.end_of_pipe()
-                        requests_open = False
-                        moved_at = time.monotonic()
-                        poller.unwatch(pipe_fd)
-                        shutdown(sock, socket.SHUT_WR)  # a failed primary: the next splice says how
-                    elif not pipe_bytes(pipe_fd) and pipe_hung_up(pipe_fd):
-                        continue  # EOF is seen by the next splice
-                    else:
-                        socket_full = True
-                        poller.unwatch(pipe_fd)
-                elif fd == sock_fd:
-                    if event & select.POLLOUT and socket_full:
-                        socket_full = False
-                        poller.watch(pipe_fd, select.POLLIN)
-                    if replies_open and queued < capacity and event & (select.POLLIN | select.POLLERR | select.POLLHUP):
-                        try:
-                            moved = splice(sock_fd, reply_w, capacity - queued, flags=SPLICE_FLAGS)
-                        except BlockingIOError:
-                            moved = -1
-                        if moved == 0:
-                            replies_open = False
-                        elif moved > 0:
-                            queued += moved
-                            moved_at = time.monotonic()
-                elif fd == fwd.receiver_pidfd:
-                    fwd.receiver_died()
-            fwd.publish_if_due()
-            if queued:  # hand the replies to the source now; poll for it only when it is full
-                try:
-                    moved = splice(reply_r, source_fd, queued, flags=SPLICE_FLAGS)
-                    queued -= moved
-                    self.returned += moved
-                    moved_at = time.monotonic()
-                except BlockingIOError:
-                    pass
-                except ERRORS as exc:
-                    self.source_gone(exc)
-                    return
-            if not replies_open and not queued:
-                self.primary_closed(requests_open)
-                return
-            sock_events = (select.POLLIN if replies_open and queued < capacity else 0) | (
-                select.POLLOUT if socket_full else 0)
-            if sock_events:
-                poller.watch(sock_fd, sock_events)
-            else:
-                poller.unwatch(sock_fd)
-            if queued:
-                poller.watch(source_fd, select.POLLOUT)
-            else:
-                poller.unwatch(source_fd)
+        try:
+            moved = os.splice(fwd.pipe_fd, self.sock_fd, CHUNK, flags=SPLICE_FLAGS)
+        except BlockingIOError:  # the pipe has data (POLLIN): the primary's socket is full
+            if not pipe_bytes(fwd.pipe_fd) and pipe_hung_up(fwd.pipe_fd):
+                return  # EOF is seen by the next splice
+            self.socket_full = True
+            self.loop.unwatch(fwd.pipe_fd)
+            self.watch()
+            return
+        except OSError as exc:
+            self.failed(exc)
+            return
+        if moved:
+            fwd.counts.handed(moved)
+            return
+        fwd.end_of_pipe()  # the source has finished sending: the primary gets our FIN
+        self.requests_open = False
+        self.moved_at = time.monotonic()
+        shutdown(self.sock, socket.SHUT_WR)  # a failed primary: the next splice says how
+        if fwd.config.fin_timeout:
+            self.loop.set_timer("fin", fwd.config.fin_timeout, self.fin_check)
 
-    def fin_timed_out(self, queued):
-        """--fin-timeout: the source has finished and nothing moved either way since: both ends are
-        closed (the source after the replies it already took)."""
+    def primary_ready(self, event):
+        """The primary's socket: replies to pass on, room for requests, or its end."""
+        if event & select.POLLOUT and self.socket_full:
+            self.socket_full = False
+            self.loop.watch(self.fwd.pipe_fd, select.POLLIN, self.requests)
+        if self.replies_open and self.queued < self.capacity and event & (select.POLLIN | select.POLLERR | select.POLLHUP):
+            try:
+                moved = os.splice(self.sock_fd, self.reply_w, self.capacity - self.queued, flags=SPLICE_FLAGS)
+            except BlockingIOError:
+                moved = -1
+            except OSError as exc:
+                self.failed(exc)
+                return
+            if moved == 0:
+                self.replies_open = False
+            elif moved > 0:
+                self.queued += moved
+                self.moved_at = time.monotonic()
+        self.pass_replies()
+
+    def source_ready(self, _event):
+        self.pass_replies()
+
+    def pass_replies(self):
+        """Hand the replies to the source now; it is watched only when it is full."""
+        if self.queued:
+            try:
+                moved = os.splice(self.reply_r, self.source_fd, self.queued, flags=SPLICE_FLAGS)
+                self.queued -= moved
+                self.returned += moved
+                self.moved_at = time.monotonic()
+            except BlockingIOError:
+                pass
+            except ERRORS as exc:
+                self.source_gone(exc)
+                return
+        if not self.replies_open and not self.queued:
+            self.primary_closed()
+            return
+        self.watch()
+
+    def watch(self):
+        sock_events = (select.POLLIN if self.replies_open and self.queued < self.capacity else 0) | (
+            select.POLLOUT if self.socket_full else 0)
+        if sock_events:
+            self.loop.watch(self.sock_fd, sock_events, self.primary_ready)
+        else:
+            self.loop.unwatch(self.sock_fd)
+        if self.queued:
+            self.loop.watch(self.source_fd, select.POLLOUT, self.source_ready)
+        else:
+            self.loop.unwatch(self.source_fd)
+
+    def fin_check(self):
+        """--fin-timeout after the source's FIN: the session ends once nothing moved for that long."""
+        idle_left = self.moved_at + self.fwd.config.fin_timeout - time.monotonic()
+        if idle_left > 0:
+            self.loop.set_timer("fin", idle_left, self.fin_check)
+            return
         fwd = self.fwd
         log.info("closing the session: nothing moved for %.1f s after the source finished (--fin-timeout); "
                  "%d bytes of replies reached the source%s", fwd.config.fin_timeout, self.returned,
-                 ", %d more were waiting for it" % queued if queued else "")
-        reset(fwd.sock)
-        fwd.sock = None
+                 ", %d more were waiting for it" % self.queued if self.queued else "")
+        self.leave()
+        reset(self.sock)
         shutdown(self.source, socket.SHUT_WR)
         self.source.close()
+        fwd.enter(STATE_DONE)
 
-    def primary_closed(self, requests_open):
+    def leave(self):
+        """Stop watching what the session watched."""
+        fwd = self.fwd
+        for fd in (fwd.pipe_fd, self.sock_fd, self.source_fd):
+            self.loop.unwatch(fd)
+        self.loop.cancel("fin")
+        fwd.sock = None
+
+    def failed(self, exc):
+        """An error on the primary's socket."""
+        self.end_session(ENDED_RESET, "the primary %s failed (%s)" % (self.fwd.dest, exc.strerror or exc))
+
+    def primary_closed(self):
         """The primary sent its FIN and every reply reached the source: the source gets ours."""
         fwd = self.fwd
+        requests_open = self.requests_open
+        self.leave()
         shutdown(self.source, socket.SHUT_WR)
         self.source.close()
-        fwd.sock.close()
-        fwd.sock = None
+        self.sock.close()
         if requests_open:  # mid-session: the group ends
             self.end_session(ENDED_CLOSE, "the primary %s closed the connection" % fwd.dest)
         else:
             log.info("closed connection to %s: source finished, and the primary's %d bytes of replies reached it",
                      fwd.dest, self.returned)
+            fwd.enter(STATE_DONE)
 
     def source_gone(self, exc):
         """The source went away while replies were on their way: the primary's connection is reset."""
         fwd = self.fwd
         log.info("the source is gone (%s): resetting the connection to the primary %s", exc.strerror or exc, fwd.dest)
-        reset(fwd.sock)
-        fwd.sock = None
+        self.leave()
+        reset(self.sock)
         self.source.close()
         self.stop_group(ENDED_CLOSE)
 
     def end_session(self, how, why):
-        """The primary ended the session: the source is closed the same way, the group ends."""
+        """The primary ended the session: the source is closed the same way, the group ends. A close
+        is a normal end (a server that closes after its reply); a reset or a failure is a warning."""
         fwd = self.fwd
         if how == ENDED_RESET:
             reset(self.source)  # linger 0: the last close of the source (the receiver's) sends a reset
             if fwd.sock is not None:
-                reset(fwd.sock)
-                fwd.sock = None
-        log.warning("%s: %s the source; its group ends (%d bytes of replies reached it)", why,
-                    "resetting" if how == ENDED_RESET else "closing", self.returned)
+                self.leave()
+                reset(self.sock)
+        (log.warning if how == ENDED_RESET else log.info)(
+            "%s: %s the source; its group ends (%d bytes of replies reached it)", why,
+            "resetting" if how == ENDED_RESET else "closing", self.returned)
         self.stop_group(how)
 
     def stop_group(self, how):
-        """Tell the receiver how the session ended and ask it to stop; count what the pipe still
-        brings as dropped, until the receiver closes it."""
+        """CLOSING: tell the receiver how the session ended and ask it to stop; count what the pipe
+        still brings as dropped, until the receiver closes it (STOP_WAIT_S at most)."""
         fwd = self.fwd
         if fwd.clean_end is not None:
             fwd.clean_end[1] = how
@@ -258,13 +282,64 @@ class PrimarySession:
                 signal.pidfd_send_signal(fwd.receiver_pidfd, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + STOP_WAIT_S
-        while not fwd.pipe_eof and time.monotonic() < deadline:
-            fwd.publish_if_due()
-            select.select([fwd.pipe_fd], [], [], min(fwd.publish_due(), deadline - time.monotonic()))
-            fwd.drain()
-        if not fwd.pipe_eof:
-            log.warning("the receiver did not end the group within %.1f s: exiting", STOP_WAIT_S)
+        fwd.enter(STATE_CLOSING)
+        if fwd.pipe_eof:
+            fwd.enter(STATE_DONE)
+            return
+        self.loop.watch(fwd.pipe_fd, POLL_IN, self.drain_until_end)
+        self.loop.set_timer("stop", STOP_WAIT_S, self.receiver_too_slow)
+
+    def drain_until_end(self, _event):
+        fwd = self.fwd
+        fwd.drain()
+        if fwd.pipe_eof:
+            self.loop.cancel("stop")
+            fwd.enter(STATE_DONE)
+
+    def receiver_too_slow(self):
+        log.warning("the receiver did not end the group within %.1f s: exiting", STOP_WAIT_S)
+        self.loop.unwatch(self.fwd.pipe_fd)
+        self.fwd.enter(STATE_DONE)
+
+
+class MirrorBatch:
+    """A mirror of --primary that moved little at its last wake lets its pipe gather more before it
+    looks again: one wake per batch, not per request, leaves the CPU to the primary. The receiver
+    pokes it (an eventfd) when the pipe fills faster, so a burst is never dropped for a nap."""
+
+    def __init__(self, fwd, poke_fd):
+        self.fwd = fwd
+        self.poke_fd = poke_fd
+        self.moved_at_wake = 0
+
+    def nap(self):
+        """Whether the mirror naps now, before it watches its pipe again (at the nap's end or a poke)."""
+        fwd = self.fwd
+        moved = fwd.counts.conn_sent + fwd.replies_read
+        quiet = moved - self.moved_at_wake < MIRROR_BATCH_BELOW
+        self.moved_at_wake = moved
+        if not quiet:
+            return False
+        fwd.loop.unwatch(fwd.pipe_fd)
+        fwd.loop.watch(self.poke_fd, select.POLLIN, self.poked)
+        fwd.loop.set_timer("batch", MIRROR_BATCH_S, self.wake)
+        return True
+
+    def poked(self, _event):
+        try:
+            os.eventfd_read(self.poke_fd)
+        except BlockingIOError:
+            pass
+        log.debug("woken before the batch's end: the pipe fills fast")
+        self.wake()
+
+    def wake(self):
+        self.stop()
+        self.fwd.loop.watch(self.fwd.pipe_fd, POLL_IN, self.fwd.pipe_up)
+
+    def stop(self):
+        self.fwd.loop.cancel("batch")
+        self.fwd.loop.unwatch(self.poke_fd)
 
 
 def shutdown(sock, how):
@@ -272,15 +347,3 @@ def shutdown(sock, how):
         sock.shutdown(how)
     except OSError:
         pass
-
-
-def gather(fwd):
-    """A mirror of --primary that moved little at its last wake lets its pipe gather more
-    before it looks again: one wake per batch, not per request, leaves the CPU to the primary.
-    The receiver pokes it when the pipe fills faster (so a burst is never dropped for a nap)."""
-    moved = fwd.conn_sent + fwd.replies_read
-    if moved - fwd.moved_at_wake < MIRROR_BATCH_BELOW:
-        if select.select([fwd.poke_fd], [], [], MIRROR_BATCH_S)[0]:
-            os.eventfd_read(fwd.poke_fd)
-            log.debug("woken before the batch's end: the pipe fills fast")
-    fwd.moved_at_wake = moved

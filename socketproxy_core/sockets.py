@@ -8,6 +8,7 @@ import struct
 import termios
 import threading
 
+USER_TIMEOUT_FACTOR = 3
 ERR_REASONS = {
     errno.ECONNREFUSED: "connection refused",
     errno.ECONNRESET: "reset by peer",
@@ -16,6 +17,10 @@ ERR_REASONS = {
     errno.EHOSTUNREACH: "host unreachable",
     errno.ENETUNREACH: "network unreachable",
 }
+
+
+class Disconnected(Exception):
+    """The destination connection ended; the message is the reason for the log."""
 
 
 def describe(exc):
@@ -50,7 +55,11 @@ def reset(sock):
 
 
 class Lookup:
-    """One getaddrinfo for a destination, in a thread; done_fd turns readable when it is over."""
+    """One getaddrinfo for a destination, in a thread; done_fd turns readable when it is over.
+
+    getaddrinfo cannot be interrupted, and a resolver that hangs must not stall the source: it runs
+    in a thread (a forwarder never forks) while the forwarder's loop goes on. A lookup that outlives
+    its attempt is waited for by the next attempt, never started twice."""
 
     def __init__(self, dest):
         self.done_fd, self.done_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -63,8 +72,8 @@ class Lookup:
             info = socket.getaddrinfo(dest.host, dest.port, type=socket.SOCK_STREAM)
         except (OSError, UnicodeError) as exc:  # UnicodeError: a name IDNA cannot encode
             error = exc
-        os.write(self.done_w, b"x")  # before finished() can be true: result() closes this pipe
         self.error, self.info = error, info
+        os.write(self.done_w, b"x")  # result() is called only once this is readable: then it closes it
 
     def finished(self):
         return self.info is not None or self.error is not None
@@ -80,3 +89,17 @@ class Lookup:
             if (family, address) not in addresses:
                 addresses.append((family, address))
         return addresses
+
+
+def configure(sock, send_timeout):
+    """Keepalive, no Nagle, and a kernel deadline for unacknowledged data (a backstop at 3x
+    --send-timeout).
+
+    The backstop is for a destination that vanished while its bytes were unacknowledged but the
+    socket was not full (the progress rule covers a full one, at exactly --send-timeout). Not
+    --send-timeout itself: the kernel counts zero-window probes against it and aborts slow readers
+    that are acknowledging, only rarely (a small window on loopback's 64 KiB segments).
+    """
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(send_timeout * USER_TIMEOUT_FACTOR * 1000))

@@ -20,8 +20,11 @@ ROW = ROW_FIELDS * FIELD.size
 ROW_FORMAT = struct.Struct("%dq" % ROW_FIELDS)
 # A forwarder's row: seq, pid, then these, then its state and since when (a float).
 FORWARDER_COUNTERS = ("sent", "dropped", "dropped_records", "connect_failures", "reconnects")
-STATE_NONE, STATE_CONNECTING, STATE_UP, STATE_DOWN = 0, 1, 2, 3
-STATE_NAMES = {STATE_NONE: "-", STATE_CONNECTING: "connecting", STATE_UP: "up", STATE_DOWN: "down"}
+# A forwarder's states (forwarding.py): the title and the metrics show them.
+STATE_NONE, STATE_CONNECTING, STATE_UP, STATE_DOWN, STATE_DRAINING, STATE_CLOSING, STATE_DONE = range(7)
+STATE_NAMES = {STATE_NONE: "-", STATE_CONNECTING: "connecting", STATE_UP: "up", STATE_DOWN: "down",
+               STATE_DRAINING: "draining", STATE_CLOSING: "closing", STATE_DONE: "done"}
+CONNECTED_STATES = (STATE_UP, STATE_DRAINING, STATE_CLOSING)  # a connection to the destination is open
 # The header: a row holding only the fold's seq, main's row (these counters; the received total of
 # finished groups), then a row per destination with the totals of finished forwarders (as their rows).
 READ_TRIES = 1000  # a reader never waits for a writer that died in the middle of a write

@@ -141,8 +141,9 @@ def test_each_process_holds_only_its_own_descriptors(proxy, recorder):
     assert open_fds(rec) == sorted(["socket"] + ["pipe"] * 7 + ["anon_inode"] * 2), open_fds(rec)
     for fwd in by_role(px.pid, "forwarder"):
         # forwarder: its receiver's pidfd, its pipe's read end, /dev/null (drops), its destination socket,
-        # and the shadow pipe holding what the destination has not acknowledged yet (--buffer)
-        assert open_fds(fwd) == ["anon_inode", "null", "pipe", "pipe", "pipe", "socket"], open_fds(fwd)
+        # the shadow pipe holding what the destination has not acknowledged yet (--buffer), and its
+        # signal wake-up pipe (2)
+        assert open_fds(fwd) == ["anon_inode", "null"] + ["pipe"] * 5 + ["socket"], open_fds(fwd)
     # main: the listener, its lifeline and wake-up pipes; the source socket went with the fork
     assert open_fds(psutil.Process(px.pid)) == ["pipe", "pipe", "pipe", "pipe", "socket"], open_fds(psutil.Process(px.pid))
     source.close()
