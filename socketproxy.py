@@ -221,6 +221,7 @@ class Proxy:
         self.signals = set()  # signal numbers received and not yet handled
         self.refusals = RefusalLog()
         self.poller = select.poll()
+        self.accept_paused_until = None  # out of descriptors: accepting again then
 
     def record_signal(self, signum, _frame):
         self.signals.add(signum)
@@ -245,7 +246,11 @@ class Proxy:
         self.update_title()
         while True:
             timeout_s = self.refusals.timeout_s()
+            if self.accept_paused_until is not None:
+                paused_s = max(0.0, self.accept_paused_until - time.monotonic())
+                timeout_s = paused_s if timeout_s is None else min(timeout_s, paused_s)
             events = self.poller.poll(None if timeout_s is None else timeout_s * 1000)
+            self.resume_accepting()
             stop = self.handle_signals()
             if stop:
                 return stop
@@ -351,11 +356,19 @@ class Proxy:
             pass  # the group is already gone
 
     def accept_failed(self, exc):
+        """Out of descriptors (or memory): the listener is not watched for ACCEPT_PAUSE_S, then the
+        loop accepts again; signals and reaping go on meanwhile."""
         if exc.errno in TRANSIENT_ACCEPT_ERRORS:
             log.warning("accept failed: %s; pausing %.1f s", exc.strerror, ACCEPT_PAUSE_S)
-            time.sleep(ACCEPT_PAUSE_S)
+            self.poller.unregister(self.listener.fileno())
+            self.accept_paused_until = time.monotonic() + ACCEPT_PAUSE_S
         else:
             log.warning("accept failed: %s", exc.strerror)
+
+    def resume_accepting(self):
+        if self.accept_paused_until is not None and time.monotonic() >= self.accept_paused_until:
+            self.accept_paused_until = None
+            self.poller.register(self.listener.fileno(), select.POLLIN)
 
     def admit(self, source, address):
         """Refuse the source, or fork its receiver."""

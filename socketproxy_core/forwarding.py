@@ -30,7 +30,7 @@ from socketproxy_core.connector import Backoff, Connector
 from socketproxy_core.loop import Loop
 from socketproxy_core.proxylog import log
 from socketproxy_core.retaining import Retainer
-from socketproxy_core.sockets import Disconnected, configure, describe, reset, unsent_bytes
+from socketproxy_core.sockets import Disconnected, Progress, configure, describe, reset, unsent_bytes
 from socketproxy_core.stats import (STATE_CLOSING, STATE_CONNECTING, STATE_DONE, STATE_DOWN, STATE_DRAINING,
                                     STATE_UP, ForwarderStats)
 from socketproxy_core import zerocopy
@@ -50,32 +50,6 @@ PROGRESS_POLL_S = 0.1  # while a destination's socket is full: how often its pro
 ACK_WAIT_S = 0.001  # a full shadow waits for acknowledgements, which have no event: poll this often
 REPLY_READS = 64  # of 16 KiB: what a wake reads of the replies at most (1 MiB)
 POLL_IN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
-
-
-class Progress:
-    """The send-timeout rule, in one place: while data waits, a destination that acknowledges no
-    byte for --send-timeout is stalled. A full socket is not a stalled destination: a slow reader
-    acknowledges, however slowly."""
-
-    def __init__(self, send_timeout):
-        self.send_timeout = send_timeout
-        self.since = None  # while data waits: when the destination last acknowledged a byte
-        self.acknowledged = 0
-
-    def stalled(self, acknowledged):
-        """Data waits and acknowledged bytes are acknowledged so far: whether the rule is broken."""
-        now = time.monotonic()
-        if self.since is None or acknowledged > self.acknowledged:
-            self.since, self.acknowledged = now, acknowledged
-            return False
-        return now - self.since >= self.send_timeout
-
-    def check_in(self, poll_s):
-        """When to look again: poll_s, or sooner at the deadline."""
-        return max(0.0, min(poll_s, self.since + self.send_timeout - time.monotonic()))
-
-    def stop(self):
-        self.since = None
 
 
 class Forwarder:

@@ -5,17 +5,18 @@ copies no thread but may copy a lock one held). It reads the shared table (stats
 scrape and writes nothing anywhere: the counters live in that table, not in files per process.
 """
 import http.server
-import os
+import select
 import signal
-import threading
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import MetricsHandler
 
+from socketproxy_core import loop
 from socketproxy_core import stats
 
 PREFIX = "socketproxy_"
+SCRAPE_TIMEOUT_S = 10.0
 
 
 class TableCollector:
@@ -82,8 +83,8 @@ class TableCollector:
         yield info
 
 
-class Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
+class Server(http.server.HTTPServer):
+    """One request at a time, in the process's loop: a scrape is a snapshot of a table in memory."""
 
     def __init__(self, sock, handler):
         super().__init__(sock.getsockname()[:2], handler, bind_and_activate=False)
@@ -92,21 +93,26 @@ class Server(http.server.ThreadingHTTPServer):
 
 
 def serve(sock, table, config, lifeline_fd):
-    """Body of the metrics process: serve until main is gone (its end of the lifeline closes).
+    """Body of the metrics process: one loop over the listener and the lifeline, serving until main
+    is gone (its end of the lifeline closes).
 
     Stop signals are ignored: a stop that signals every process at once (systemd's) must not end
     it before main, which would log that death; main ends it when it stops, and nothing is lost.
+    A client that connects and sends nothing holds the loop for SCRAPE_TIMEOUT_S at most.
     """
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     registry = CollectorRegistry(auto_describe=True)
     registry.register(TableCollector(table, config))
-    server = Server(sock, MetricsHandler.factory(registry))
-
-    def watch_main():
-        os.read(lifeline_fd, 1)  # returns at main's exit
-        server.shutdown()
-
-    threading.Thread(target=watch_main, daemon=True).start()
-    server.serve_forever()
-    return 0
+    handler = MetricsHandler.factory(registry)
+    handler.timeout = SCRAPE_TIMEOUT_S
+    server = Server(sock, handler)
+    poller = loop.Poller()
+    poller.watch(sock, select.POLLIN)
+    poller.watch(lifeline_fd, select.POLLIN)
+    while True:
+        for fd, _ in poller.events(None):
+            if fd == lifeline_fd:
+                server.server_close()
+                return 0
+            server.handle_request()

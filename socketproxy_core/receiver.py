@@ -24,7 +24,7 @@ from socketproxy_core import primary
 from socketproxy_core import proxylog
 from socketproxy_core import stats
 from socketproxy_core.proxylog import log
-from socketproxy_core.sockets import describe
+from socketproxy_core.sockets import Progress, describe, unsent_bytes
 from socketproxy_core.zerocopy import pipe_bytes, set_pipe_size, tee
 
 CHUNK = 1024 * 1024
@@ -44,6 +44,7 @@ IDLE_TITLE_PERIOD_S = TICK_S  # ... and this often once a refresh found nothing 
 KEEPALIVE = ((socket.TCP_KEEPIDLE, 60), (socket.TCP_KEEPINTVL, 10), (socket.TCP_KEEPCNT, 6))
 SLOT_GUESS = 256  # bytes per pipe slot, as the pokes of mirrors count them (see Receiver.fed)
 RESP_CHUNK = 256 * 1024
+PROGRESS_POLL_S = 0.1  # --primary: while requests wait for its full socket, how often its progress is checked
 MAX_COMMAND = 64 * 1024 * 1024  # --framing resp: a command is held until whole, up to this size
 
 
@@ -126,6 +127,7 @@ class Receiver:
         self.primary_fd = None
         self.handed_fd = None  # the primary's socket, handed over but not yet written to
         self.primary_written = 0  # bytes written into it (published with our counters)
+        self.primary_progress = Progress(config.send_timeout)  # while requests wait for it
         # --primary: mirrors send in batches; each has an eventfd we poke when its pipe fills faster
         # (see primary.MIRROR_BATCH_S): write fd -> [eventfd, pipe slots used since the last poke,
         # the slots that call for a poke].
@@ -256,6 +258,13 @@ class Receiver:
                     self.close_pipes()
                     continue
                 timeout_s = min(timeout_s, closing_left)
+            if self.primary_fd is not None and self.primary_fd in self.pending:
+                if self.primary_progress.stalled(self.primary_written - unsent_bytes(self.primary_fd)):
+                    self.primary_stalled()
+                    continue
+                timeout_s = min(timeout_s, self.primary_progress.check_in(PROGRESS_POLL_S))
+            else:
+                self.primary_progress.stop()
             if self.held_since is not None:
                 held_left = self.held_since + self.config.send_timeout - now
                 if held_left <= 0:
@@ -315,6 +324,26 @@ class Receiver:
             self.pipe_fds[-1] = self.primary_fd = self.handed_fd
             self.handed_fd = None
             log.debug("requests go straight into the primary's socket from now on")
+
+    def primary_stalled(self):
+        """--primary, after the handover: the primary took none of the requests waiting for it for
+        --send-timeout (the send-timeout rule, as for any destination). The session ends with a
+        reset: what was waiting for it is dropped, and both ends see the end."""
+        log.warning("the primary %s took no data for %.1f s while requests waited (send timeout): resetting the "
+                    "source; its group ends", self.config.dests[0], self.config.send_timeout)
+        self.clean_end[1] = primary.ENDED_RESET
+        fd = self.primary_fd
+        self.lost(fd, self.chunk_len - self.pending.pop(fd))
+        self.poller.unwatch(fd)
+        with socket.socket(fileno=os.dup(fd)) as primary_sock:  # the forwarder's session sees the end
+            primary_sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            try:
+                primary_sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self.source.fileno() >= 0:
+            self.source.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.stop("the primary stalled")
 
     def discard_stage(self, size):
         """The chunk in the staging pipe is lost (for a failed primary): the next must not follow it."""

@@ -7,6 +7,7 @@ import socket
 import struct
 import termios
 import threading
+import time
 
 USER_TIMEOUT_FACTOR = 3
 ERR_REASONS = {
@@ -33,9 +34,10 @@ def describe(exc):
 
 
 def unsent_bytes(sock):
-    """Bytes still in the socket's send queue (SIOCOUTQ): lost with the connection."""
+    """sock: a socket or its descriptor. Bytes still in the socket's send queue (SIOCOUTQ): lost with the connection."""
     try:
-        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+        fd = sock if isinstance(sock, int) else sock.fileno()
+        return struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
     except OSError:
         return 0
 
@@ -103,3 +105,29 @@ def configure(sock, send_timeout):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(send_timeout * USER_TIMEOUT_FACTOR * 1000))
+
+
+class Progress:
+    """The send-timeout rule, in one place: while data waits, a destination that acknowledges no
+    byte for --send-timeout is stalled. A full socket is not a stalled destination: a slow reader
+    acknowledges, however slowly."""
+
+    def __init__(self, send_timeout):
+        self.send_timeout = send_timeout
+        self.since = None  # while data waits: when the destination last acknowledged a byte
+        self.acknowledged = 0
+
+    def stalled(self, acknowledged):
+        """Data waits and acknowledged bytes are acknowledged so far: whether the rule is broken."""
+        now = time.monotonic()
+        if self.since is None or acknowledged > self.acknowledged:
+            self.since, self.acknowledged = now, acknowledged
+            return False
+        return now - self.since >= self.send_timeout
+
+    def check_in(self, poll_s):
+        """When to look again: poll_s, or sooner at the deadline."""
+        return max(0.0, min(poll_s, self.since + self.send_timeout - time.monotonic()))
+
+    def stop(self):
+        self.since = None

@@ -338,3 +338,38 @@ def test_a_half_closed_primary_session_ends_after_fin_timeout(proxy, listener):
     wait_for_log(px.log_path, r"fin timeout|--fin-timeout")
     wait_until(lambda: not by_role(px.pid, "receiver"), 20)
     source.close()
+
+
+def test_a_primary_that_stops_reading_ends_the_session_after_send_timeout(proxy, listener):
+    """After the handover the receiver writes requests straight into the primary's socket: the
+    send-timeout rule holds there too. A primary that answers, then reads nothing more (nor closes)
+    while requests wait: after --send-timeout without progress the source sees its connection end
+    and the log says why, instead of the source being held for ever."""
+    stop_reading = threading.Event()
+
+    def reads_then_stalls(conn):
+        while not stop_reading.is_set():
+            chunk = conn.recv(65536)
+            if not chunk:
+                return
+            conn.sendall(b"+OK\r\n")
+            stop_reading.set()
+        while True:
+            time.sleep(0.2)
+
+    primary = listener(reads_then_stalls, rcvbuf=16384)
+    px = proxy(["127.0.0.1:%d" % primary.port], "--primary", "--send-timeout", "1")
+    source = connect_source(px.port)
+    source.sendall(b"first\n")
+    source.settimeout(scaled(20))
+    assert source.recv(16) == b"+OK\r\n"
+    wait_for_log(px.log_path, r"requests go straight into the primary's socket|accepted", 20)
+    stop = threading.Event()
+    thread = threading.Thread(target=stream_until, args=(source, stop), daemon=True)
+    thread.start()
+    wait_until(lambda: sees_close(source), 30, message=lambda: px.log()[-2000:])
+    stop.set()
+    wait_for_log(px.log_path, r"took no data for 1\.0 s while requests waited \(send timeout\)")
+    wait_until(lambda: not by_role(px.pid, "receiver"), 20)
+    assert "Traceback" not in px.log()
+    source.close()
