@@ -19,7 +19,6 @@ import os
 import select
 import signal
 import socket
-import struct
 import sys
 import time
 
@@ -55,22 +54,23 @@ POLL_IN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 class Forwarder:
     """Copies one pipe to one destination for the life of one source connection."""
 
-    def __init__(self, pipe_fd, dest, config, receiver_pid=None, clean_end=None, stats=None, source=None,
-                 mirror_drops=None, requests_link=None, poke_fd=None):
+    def __init__(self, pipe_fd, dest, config, receiver_pid=None, rows=None, index=0, stats=None, source=None,
+                 requests_link=None, poke_fd=None):
         self.pipe_fd = pipe_fd
         self.dest = dest
         self.config = config
         self.primary = source is not None  # --primary: this destination is the source's session
-        self.mirror_drops = mirror_drops  # --mirror-policy drop: (shared counters, our index) the receiver adds to
+        self.rows, self.index = rows, index  # our group's rows in the shared table (stats.GroupRows)
+        self.drops_added = False  # the receiver's drops for us (--mirror-policy drop) are in our counts
+        self.session_end = 0  # --primary: how the session ended (primary.ENDED_*), for the receiver
         self.stats = stats or ForwarderStats(None, None)  # counters for the title and the metrics
         self.receiver_pid = receiver_pid
-        self.clean_end = clean_end  # shared with the receiver: set before it closes our pipe on purpose
         self.receiver_pidfd = None
         if receiver_pid is not None:
             try:
                 self.receiver_pidfd = os.pidfd_open(receiver_pid)
             except ProcessLookupError:
-                pass  # already gone: its pipe will end without clean_end set
+                pass  # already gone: its pipe will end without the pipes closed on purpose
         self.loop = Loop()
         self.state = None
         self.counts = Counts()
@@ -520,7 +520,7 @@ class Forwarder:
         A dying process closes its descriptors before its parent or a pidfd learns of its death,
         so neither getppid nor the pidfd can tell at EOF; the flag the receiver sets first can.
         """
-        return self.clean_end is not None and not self.clean_end[0]
+        return self.rows is not None and not self.rows.pipes_closed()
 
     def receiver_died(self):
         """The pipe ended because the receiver died, not because the source finished: say so, and
@@ -569,18 +569,17 @@ class Forwarder:
 
     def add_mirror_drops(self):
         """Add what the receiver dropped for us (--mirror-policy drop) to our counts, once."""
-        if self.mirror_drops is not None:
+        if not self.drops_added:
             dropped, records = self.receiver_drops()
             self.counts.dropped += dropped
             self.backlog.dropped_records += records
-            self.mirror_drops = None
+            self.drops_added = True
 
     def receiver_drops(self):
         """(bytes, records) the receiver dropped for us so far instead of waiting for us."""
-        if self.mirror_drops is None:
+        if self.rows is None or self.drops_added:
             return 0, 0
-        shared, index = self.mirror_drops
-        return struct.unpack_from("qq", shared, 16 * index)
+        return self.rows.receiver_drops(self.index)
 
     def publish(self):
         """Counters to the shared table and the title, from the loop (never from a signal handler,
@@ -590,12 +589,11 @@ class Forwarder:
         self.loop.set_timer("publish", TITLE_PERIOD_S if changed else IDLE_TITLE_PERIOD_S, self.publish)
 
 
-def run_forwarder(pipe_fd, dest, config, receiver_pid=None, clean_end=None, stats=None, source=None,
-                  mirror_drops=None, requests_link=None, poke_fd=None):
+def run_forwarder(pipe_fd, dest, config, receiver_pid=None, rows=None, index=0, stats=None, source=None,
+                  requests_link=None, poke_fd=None):
     """Body of the forwarder process (see forking.fork_child)."""
     os.set_blocking(pipe_fd, False)
     zerocopy.return_large_blocks()
-    fwd = Forwarder(pipe_fd, dest, config, receiver_pid, clean_end, stats, source, mirror_drops, requests_link,
-                    poke_fd)
+    fwd = Forwarder(pipe_fd, dest, config, receiver_pid, rows, index, stats, source, requests_link, poke_fd)
     fwd.watch_signals()
     return fwd.run()

@@ -15,12 +15,10 @@ then SIGTERM), and what the pipe still brings is counted as dropped. Half-closes
 source's end of requests becomes a FIN to the primary, whose remaining replies still reach the source
 before its own FIN does. After the source's FIN, --fin-timeout bounds a session where nothing moves.
 """
-import mmap
 import os
 import select
 import signal
 import socket
-import struct
 import time
 
 from socketproxy_core.proxylog import log
@@ -30,7 +28,7 @@ from socketproxy_core.zerocopy import pipe_bytes, pipe_hung_up, set_pipe_size
 
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 CHUNK = 1 << 20
-ENDED_CLOSE, ENDED_RESET = 1, 2  # the shared flag (the receiver's clean_end[1]): how the primary ended
+ENDED_CLOSE, ENDED_RESET = 1, 2  # how the primary ended the session (in its forwarder's row of the table)
 # A mirror of --primary sends in batches (a wake per request would take the CPU the primary needs):
 # after a wake that moved under MIRROR_BATCH_BELOW (sent and replies read) it waits MIRROR_BATCH_S
 # before it reads its pipe again, unless the receiver pokes it first (it has filled a sixteenth of the
@@ -47,11 +45,11 @@ POLL_IN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 
 class RequestsLink:
     """Between the receiver and the primary's forwarder: the connected socket, handed over once
-    (SCM_RIGHTS), and the count of request bytes the receiver wrote into it (shared memory)."""
+    (SCM_RIGHTS). The receiver publishes the request bytes it writes into it in its row of the
+    shared table."""
 
     def __init__(self):
         self.receiver_end, self.forwarder_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.written = mmap.mmap(-1, 8)
 
     def hand_over(self, sock):
         """Forwarder: the primary is connected; the receiver may write to it from now on."""
@@ -74,13 +72,6 @@ class RequestsLink:
         self.receiver_end.close()
         return fds[0] if fds else None
 
-    def publish_written(self, total):
-        """Receiver: the request bytes written into the primary's socket so far (read once a second
-        and at the end by the forwarder, for its counters)."""
-        struct.pack_into("q", self.written, 0, total)
-
-    def bytes_written(self):
-        return struct.unpack_from("q", self.written)[0]
 
 
 class Session:
@@ -98,7 +89,8 @@ class Session:
         self.loop = fwd.loop
         self.source = source
         self.link = link
-        fwd.counts.extra_sent = link.bytes_written  # requests the receiver writes into the primary's socket
+        # Requests the receiver writes into the primary's socket, from its row of the shared table.
+        fwd.counts.extra_sent = fwd.rows.primary_written if fwd.rows is not None else (lambda: 0)
         self.returned = 0  # reply bytes delivered to the source
         self.queued = 0  # reply bytes waiting in our reply pipe for the source to take them
         self.requests_open = self.replies_open = True
@@ -275,8 +267,8 @@ class Session:
         """CLOSING: tell the receiver how the session ended and ask it to stop; count what the pipe
         still brings as dropped, until the receiver closes it (STOP_WAIT_S at most)."""
         fwd = self.fwd
-        if fwd.clean_end is not None:
-            fwd.clean_end[1] = how
+        fwd.session_end = how
+        fwd.publish()  # the receiver reads how the session ended from our row
         if fwd.receiver_pidfd is not None:
             try:
                 signal.pidfd_send_signal(fwd.receiver_pidfd, signal.SIGTERM)

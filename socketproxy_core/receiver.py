@@ -4,7 +4,6 @@ The receiver leads its own process group, which holds its forwarders. It watches
 in its poll set, psutil to collect their exit) and kills the whole group when one dies, so the
 source sees its connection close and reconnects.
 """
-import mmap
 import os
 import select
 import signal
@@ -82,7 +81,6 @@ class Receiver:
 
     def __init__(self, source, peer, config, lifeline_fd, table=None, slot=None):
         self.source = source
-        self.table, self.slot = table, slot  # the shared counters (stats.Table) and our slot in it
         self.published = None
         self.published_at = 0.0
         self.title_period = TITLE_PERIOD_S
@@ -104,12 +102,16 @@ class Receiver:
         self.pipes_closing_at = None  # the pipes close at the latest then (mirrors finishing a record)
         self.end_reason = "ended"
         self.poller = loop.Poller()
-        # Shared with the forwarders: set just before the pipes are closed on purpose, so a forwarder
-        # can tell that end from the receiver's death (which closes them too).
-        # The second byte: how a --primary session ended (primary.ENDED_*), set by its forwarder.
-        self.clean_end = mmap.mmap(-1, 2)
-        # --mirror-policy drop: per destination, bytes and records dropped here instead of waiting.
-        self.mirror_drops = mmap.mmap(-1, 16 * len(config.dests))
+        # Our rows in the shared table, and what we publish there for our forwarders: set just
+        # before the pipes are closed on purpose, so a forwarder can tell that end from the
+        # receiver's death (which closes them too); per destination, the bytes and records dropped
+        # here instead of waiting (--mirror-policy drop).
+        if table is None:  # alone (in tests): a table of our own
+            table, slot = stats.Table(1, len(config.dests)), 0
+        self.table, self.slot = table, slot
+        self.rows = stats.GroupRows(table, slot)
+        self.pipes_closed = False
+        self.drops = [[0, 0] for _ in config.dests]
         self.droppable = set()  # the write fds of mirrors that must never hold the source
         self.mirror_tails = {}  # droppable write fd -> the rest of a write it took only part of
         self.dest_index = {}  # write fd -> destination index
@@ -198,11 +200,11 @@ class Receiver:
 
     def run_forwarder(self, read_fd, index, dest, title, receiver_pid, poke_fd):
         proxylog.set_connection("src=%s dst=%s" % (self.peer, dest))
-        row = self.table.forwarder_row(self.slot, index) if self.table is not None else None
-        counters = stats.ForwarderStats(row, lambda text: setproctitle.setproctitle("%s | %s" % (title, text)))
+        counters = stats.ForwarderStats(self.rows.forwarder_row(index),
+                                        lambda text: setproctitle.setproctitle("%s | %s" % (title, text)))
         source = self.source if self.config.primary and index == 0 else None
-        return forwarding.run_forwarder(read_fd, dest, self.config, receiver_pid, self.clean_end, counters, source,
-                                       (self.mirror_drops, index), self.requests_link if source else None, poke_fd)
+        return forwarding.run_forwarder(read_fd, dest, self.config, receiver_pid, self.rows, index, counters, source,
+                                       self.requests_link if source else None, poke_fd)
 
     def publish(self, force=False):
         """Our counters to the shared table, and a title with our forwarders' states: at most once
@@ -213,9 +215,7 @@ class Receiver:
         self.published_at = now
         states = []
         for index, dest in enumerate(self.config.dests):
-            if self.table is None:
-                break
-            values = self.table.forwarder_row(self.slot, index).read()
+            values = self.rows.forwarder_row(index).read()
             states.append("%s %s" % (dest, stats.state_text(values[stats.FWD_STATE], stats.since_of(values))))
         current = (self.received, self.primary_written, tuple(states))
         if current == self.published:
@@ -223,12 +223,12 @@ class Receiver:
             return
         self.title_period = TITLE_PERIOD_S
         self.published = current
-        if self.table is not None:
-            self.table.receiver_row(self.slot).write(os.getpid(), self.received)
-        if self.requests_link is not None:
-            self.requests_link.publish_written(self.primary_written)
+        self.write_row()
         setproctitle.setproctitle("socketproxy: receiver %s | received %s%s" % (
             self.peer, stats.human(self.received), "; " + ", ".join(states) if states else ""))
+
+    def write_row(self):
+        self.rows.write_receiver(os.getpid(), self.received, self.primary_written, self.pipes_closed)
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -290,7 +290,7 @@ class Receiver:
                     os.read(self.wake_fd, 64)
                     ended = {primary.ENDED_CLOSE: "the primary closed the session",
                              primary.ENDED_RESET: "the primary reset the session"}
-                    self.stop(ended.get(self.clean_end[1], "told to stop"))
+                    self.stop(ended.get(self.rows.session_end(), "told to stop"))
                 elif fd == self.lifeline_fd:
                     self.poller.unwatch(self.lifeline_fd)
                     self.wait_for_main_to_go()
@@ -309,7 +309,7 @@ class Receiver:
         fd = link.take()
         if fd is None:
             return  # not reached: its forwarder resets the source and ends the group
-        if self.clean_end[0]:  # the pipes are closed already (the source has finished): nothing to write
+        if self.pipes_closed:  # the pipes are closed already (the source has finished): nothing to write
             os.close(fd)
             return
         self.handed_fd = fd
@@ -331,7 +331,6 @@ class Receiver:
         reset: what was waiting for it is dropped, and both ends see the end."""
         log.warning("the primary %s took no data for %.1f s while requests waited (send timeout): resetting the "
                     "source; its group ends", self.config.dests[0], self.config.send_timeout)
-        self.clean_end[1] = primary.ENDED_RESET
         fd = self.primary_fd
         self.lost(fd, self.chunk_len - self.pending.pop(fd))
         self.poller.unwatch(fd)
@@ -502,9 +501,11 @@ class Receiver:
 
     def count_mirror_drop(self, fd, size, records=0):
         """Count bytes (and records) dropped for a mirror, for its forwarder to report."""
-        offset = 16 * self.dest_index[fd]
-        dropped, dropped_records = struct.unpack_from("qq", self.mirror_drops, offset)
-        struct.pack_into("qq", self.mirror_drops, offset, dropped + size, dropped_records + records)
+        index = self.dest_index[fd]
+        drops = self.drops[index]
+        drops[0] += size
+        drops[1] += records
+        self.rows.write_drops(index, *drops)
 
     def offer_to_mirror(self, fd, data, records):
         """Whole records to a mirror that is never waited for: written whole, or dropped whole. A
@@ -650,9 +651,8 @@ class Receiver:
                 return
             self.drop_mirror_tails()
         self.pipes_closing_at = None
-        if self.requests_link is not None:
-            self.requests_link.publish_written(self.primary_written)
-        self.clean_end[0] = 1
+        self.pipes_closed = True
+        self.write_row()
         for fd in self.pipes:
             self.poller.unwatch(fd)
             os.close(fd)

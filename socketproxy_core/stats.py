@@ -1,11 +1,21 @@
-"""Counters shared by the whole tree: what the process titles and the metrics show.
+"""The one table in shared memory: every fact one process publishes for others, each row with one writer.
 
-One table in shared memory, made by main before its first fork: a header (main's own counters and
-the totals of the groups that are gone), then one slot per source being served, each a row for the
-receiver and a row per destination. A process writes only its own row, at most once a second and
-when it ends, so the data path makes no IPC. Main folds a slot into the totals once its whole group
-is gone, then reuses it: the table never grows, and the totals count every finished connection
-exactly as its processes last wrote it.
+Made by main before its first fork: a header (main's own counters and the totals of the groups that
+are gone), then one slot per source being served. A slot holds:
+
+  receiver row          written by the receiver: pid, bytes received, request bytes it wrote into
+                        the primary's socket (--primary), and whether it closed the pipes on purpose
+                        (set before it closes them: a forwarder seeing its pipe end tells the source's
+                        end from the receiver's death by it)
+  forwarder row x D     written by each forwarder: pid, its counters, its state and since when, the
+                        bytes in its backlog, and how a --primary session ended (read by the receiver)
+  drops row x D         written by the receiver: bytes and records it dropped for each mirror under
+                        --mirror-policy drop (the mirror's forwarder adds them to its own counts)
+
+A process writes its rows at most once a second and when something must be seen at once (an end),
+so the data path makes no IPC. Main folds a slot into the totals once its whole group is gone, then
+reuses it: the table never grows, and the totals count every finished connection exactly as its
+processes last wrote it.
 
 Each row (and the header, for folds) has a sequence number, odd while it is being written: a reader
 retries until it reads the same even number before and after (a seqlock).
@@ -15,7 +25,7 @@ import struct
 import time
 
 FIELD = struct.Struct("q")
-ROW_FIELDS = 10
+ROW_FIELDS = 12
 ROW = ROW_FIELDS * FIELD.size
 ROW_FORMAT = struct.Struct("%dq" % ROW_FIELDS)
 # A forwarder's row: seq, pid, then these, then its state and since when (a float).
@@ -67,7 +77,8 @@ class Table:
         self.slots = slots
         self.dests = dests
         self.header_rows = 2 + dests  # seq row + main counters, finished received, per destination
-        self.buf = mmap.mmap(-1, ROW * (self.header_rows + slots * (1 + dests)))
+        self.slot_rows = 1 + 2 * dests  # the receiver's row, a row per forwarder, a drops row per destination
+        self.buf = mmap.mmap(-1, ROW * (self.header_rows + slots * self.slot_rows))
         self.free = list(range(slots - 1, -1, -1))
         self.retiring = {}  # slot -> process group that must be gone before the slot is folded
 
@@ -80,10 +91,13 @@ class Table:
         return Row(self, ROW * (2 + dest))
 
     def receiver_row(self, slot):
-        return Row(self, ROW * (self.header_rows + slot * (1 + self.dests)))
+        return Row(self, ROW * (self.header_rows + slot * self.slot_rows))
 
     def forwarder_row(self, slot, dest):
-        return Row(self, ROW * (self.header_rows + slot * (1 + self.dests) + 1 + dest))
+        return Row(self, ROW * (self.header_rows + slot * self.slot_rows + 1 + dest))
+
+    def drops_row(self, slot, dest):
+        return Row(self, ROW * (self.header_rows + slot * self.slot_rows + 1 + self.dests + dest))
 
     # -- main's side ------------------------------------------------------------------------------
 
@@ -119,6 +133,7 @@ class Table:
                 totals[1 + index] += values[1 + index]
             done.write(*totals)
             row.clear()
+            self.drops_row(slot, dest).clear()
         self.receiver_row(slot).clear()
         FIELD.pack_into(self.buf, 0, seq + 2)
         self.free.append(slot)
@@ -185,7 +200,7 @@ class ForwarderStats:
     def values(self, fwd):
         extra, extra_records = fwd.receiver_drops()  # --mirror-policy drop: dropped by the receiver
         return (fwd.delivered(), fwd.dropped + extra, fwd.backlog.dropped_records + extra_records, self.connect_failures,
-                self.reconnects, self.state, len(fwd.backlog))
+                self.reconnects, self.state, len(fwd.backlog), fwd.session_end)
 
     def publish(self, fwd, pid):
         """Write the row and the title if anything changed since the last time; whether it did."""
@@ -194,7 +209,7 @@ class ForwarderStats:
             return False
         self.last = values
         if self.row is not None:
-            self.row.write(pid, *values[:-1], struct.unpack("q", struct.pack("d", self.since))[0], values[-1])
+            self.row.write(pid, *values[:6], struct.unpack("q", struct.pack("d", self.since))[0], *values[6:])
         if self.title is not None:
             self.title("%s, sent %s, dropped %s%s%s, %d reconnects" % (
                 state_text(self.state, self.since), human(values[0]), human(values[1]),
@@ -206,6 +221,41 @@ class ForwarderStats:
 FWD_STATE = 1 + len(FORWARDER_COUNTERS)  # in a forwarder row's fields (after seq): pid, counters, state, since
 FWD_SINCE = FWD_STATE + 1
 FWD_BACKLOG = FWD_SINCE + 1
+FWD_SESSION_END = FWD_BACKLOG + 1  # --primary: how the session ended (primary.ENDED_*), 0 while it goes on
+# A receiver row's fields (after seq).
+RCV_PID, RCV_RECEIVED, RCV_PRIMARY_WRITTEN, RCV_PIPES_CLOSED = range(4)
+
+
+class GroupRows:
+    """One group's rows in the table, as its processes read each other's (see the module docstring)."""
+
+    def __init__(self, table, slot):
+        self.table = table
+        self.slot = slot
+
+    def write_receiver(self, pid, received, primary_written, pipes_closed):
+        self.table.receiver_row(self.slot).write(pid, received, primary_written, int(pipes_closed))
+
+    def pipes_closed(self):
+        """Whether the receiver closed the pipes on purpose (else a pipe's end is its death)."""
+        return bool(self.table.receiver_row(self.slot).read()[RCV_PIPES_CLOSED])
+
+    def primary_written(self):
+        return self.table.receiver_row(self.slot).read()[RCV_PRIMARY_WRITTEN]
+
+    def write_drops(self, index, dropped, records):
+        self.table.drops_row(self.slot, index).write(dropped, records)
+
+    def receiver_drops(self, index):
+        """(bytes, records) the receiver dropped for destination index instead of waiting for it."""
+        return tuple(self.table.drops_row(self.slot, index).read()[:2])
+
+    def session_end(self):
+        """--primary: how the primary's forwarder says the session ended (0: it goes on)."""
+        return self.table.forwarder_row(self.slot, 0).read()[FWD_SESSION_END]
+
+    def forwarder_row(self, index):
+        return self.table.forwarder_row(self.slot, index)
 
 
 def since_of(values):
