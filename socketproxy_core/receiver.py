@@ -38,6 +38,7 @@ splice = os.splice
 MAIN_EXIT_WAIT_S = 0.5  # after main's end of the lifeline closed: how long we wait for it to be gone
 STOP_FLUSH_S = 1.0  # on SIGTERM or main's death: how long already-read data may take to go out
 TICK_S = 5.0  # backstop only: pidfds report a forwarder's death at once
+READING, HELD, STOPPING, ENDED, DONE = "reading", "held", "stopping", "ended", "done"
 TITLE_PERIOD_S = 1.0  # the title and the shared counters are refreshed this often at most ...
 IDLE_TITLE_PERIOD_S = TICK_S  # ... and this often once a refresh found nothing changed (an idle group sleeps)
 KEEPALIVE = ((socket.TCP_KEEPIDLE, 60), (socket.TCP_KEEPINTVL, 10), (socket.TCP_KEEPCNT, 6))
@@ -82,9 +83,7 @@ class Receiver:
     def __init__(self, source, peer, config, lifeline_fd, table=None, slot=None):
         self.source = source
         self.published = None
-        self.published_at = 0.0
         self.title_period = TITLE_PERIOD_S
-        self.checked_at = 0.0
         self.peer = peer
         self.config = config
         self.lifeline_fd = lifeline_fd
@@ -98,10 +97,10 @@ class Receiver:
         self.view = None  # a CHUNK buffer, only while a slow pipe needs it (see copy_rest)
         self.received = 0
         self.last_data = 0.0
-        self.stop_deadline = None  # set when stopping: no more reading, bounded flush
-        self.pipes_closing_at = None  # the pipes close at the latest then (mirrors finishing a record)
+        self.state = READING
+        self.pipes_closing = False  # the pipes close once mirrors have finished their records (STOP_FLUSH_S)
         self.end_reason = "ended"
-        self.poller = loop.Poller()
+        self.loop = loop.Loop()
         # Our rows in the shared table, and what we publish there for our forwarders: set just
         # before the pipes are closed on purpose, so a forwarder can tell that end from the
         # receiver's death (which closes them too); per destination, the bytes and records dropped
@@ -164,10 +163,10 @@ class Receiver:
             if self.config.mirror_policy == "drop":
                 self.droppable = set(self.pipe_fds[:-1])
             self.requests_link.forwarder_end.close()
-            self.poller.watch(self.requests_link.receiver_end, select.POLLIN)
-        self.poller.watch(self.source, select.POLLIN)
-        self.poller.watch(self.lifeline_fd, select.POLLIN)
-        self.poller.watch(wake_r, select.POLLIN)
+            self.loop.watch(self.requests_link.receiver_end, select.POLLIN, self.take_primary)
+        self.loop.watch(self.source, select.POLLIN, self.source_ready)
+        self.loop.watch(self.lifeline_fd, select.POLLIN, self.main_going)
+        self.loop.watch(wake_r, select.POLLIN, self.signalled)
         log.info("accepted; forwarders: %s", ", ".join(
             "%d -> %s" % (pid, dest) for pid, dest in self.forwarders.values()))
 
@@ -196,7 +195,7 @@ class Receiver:
         self.pipe_fds.append(write_fd)
         pidfd = os.pidfd_open(pid)
         self.forwarders[pidfd] = (pid, dest)
-        self.poller.watch(pidfd, select.POLLIN)
+        self.loop.watch(pidfd, select.POLLIN, self.check_forwarders)
 
     def run_forwarder(self, read_fd, index, dest, title, receiver_pid, poke_fd):
         proxylog.set_connection("src=%s dst=%s" % (self.peer, dest))
@@ -206,13 +205,10 @@ class Receiver:
         return forwarding.run_forwarder(read_fd, dest, self.config, receiver_pid, self.rows, index, counters, source,
                                        self.requests_link if source else None, poke_fd)
 
-    def publish(self, force=False):
-        """Our counters to the shared table, and a title with our forwarders' states: at most once
-        a second (every IDLE_TITLE_PERIOD_S once nothing changed), and only when something changed."""
-        now = time.monotonic()
-        if not force and now - self.published_at < self.title_period:
-            return
-        self.published_at = now
+    def publish(self):
+        """Our counters to the shared table, and a title with our forwarders' states: on a timer,
+        every second (every IDLE_TITLE_PERIOD_S once nothing changed), and only when something changed."""
+        self.loop.set_timer("publish", self.title_period, self.publish)
         states = []
         for index, dest in enumerate(self.config.dests):
             values = self.rows.forwarder_row(index).read()
@@ -220,6 +216,7 @@ class Receiver:
         current = (self.received, self.primary_written, tuple(states))
         if current == self.published:
             self.title_period = IDLE_TITLE_PERIOD_S
+            self.loop.set_timer("publish", self.title_period, self.publish)
             return
         self.title_period = TITLE_PERIOD_S
         self.published = current
@@ -233,79 +230,105 @@ class Receiver:
     # -- the loop ---------------------------------------------------------------------------------
 
     def run(self):
-        """Copy the source to every pipe until the source ends or we are told to stop."""
+        """Copy the source to every pipe until the source ends or we are told to stop.
+
+        One loop (loop.Loop), in one of these states: READING (the source is watched), HELD (a pipe
+        took only part of a chunk: the source waits for it; --send-timeout later a stopped forwarder
+        counts as dead), STOPPING (told to stop: what was read goes out within STOP_FLUSH_S, then the
+        forwarders still running are killed), ENDED (the source has ended and the pipes are closed:
+        the forwarders flush and exit). The loop ends once every forwarder has.
+        """
         self.last_data = time.monotonic()
-        while self.forwarders:
-            self.publish()
-            timeout_s = self.title_period
-            now = time.monotonic()
-            if self.stop_deadline is not None:
-                timeout_s = self.stop_deadline - now
-                if timeout_s <= 0:
-                    self.kill_forwarders("they did not finish within %.1f s" % STOP_FLUSH_S)
-                    break
-            elif self.config.idle_timeout and self.source.fileno() >= 0 and not self.pending:
-                idle_left = self.config.idle_timeout - (now - self.last_data)
-                if idle_left <= 0:
-                    log.info("closing source: nothing received for %.1f s (idle timeout)", self.config.idle_timeout)
-                    self.source.shutdown(socket.SHUT_RDWR)
-                    self.end_source("idle timeout")
-                    continue
-                timeout_s = min(timeout_s, idle_left)
-            if self.pipes_closing_at is not None:
-                closing_left = self.pipes_closing_at - now
-                if closing_left <= 0:
-                    self.close_pipes()
-                    continue
-                timeout_s = min(timeout_s, closing_left)
-            if self.primary_fd is not None and self.primary_fd in self.pending:
-                if self.primary_progress.stalled(self.primary_written - unsent_bytes(self.primary_fd)):
-                    self.primary_stalled()
-                    continue
-                timeout_s = min(timeout_s, self.primary_progress.check_in(PROGRESS_POLL_S))
-            else:
-                self.primary_progress.stop()
-            if self.held_since is not None:
-                held_left = self.held_since + self.config.send_timeout - now
-                if held_left <= 0:
-                    self.check_stopped_forwarders()
-                    continue
-                timeout_s = min(timeout_s, held_left)
-            woken = False
-            for fd, _ in self.poller.events(timeout_s):
-                woken = True
-                if fd == self.source_fd and self.commands:
-                    self.read_commands()
-                elif fd == self.source_fd:
-                    self.read_source()
-                elif self.requests_link is not None and fd == self.requests_link.receiver_end.fileno():
-                    self.take_primary()
-                elif fd in self.mirror_tails:
-                    self.finish_mirror_tail(fd)
-                elif fd in self.pending:
-                    self.write_pending(fd)
-                elif fd in self.forwarders:
-                    self.check_forwarders()
-                elif fd == self.wake_fd:
-                    os.read(self.wake_fd, 64)
-                    ended = {primary.ENDED_CLOSE: "the primary closed the session",
-                             primary.ENDED_RESET: "the primary reset the session"}
-                    self.stop(ended.get(self.rows.session_end(), "told to stop"))
-                elif fd == self.lifeline_fd:
-                    self.poller.unwatch(self.lifeline_fd)
-                    self.wait_for_main_to_go()
-                    self.stop("main process gone")
-            if not woken and time.monotonic() - self.checked_at >= TICK_S:
-                self.checked_at = time.monotonic()
-                self.check_forwarders()
-        self.publish(force=True)
+        self.publish()
+        self.loop.set_timer("tick", TICK_S, self.tick)
+        if self.config.idle_timeout:
+            self.loop.set_timer("idle", self.config.idle_timeout, self.idle_check)
+        while self.forwarders and self.state != DONE:
+            self.loop.run_once()
+        self.publish()
         log.info("group ended: %s; received %d bytes from source", self.end_reason, self.received)
         return 0
 
-    def take_primary(self):
+    def source_ready(self, _event):
+        if self.commands:
+            self.read_commands()
+        else:
+            self.read_source()
+
+    def signalled(self, _event):
+        os.read(self.wake_fd, 64)
+        ended = {primary.ENDED_CLOSE: "the primary closed the session",
+                 primary.ENDED_RESET: "the primary reset the session"}
+        self.stop(ended.get(self.rows.session_end(), "told to stop"))
+
+    def main_going(self, _event):
+        """Main's end of the lifeline closes while main is still exiting, before its listener is
+        closed for good: a source we closed now could reconnect (through a load balancer) to the
+        dying port. We stop once main has gone entirely (MAIN_EXIT_WAIT_S at most)."""
+        self.loop.unwatch(self.lifeline_fd)
+        try:
+            main_fd = os.pidfd_open(self.main_pid)
+        except OSError:  # already gone
+            self.stop("main process gone")
+            return
+
+        def main_gone(_event=None):
+            self.loop.unwatch(main_fd)
+            self.loop.cancel("main exit")
+            os.close(main_fd)
+            self.stop("main process gone")
+
+        self.loop.watch(main_fd, select.POLLIN, main_gone)
+        self.loop.set_timer("main exit", MAIN_EXIT_WAIT_S, main_gone)
+
+    def tick(self):
+        """A backstop only: pidfds report a forwarder's death at once."""
+        self.loop.set_timer("tick", TICK_S, self.tick)
+        self.check_forwarders()
+
+    def idle_check(self):
+        """--idle-timeout: a source that sent nothing this long is closed (not while it is held)."""
+        if self.state != READING:
+            if self.state == HELD:
+                self.loop.set_timer("idle", self.config.idle_timeout, self.idle_check)
+            return
+        idle_left = self.config.idle_timeout - (time.monotonic() - self.last_data)
+        if idle_left > 0:
+            self.loop.set_timer("idle", idle_left, self.idle_check)
+            return
+        log.info("closing source: nothing received for %.1f s (idle timeout)", self.config.idle_timeout)
+        self.source.shutdown(socket.SHUT_RDWR)
+        self.end_source("idle timeout")
+
+    def hold(self):
+        """HELD: a pipe took only part of the chunk: read no more until every pipe has taken it."""
+        self.loop.unwatch(self.source_fd)
+        self.state = HELD
+        self.held_since = time.monotonic()
+        self.loop.set_timer("held", self.config.send_timeout, self.held_too_long)
+        if self.primary_fd is not None and self.primary_fd in self.pending:
+            self.check_primary()
+
+    def held_too_long(self):
+        if self.state == HELD or self.pending:
+            self.check_stopped_forwarders()
+            self.loop.set_timer("held", self.config.send_timeout, self.held_too_long)
+
+    def check_primary(self):
+        """--primary, after the handover: requests wait for the primary's socket; the send-timeout
+        rule (sockets.Progress) applies to it as to any destination."""
+        if self.primary_fd not in self.pending:
+            self.primary_progress.stop()
+            return
+        if self.primary_progress.stalled(self.primary_written - unsent_bytes(self.primary_fd)):
+            self.primary_stalled()
+            return
+        self.loop.set_timer("primary", self.primary_progress.check_in(PROGRESS_POLL_S), self.check_primary)
+
+    def take_primary(self, _event):
         """--primary: its forwarder has connected (or given up) and handed us its socket."""
         link = self.requests_link
-        self.poller.unwatch(link.receiver_end)
+        self.loop.unwatch(link.receiver_end)
         fd = link.take()
         if fd is None:
             return  # not reached: its forwarder resets the source and ends the group
@@ -333,7 +356,7 @@ class Receiver:
                     "source; its group ends", self.config.dests[0], self.config.send_timeout)
         fd = self.primary_fd
         self.lost(fd, self.chunk_len - self.pending.pop(fd))
-        self.poller.unwatch(fd)
+        self.loop.unwatch(fd)
         with socket.socket(fileno=os.dup(fd)) as primary_sock:  # the forwarder's session sees the end
             primary_sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             try:
@@ -457,7 +480,7 @@ class Receiver:
         except framing.NotRecords as exc:
             log.error("closing source: not valid RESP (%s); the whole commands before were passed on", exc)
             self.end_reason = "the source does not speak RESP"
-            self.poller.unwatch(self.source_fd)
+            self.loop.unwatch(self.source_fd)
             self.source.close()
             end = last_end_before_error(before, chunk)
             self.fan_out(bytes(self.partial) + chunk[:end] if end > 0 else b"")
@@ -526,14 +549,14 @@ class Receiver:
             self.count_mirror_drop(fd, len(data), records)
         elif written < len(data):
             self.mirror_tails[fd] = memoryview(data)[written:]
-            self.poller.watch(fd, select.POLLOUT)
+            self.loop.watch(fd, select.POLLOUT, lambda _event, fd=fd: self.finish_mirror_tail(fd))
 
     def drop_mirror_tails(self):
         """The pipes close now: the rest of the records mirrors took only part of is dropped (such a
         mirror ends inside a record)."""
         for fd, tail in self.mirror_tails.items():
             self.count_mirror_drop(fd, len(tail))
-            self.poller.unwatch(fd)
+            self.loop.unwatch(fd)
         self.mirror_tails.clear()
 
     def finish_mirror_tail(self, fd):
@@ -549,8 +572,8 @@ class Receiver:
             self.mirror_tails[fd] = tail[written:]
             return
         del self.mirror_tails[fd]
-        self.poller.unwatch(fd)
-        if not self.mirror_tails and self.pipes_closing_at is not None:
+        self.loop.unwatch(fd)
+        if not self.mirror_tails and self.pipes_closing:
             self.close_pipes()
 
     def copy_rest(self, index, moved):
@@ -568,10 +591,8 @@ class Receiver:
             for fd in self.pipe_fds[index + 1:]:
                 self.pending[fd] = 0
         for fd in self.pending:
-            self.poller.watch(fd, select.POLLOUT)
-        # Backpressure: read no more until every pipe has taken this chunk.
-        self.poller.unwatch(self.source_fd)
-        self.held_since = time.monotonic()
+            self.loop.watch(fd, select.POLLOUT, lambda _event, fd=fd: self.write_pending(fd))
+        self.hold()
 
     def write_pending(self, fd, register=False):
         """Continue the current chunk into a pipe that has room again (register: a first try)."""
@@ -590,71 +611,72 @@ class Receiver:
         if offset < self.chunk_len:
             self.pending[fd] = offset
             if register:
-                self.poller.watch(fd, select.POLLOUT)
-                if self.source.fileno() >= 0 and self.held_since is None:
-                    self.poller.unwatch(self.source_fd)  # backpressure, as copy_rest
-                    self.held_since = time.monotonic()
+                self.loop.watch(fd, select.POLLOUT, lambda _event, fd=fd: self.write_pending(fd))
+                if self.state == READING:
+                    self.hold()  # backpressure, as copy_rest
             return
         del self.pending[fd]
         if not register:
-            self.poller.unwatch(fd)
+            self.loop.unwatch(fd)
         if not self.pending:
             self.after_chunk()
 
     def after_chunk(self):
         """Every pipe has the chunk: read on, or, when stopping, close the pipes."""
         self.held_since = None
+        self.loop.cancel("held", "primary")
+        self.primary_progress.stop()
         self.view = None  # give the copy buffer back: a thousand slow sources must not keep 1 GiB
-        if self.stop_deadline is None and self.source.fileno() >= 0:
-            self.poller.watch(self.source, select.POLLIN)
+        if self.state in (READING, HELD) and self.source.fileno() >= 0:
+            self.state = READING
+            self.loop.watch(self.source, select.POLLIN, self.source_ready)
         else:
             self.close_pipes()
 
     def end_source(self, reason):
         """The source is done: close the pipes, so every forwarder flushes and exits."""
         self.end_reason = reason
-        self.poller.unwatch(self.source_fd)
+        self.loop.unwatch(self.source_fd)
         self.source.close()
+        if self.state in (READING, HELD):
+            self.state = ENDED
         self.close_pipes()
 
     def stop(self, reason):
         """Stop reading; what was read goes out within STOP_FLUSH_S, then the group ends."""
-        if self.stop_deadline is not None:
+        if self.state in (STOPPING, DONE):
             return
         log.info("stopping: %s", reason)
         self.end_reason = reason
-        self.stop_deadline = time.monotonic() + STOP_FLUSH_S
+        self.state = STOPPING
+        self.loop.set_timer("stop", STOP_FLUSH_S, self.stop_timed_out)
         if self.source.fileno() >= 0:
             if not self.pending:
-                self.poller.unwatch(self.source_fd)
+                self.loop.unwatch(self.source_fd)
                 self.close_pipes()
             self.source.close()
 
-    def wait_for_main_to_go(self):
-        """Main's end of the lifeline closes while main is still exiting, before its listener is
-        closed for good: a source we closed now could reconnect (through a load balancer) to the
-        dying port. Wait (briefly) until main has gone entirely."""
-        try:
-            main_fd = os.pidfd_open(self.main_pid)
-        except OSError:  # already gone
-            return
-        select.select([main_fd], [], [], MAIN_EXIT_WAIT_S)
-        os.close(main_fd)
+    def stop_timed_out(self):
+        self.kill_forwarders("they did not finish within %.1f s" % STOP_FLUSH_S)
+        self.state = DONE
 
     def close_pipes(self):
         """End every forwarder's pipe (each then flushes and exits). Mirrors that took only part of a
         record get the rest first, for at most STOP_FLUSH_S: the loop goes on meanwhile."""
         if self.mirror_tails:
-            if self.pipes_closing_at is None:
-                self.pipes_closing_at = time.monotonic() + STOP_FLUSH_S
-            if time.monotonic() < self.pipes_closing_at:
+            if not self.pipes_closing:
+                self.pipes_closing = True
+                self.loop.set_timer("closing", STOP_FLUSH_S, self.close_pipes)
+                return
+            if self.loop.has_timer("closing"):
                 return
             self.drop_mirror_tails()
-        self.pipes_closing_at = None
+        self.pipes_closing = False
+        self.loop.cancel("closing")
         self.pipes_closed = True
         self.write_row()
         for fd in self.pipes:
-            self.poller.unwatch(fd)
+            self.loop.unwatch(fd)
             os.close(fd)
         self.pipes.clear()
         self.pipe_fds = []
@@ -673,11 +695,11 @@ class Receiver:
             procs.append(proc)
         return procs
 
-    def check_forwarders(self):
+    def check_forwarders(self, _event=None):
         """Collect exited forwarders; one that died before its pipe closed takes the group down."""
         gone, _ = psutil.wait_procs(self.forwarder_procs(), timeout=0)
         for proc in gone:
-            self.poller.unwatch(proc.pidfd)
+            self.loop.unwatch(proc.pidfd)
             os.close(proc.pidfd)
             del self.forwarders[proc.pidfd]
             if proc.returncode == 0 and not self.pipes:
@@ -695,7 +717,6 @@ class Receiver:
         one that is stopped (SIGSTOP, a debugger) never will, and would hold the source and every
         other destination for as long as it stays stopped.
         """
-        self.held_since = time.monotonic()
         for proc in self.forwarder_procs():
             try:
                 status = proc.status()

@@ -234,7 +234,9 @@ class StopWithSourceData:
         return self.poll_set.poll(*args)
 
 
-if hasattr(recv.poller, "poll_set"):
+if hasattr(recv, "loop"):
+    recv.loop.poller.poll_set = StopWithSourceData(recv.loop.poller.poll_set)
+elif hasattr(recv.poller, "poll_set"):
     recv.poller.poll_set = StopWithSourceData(recv.poller.poll_set)
 else:
     recv.poller = StopWithSourceData(recv.poller)
