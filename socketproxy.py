@@ -56,6 +56,7 @@ from socketproxy_core import forking  # noqa: E402
 from socketproxy_core import proxylog  # noqa: E402
 from socketproxy_core import receiver  # noqa: E402
 from socketproxy_core import stats  # noqa: E402
+from socketproxy_core import zerocopy  # noqa: E402
 from socketproxy_core.proxylog import log  # noqa: E402
 
 VERSION = "socketproxy " + socketproxy_core.__version__
@@ -477,15 +478,15 @@ def bind_metrics(config):
 
 def plan_pipes(config):
     """The config with a pipe size that fits --max-connections sources in the user's pipe budget."""
-    budget = receiver.pipe_budget()
+    budget = zerocopy.pipe_budget()
     # A staging pipe, one pipe per forwarder, and, retaining, a shadow pipe per forwarder.
     retaining = config.buffer > 0 or config.framing != "none"
     pipes = 1 + len(config.dests) * (2 if retaining else 1)
-    size = receiver.plan_pipe_size(config.max_connections, pipes, budget)
+    size = zerocopy.plan_pipe_size(config.max_connections, pipes, budget)
     if budget is not None:
         log.info("pipes of %d KiB: %d sources x %d pipes fit in %d%% of this user's pipe budget of %d MiB "
                  "(fs.pipe-user-pages-soft)", size // 1024, config.max_connections, pipes,
-                 receiver.PIPE_BUDGET_SHARE * 100, budget >> 20)
+                 zerocopy.PIPE_BUDGET_SHARE * 100, budget >> 20)
     return dataclasses.replace(config, pipe_size=size)
 
 

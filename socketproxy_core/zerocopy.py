@@ -90,3 +90,39 @@ def pipe_bytes(fd):
         return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
     except OSError:
         return 0
+
+
+PIPE_SIZE_MAX = 1024 * 1024
+PIPE_SIZE_MIN = 16 * 1024
+PIPE_BUDGET_SHARE = 0.75  # of the user's pipe budget: the rest is left to its other programs
+PAGE = os.sysconf("SC_PAGE_SIZE")
+CAP_SYS_ADMIN, CAP_SYS_RESOURCE = 21, 24
+
+
+def pipe_budget():
+    """Bytes of pipe buffers this user may hold (fs.pipe-user-pages-soft), None when unlimited.
+
+    The kernel does not count the pipes of a process with CAP_SYS_RESOURCE or CAP_SYS_ADMIN (root).
+    """
+    try:
+        with open("/proc/self/status") as status:
+            caps = next(int(line.split()[1], 16) for line in status if line.startswith("CapEff:"))
+        if caps & (1 << CAP_SYS_RESOURCE | 1 << CAP_SYS_ADMIN):
+            return None
+        with open("/proc/sys/fs/pipe-user-pages-soft") as soft:
+            pages = int(soft.read())
+    except (OSError, ValueError, StopIteration):
+        return None
+    return pages * PAGE if pages else None
+
+
+def plan_pipe_size(max_connections, pipes_per_source, budget):
+    """The size of each pipe: --max-connections sources of pipes_per_source pipes in a share of the
+    budget, a power of two from PIPE_SIZE_MIN to PIPE_SIZE_MAX (where splice gains no more)."""
+    if budget is None:
+        return PIPE_SIZE_MAX
+    fair = budget * PIPE_BUDGET_SHARE / (max_connections * pipes_per_source)
+    size = PIPE_SIZE_MIN
+    while size * 2 <= min(fair, PIPE_SIZE_MAX):
+        size *= 2
+    return size
