@@ -441,13 +441,8 @@ class Forwarder:
 
     def socket_draining(self, _event):
         """DRAINING: replies are discarded; the destination's end means it takes no more."""
-        try:
-            if self.sock.recv_into(self.discard):
-                return
-        except BlockingIOError:
+        if not self.destination_ended():
             return
-        except OSError:
-            pass
         self.loop.cancel("acks")
         queued = unsent_bytes(self.sock)
         if queued:
@@ -488,14 +483,17 @@ class Forwarder:
         self.loop.set_timer("linger", CLOSE_LINGER_S, self.closed)
 
     def socket_closing(self, _event):
+        if self.destination_ended():
+            self.closed()
+
+    def destination_ended(self):
+        """Read and discard one buffer of replies; whether the destination ended the connection."""
         try:
-            if self.sock.recv_into(self.discard):
-                return
+            return not self.sock.recv_into(self.discard)
         except BlockingIOError:
-            return
+            return False
         except OSError:
-            pass
-        self.closed()
+            return True
 
     def closed(self):
         self.loop.cancel("linger")
