@@ -30,7 +30,8 @@ from socketproxy_core.zerocopy import PAGE, pipe_bytes, set_pipe_size
 MAIN_EXIT_WAIT_S = 0.5  # after main's end of the lifeline closed: how long we wait for it to be gone
 STOP_FLUSH_S = 1.0  # on SIGTERM or main's death: how long already-read data may take to go out
 TICK_S = 5.0  # backstop only: pidfds report a forwarder's death at once
-READING, HELD, STOPPING, ENDED, DONE = "reading", "held", "stopping", "ended", "done"
+READING, HELD, STOPPING, ENDED, KILLING, DONE = "reading", "held", "stopping", "ended", "killing", "done"
+KILL_WAIT_S = 2.0  # after SIGKILL to forwarders that did not finish: how long we wait to collect them
 TITLE_PERIOD_S = 1.0  # the title and the shared counters are refreshed this often at most ...
 IDLE_TITLE_PERIOD_S = TICK_S  # ... and this often once a refresh found nothing changed (an idle group sleeps)
 KEEPALIVE = ((socket.TCP_KEEPIDLE, 60), (socket.TCP_KEEPINTVL, 10), (socket.TCP_KEEPCNT, 6))
@@ -355,7 +356,7 @@ class Receiver(FanOut):
 
     def stop(self, reason):
         """Stop reading; what was read goes out within STOP_FLUSH_S, then the group ends."""
-        if self.state in (STOPPING, DONE):
+        if self.state in (STOPPING, KILLING, DONE):
             return
         log.info("stopping: %s", reason)
         self.end_reason = reason
@@ -369,7 +370,6 @@ class Receiver(FanOut):
 
     def stop_timed_out(self):
         self.kill_forwarders("they did not finish within %.1f s" % STOP_FLUSH_S)
-        self.state = DONE
 
     def close_pipes(self):
         """End every forwarder's pipe (each then flushes and exits). Mirrors that took only part of a
@@ -413,8 +413,8 @@ class Receiver(FanOut):
             self.loop.unwatch(proc.pidfd)
             os.close(proc.pidfd)
             del self.forwarders[proc.pidfd]
-            if proc.returncode == 0 and not self.pipes:
-                continue  # finished after its pipe closed, as it should
+            if proc.returncode == 0 and not self.pipes or self.state == KILLING:
+                continue  # finished after its pipe closed, as it should (or killed by us)
             how = ("killed by %s" % signal.Signals(-proc.returncode).name if proc.returncode < 0
                    else "exit status %d" % proc.returncode)
             log.error("group ended: forwarder %d to %s died (%s); received %d bytes from source",
@@ -440,15 +440,18 @@ class Receiver(FanOut):
                 self.kill_group()
 
     def kill_forwarders(self, reason):
-        """End the forwarders still running (SIGKILL) and collect them."""
+        """End the forwarders still running (SIGKILL); the loop collects them (KILL_WAIT_S at most)."""
         log.warning("killing %d forwarders: %s", len(self.forwarders), reason)
-        procs = self.forwarder_procs()
-        for proc in procs:
+        for proc in self.forwarder_procs():
             try:
                 proc.kill()
             except psutil.NoSuchProcess:
                 pass
-        psutil.wait_procs(procs, timeout=2)
+        self.state = KILLING  # the loop collects them as their pidfds say they are gone
+        self.loop.set_timer("killing", KILL_WAIT_S, self.done)
+
+    def done(self):
+        self.state = DONE
 
     def kill_group(self):
         """SIGKILL the whole process group, this process included: fate sharing."""

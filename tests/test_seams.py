@@ -1,5 +1,6 @@
 """Bugs that lived in the seams between the processes' parts: a spinning --primary forwarder, a
 counter that went down, a stop that crashed a receiver, an unbounded half-closed session."""
+import os
 import re
 import signal
 import socket
@@ -375,3 +376,23 @@ def test_a_primary_that_stops_reading_ends_the_session_after_send_timeout(proxy,
     wait_until(lambda: not by_role(px.pid, "receiver"), 20)
     assert "Traceback" not in px.log()
     source.close()
+
+
+PRODUCT = ["socketproxy.py", "forwarder.py"] + sorted(
+    os.path.join("socketproxy_core", name) for name in os.listdir(os.path.join(ROOT, "socketproxy_core"))
+    if name.endswith(".py"))
+
+
+def test_no_process_waits_outside_its_loop():
+    """Every wait is the loop's: no sleep, no select, no poll of its own in the product's code (a
+    poll is loop.py's, and main's accept loop and its stop); psutil never waits with a timeout."""
+    found = []
+    for path in PRODUCT:
+        for number, line in enumerate(open(os.path.join(ROOT, path)), 1):
+            code = line.split("#")[0]
+            if re.search(r"time\.sleep\(|select\.select\(|wait_procs\([^)]*timeout=[1-9]", code):
+                found.append("%s:%d: %s" % (path, number, line.strip()))
+            if re.search(r"\.poll\(", code) and path not in ("socketproxy.py", "socketproxy_core/loop.py",
+                                                              "socketproxy_core/zerocopy.py"):
+                found.append("%s:%d: %s" % (path, number, line.strip()))
+    assert not found, "waits outside a loop:\n" + "\n".join(found)
