@@ -1,6 +1,9 @@
 """The backlog kept while a destination is down: newest bytes, whole records, exact drop counts."""
 import random
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from socketproxy_core.backlog import Backlog
 
 
@@ -62,3 +65,39 @@ def test_random_cuts_keep_whole_records_and_count_exactly():
             if kept:
                 assert pos == len(kept) or stream[:pos - len(kept)].endswith(b"\n")  # starts a record
         assert backlog.dropped_records + bytes(backlog.data).count(b"\n") == stream.count(b"\n")
+
+
+def test_a_record_that_exactly_fills_the_limit_is_kept():
+    """Dropping the oldest record leaves exactly limit bytes: the newest record stays, whole."""
+    backlog = Backlog(10, "line")
+    backlog.add(b"aaaa\n")
+    backlog.add(b"bbbbbbbbb\n")  # 15 bytes: dropping "aaaa\n" leaves exactly 10
+    assert bytes(backlog.data) == b"bbbbbbbbb\n"
+    assert (backlog.dropped, backlog.dropped_records) == (5, 1)
+
+
+def newest_fitting(stream, limit):
+    """The model: the longest tail of stream that starts at a record boundary and fits in limit."""
+    boundaries = [0] + [i + 1 for i, byte in enumerate(stream) if byte == 10]
+    fitting = [b for b in boundaries if len(stream) - b <= limit]
+    return stream[fitting[0]:] if fitting else b""
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=12).map(lambda body: body.replace(b"\n", b"") + b"\n"), max_size=12),
+       st.integers(0, 40), st.data())
+def test_backlog_holds_the_newest_whole_records_that_fit(lines, limit, data):
+    """Whatever the records, limit and cuts: after each add the backlog holds the longest tail of whole
+    records (and the record in progress) that fits, and the drop counters account for the rest."""
+    stream = b"".join(lines)
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(len(stream) - 1, 1))), label="cuts"))
+    backlog = Backlog(limit, "line")
+    pos = 0
+    for end in [c for c in cuts if c < len(stream)] + [len(stream)]:
+        backlog.add(stream[pos:end])
+        pos = end
+        kept = bytes(backlog.data)
+        assert kept == newest_fitting(stream[:pos], limit)
+        assert backlog.dropped == pos - len(kept)
+        assert backlog.dropped_records == stream[:pos - len(kept)].count(b"\n")
+    assert backlog.dropped_records + bytes(backlog.data).count(b"\n") == len(lines)

@@ -1,4 +1,5 @@
 """Deployment: an unprivileged user, systemd's stop and notify, dual-stack names, slow readers, signals."""
+import json
 import os
 import re
 import shutil
@@ -376,6 +377,37 @@ def test_fork_closes_descriptors_only_up_to_the_limit(monkeypatch):
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     assert calls[:2] == [(3, 7), (8, 9)]
     assert calls[-1] == (10, soft)
+
+
+FORK_SCRIPT = """
+import json, os, socket, sys
+sys.path.insert(0, %r)
+from socketproxy_core import forking
+extra = [os.open("/dev/null", os.O_RDONLY) for _ in range(4)] + [socket.socket().detach(), os.dup2(0, 300)]
+go_r, go_w = os.pipe()
+ready_r, ready_w = os.pipe()
+
+def child():
+    os.write(ready_w, b"x")  # descriptors closed: the parent may look
+    os.read(go_r, 1)
+
+pid = forking.fork_child("fd-check", child, keep=[extra[2], go_r, ready_w])
+os.read(ready_r, 1)
+fds = sorted(int(fd) for fd in os.listdir("/proc/%%d/fd" %% pid))
+os.write(go_w, b"x")
+os.waitpid(pid, 0)
+print(json.dumps({"fds": fds, "kept": [extra[2], go_r, ready_w]}))
+"""
+
+
+def test_forked_child_holds_exactly_the_kept_descriptors():
+    """A child of fork_child has 0, 1, 2 and the kept descriptors open, nothing else (low or high)."""
+    result = subprocess.run([sys.executable, "-c", FORK_SCRIPT % ROOT], capture_output=True, text=True,
+                            timeout=scaled(30))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    expected = sorted([0, 1, 2] + report["kept"])
+    assert report["fds"] == expected, "open in the child: %s, expected %s" % (report["fds"], expected)
 
 
 def test_listen_on_any_ipv6_accepts_ipv4_whatever_the_host_default():

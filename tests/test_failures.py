@@ -1,6 +1,7 @@
 """Destinations failing: down, killed, slow, stuck, unresolvable; the others are never hurt."""
 import os
 import re
+import socket
 import threading
 import time
 
@@ -188,3 +189,43 @@ def test_destination_stalled_when_the_source_finishes_counts_the_tail(proxy, rec
     dest.paused.clear()
     wait_until(lambda: dest.closed_count() == 1, 30)
     assert dest.streams()[0] == payload[:sent]
+
+
+def numbered_lines(size):
+    """About size bytes of numbered lines whose lengths vary, so a cut ends anywhere in a record."""
+    lines, total = [], 0
+    while total < size:
+        lines.append(b"%d:%s\n" % (len(lines), b"x" * (len(lines) % 13)))
+        total += len(lines[-1])
+    return b"".join(lines)
+
+
+@pytest.mark.parametrize("size, empty, stall", [
+    (300_000, False, "took no data for 1.0 s after the source finished"),
+    (300_000, True, "took no data for 1.0 s after the source finished"),  # each byte a record: exact to the byte
+    (2_000_000, False, "no progress for 1.0 s"),
+], ids=["tail-in-socket", "tail-in-socket-empty-lines", "stall-mid-stream"])
+def test_records_dropped_at_a_stalled_close_are_those_of_the_tail(proxy, size, empty, stall):
+    """--framing line, a destination that accepts and never reads, a source that sends its lines and
+    closes: the dropped bytes are the stream's tail, and the dropped records are its newlines."""
+    payload = b"\n" * size if empty else numbered_lines(size)
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # inherited by the accepted connection
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.settimeout(scaled(30))
+    px = proxy(["127.0.0.1:%d" % listener.getsockname()[1]], "--framing", "line", "--send-timeout", "1")
+    source = connect_source(px.port)
+    conn, _ = listener.accept()
+    try:
+        send_in_thread(source, payload)
+        done = wait_for_log(px.log_path, r"forwarder done: sent (\d+) bytes, dropped (\d+) bytes \((\d+) records\)",
+                            60)
+        sent, dropped, records = (int(n) for n in done[0].groups())
+        assert dropped > 0 and sent + dropped == len(payload), px.log()
+        newlines = payload[-dropped:].count(b"\n")
+        assert records == newlines, "%d records logged, %d newlines in the last %d bytes" % (records, newlines, dropped)
+        assert stall in px.log(), px.log()
+    finally:
+        conn.close()
+        listener.close()

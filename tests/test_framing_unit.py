@@ -62,19 +62,27 @@ def test_resp_scanner_counts_and_reports_the_last_end():
     assert (count, last) == (49, ends_of(records)[-2])
 
 
+@pytest.mark.parametrize("whole", [False, True], ids=["byte-by-byte", "whole"])
 @pytest.mark.parametrize("stream, why", [
     (b"*2\r\n$3\r\nGET\r\nXYZ\r\n", "expected a bulk string length"),
     (b"*x\r\n", "not a number"),
     (b"*1\r\n$3\r\nGETX\r\n", "not followed by"),
+    (b"*1\r\n$4\r\nGET\r\n", "not followed by"),  # one byte short: the next command's "*" would end it
     (b"*1\n", "not ended by"),
     (b"*1\r\n$-1\r\n", "out of range"),
     (b"x" * 70000, "a line of more than"),
-])
-def test_resp_scanner_names_what_is_not_resp(stream, why):
+], ids=["not-a-bulk-string", "not-a-number", "bulk-too-long", "bulk-one-short", "no-cr", "negative", "long-line"])
+def test_resp_scanner_names_what_is_not_resp(stream, why, whole):
+    """Byte by byte the state carries every check across cuts; whole (a valid command after it) the
+    fast path for whole commands must reject it too."""
+    stream += resp(b"PING")
     with pytest.raises(NotRecords, match=why):
         scan = RespScanner()
-        for i in range(len(stream)):  # byte by byte: the state carries every check across cuts
-            scan.scan(stream, i, i + 1)
+        if whole:
+            scan.scan(stream)
+        else:
+            for i in range(len(stream)):
+                scan.scan(stream, i, i + 1)
 
 
 def test_line_scanner_matches_find():

@@ -200,3 +200,23 @@ def test_an_idle_group_wakes_every_few_seconds_not_every_second(proxy, recorder)
     source.sendall(b"again\n")
     wait_until(lambda: group_says(" 12 B"))
     source.close()
+
+
+def test_connection_gauges_count_each_destination_up_or_down(proxy, recorder):
+    """One source, one destination up and one down: connections_up and _down are 1/0 for the first,
+    0/1 for the second."""
+    up, down_port = recorder(), free_port()
+    metrics_port = free_port()
+    up_dest, down_dest = "127.0.0.1:%d" % up.port, "127.0.0.1:%d" % down_port
+    px = proxy([up_dest, down_dest], "--metrics", "127.0.0.1:%d" % metrics_port, "--retry-interval", "0.5")
+    wait_until(lambda: "serving metrics" in px.log())
+    source = connect_source(px.port)
+    wanted = {(up_dest, "up"): 1, (up_dest, "down"): 0, (down_dest, "up"): 0, (down_dest, "down"): 1}
+
+    def gauges():
+        values = scrape(metrics_port)
+        return {(dest, state): metric(values, "socketproxy_destination_connections_" + state, destination=dest)
+                for dest, state in wanted}
+
+    wait_until(lambda: gauges() == wanted, 30, message=lambda: "gauges %r, expected %r" % (gauges(), wanted))
+    source.close()

@@ -1,5 +1,5 @@
 """Packaging: one version, no generic top-level module, and a clear exit where Linux 5.3+ is missing."""
-import importlib.metadata
+import ast
 import os
 import subprocess
 import sys
@@ -7,6 +7,7 @@ import zipfile
 
 import pytest
 
+import socketproxy_core
 from support import ROOT, scaled
 
 PROXY = os.path.join(ROOT, "socketproxy.py")
@@ -31,9 +32,30 @@ def test_a_system_without_pidfds_gets_one_line_and_exit_1(patch, named):
     assert len(lines) == 1 and lines[0].startswith("socketproxy: needs Linux 5.3 or later") and named in lines[0], result
 
 
+def declared_version():
+    """The version pyproject.toml builds with: its literal, or the literal of the attribute it names."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib needs Python 3.11")
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as file:
+        pyproject = tomllib.load(file)
+    if "version" in pyproject["project"]:
+        return pyproject["project"]["version"]
+    assert "version" in pyproject["project"]["dynamic"]
+    module, name = pyproject["tool"]["setuptools"]["dynamic"]["version"]["attr"].rsplit(".", 1)
+    path = os.path.join(ROOT, *module.split("."))
+    path = os.path.join(path, "__init__.py") if os.path.isdir(path) else path + ".py"
+    with open(path) as file:
+        tree = ast.parse(file.read())
+    [value] = [node.value.value for node in tree.body if isinstance(node, ast.Assign)
+               and [getattr(target, "id", None) for target in node.targets] == [name]]
+    return value
+
+
 def test_one_version_everywhere():
+    """--version, socketproxy_core.__version__ and what pyproject.toml builds with are one version."""
+    declared = declared_version()
     version = subprocess.run([sys.executable, PROXY, "--version"], capture_output=True, text=True, timeout=30)
-    assert version.stdout.strip() == "socketproxy %s" % importlib.metadata.version("socketproxy")
+    assert version.stdout.strip() == "socketproxy %s" % declared
+    assert socketproxy_core.__version__ == declared
 
 
 def test_the_wheel_puts_no_generic_name_at_the_top(tmp_path):

@@ -1,6 +1,10 @@
 """Processes: fate-sharing groups, shutdown by signal, no orphans, no zombies, no leaks."""
 import os
+import re
+import shutil
 import signal
+import subprocess
+import threading
 import time
 
 import psutil
@@ -157,3 +161,44 @@ def test_stopped_forwarder_ends_its_group(proxy, recorder):
             stopped.send_signal(signal.SIGCONT)
         except psutil.NoSuchProcess:
             pass
+
+
+def test_forwarder_exiting_0_by_itself_ends_its_group(proxy, recorder):
+    """A forwarder that exits 0 on its own while its pipe is still open (made to call _exit(0) under
+    gdb) is a death like any other: the group ends and is logged, and main goes on serving."""
+    if not shutil.which("gdb"):
+        pytest.skip("gdb is not installed (it makes a forwarder exit by itself: apt-get install gdb)")
+    d1, d2 = recorder(), recorder()
+    px = proxy(["127.0.0.1:%d" % d1.port, "127.0.0.1:%d" % d2.port])
+    [source] = serving(px, [d1, d2])
+    stop = threading.Event()
+
+    def stream():
+        while not stop.is_set():
+            try:
+                source.sendall(b"tick\n")
+            except OSError:
+                return
+            time.sleep(0.01)  # a trickle: the pipes never fill, so nothing is held back
+
+    streamer = threading.Thread(target=stream, daemon=True)
+    streamer.start()
+    try:
+        wait_until(lambda: d1.total() > 100 and d2.total() > 100)
+        [rec] = by_role(px.pid, "receiver")
+        victim = by_role(rec.pid, "forwarder")[0]
+        dest = re.search(r"-> (\S+)", " ".join(victim.cmdline())).group(1)
+        gdb = subprocess.run(["gdb", "-p", str(victim.pid), "-batch", "-ex", "call (void)_exit(0)"],
+                             capture_output=True, text=True, timeout=scaled(60))
+        if "ptrace: Operation not permitted" in gdb.stdout + gdb.stderr:
+            pytest.skip("gdb cannot attach here (ptrace not permitted)")
+        wait_for_log(px.log_path, r"group ended: forwarder %d to %s died \(exit status 0\)" % (victim.pid, dest), 30)
+        wait_until(lambda: sees_close(source), 30, message="the source is still open")
+    finally:
+        stop.set()
+        streamer.join(10)
+    source.close()
+    again = connect_source(px.port)
+    again.sendall(b"again")
+    wait_until(lambda: b"again" in d1.streams() and b"again" in d2.streams(), 30)
+    again.close()

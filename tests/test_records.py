@@ -246,3 +246,26 @@ def test_a_destination_that_reads_everything_then_resets_lost_nothing(proxy, buf
     done = re.findall(r"forwarder done: sent (\d+) bytes, dropped (\d+) bytes", px.log())
     assert dest.read == [size] * runs
     assert done == [(str(size), "0")] * runs, px.log()
+
+
+def test_backlog_keeps_the_newest_record_that_exactly_fills_the_buffer(proxy, recorder):
+    """--framing line --buffer 10, destination down: "aaaa\\n" then "bbbbbbbbb\\n" (10 bytes, the buffer
+    exactly) are kept apart; when the destination comes up it gets the newest record, whole."""
+    port = free_port()
+    px = proxy(["127.0.0.1:%d" % port], "--framing", "line", "--buffer", "10", "--retry-interval", RETRY)
+    source = connect_source(px.port)
+    wait_for_log(px.log_path, r"cannot connect to 127.0.0.1:%d" % port)
+
+    def forwarder_says(text):
+        titles = [" ".join(p.cmdline()) for p in by_role(px.pid, "forwarder")]
+        return any("down since" in t and text in t for t in titles)
+
+    source.sendall(b"aaaa\n")  # read into the backlog on its own: the second record starts a new chunk
+    wait_until(lambda: forwarder_says("kept 5 B"), 30, message="the first record never reached the backlog")
+    source.sendall(b"bbbbbbbbb\n")
+    wait_until(lambda: not forwarder_says("dropped 0 B"), 30, message="the backlog never dropped anything")
+    back = recorder(port=port)
+    wait_until(lambda: back.streams() == [b"bbbbbbbbb\n"], 30,
+               message=lambda: "the destination got %r, not the newest record" % back.streams())
+    source.close()
+    wait_for_log(px.log_path, r"forwarder done: sent 10 bytes, dropped 5 bytes \(1 records\)")

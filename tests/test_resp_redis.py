@@ -487,3 +487,20 @@ def test_invalid_resp_closes_the_source_and_is_logged_once(proxy, recorder):
     # The whole command before the invalid one may be passed on, never a piece of the invalid one.
     others = [stream for stream in dest.streams() if stream != commands]
     assert all(stream in (b"", before) for stream in others), others
+
+
+def test_a_bulk_string_one_byte_short_closes_the_source(proxy, recorder):
+    """A command whose bulk string is one byte shorter than its length ($4 then "GET"), sent whole
+    with a valid command after it: the source is closed, and no byte of it reaches the destination."""
+    dest = recorder()
+    px = proxy(["127.0.0.1:%d" % dest.port], "--framing", FRAMING, "--retry-interval", RETRY)
+    bad = connect_source(px.port)
+    bad.sendall(b"*1\r\n$4\r\nGET\r\n" + encode_command(b"PING"))
+    wait_until(lambda: sees_close(bad), 20, message=lambda: "the invalid source is still open; the destination "
+               "got %r\n%s" % (dest.streams(), px.log()))
+    bad.close()
+    wait_for_log(px.log_path, r"closing source: not valid RESP \(a bulk string not followed by \\r\\n\)")
+    wait_until(lambda: dest.streams() and dest.closed_count() == len(dest.streams()), 20,
+               message=lambda: "destination connections still open: %r" % dest.streams())
+    assert dest.streams() == [b""], dest.streams()
+    assert px.proc.poll() is None, px.log()
