@@ -85,15 +85,16 @@ class Loop:
 
     def run_once(self):
         """One poll (until the next timer at most), its handlers, then the timers that are due."""
-        now = time.monotonic()
-        timeout_s = min((deadline for deadline, _ in self.timers.values()), default=None)
-        if timeout_s is not None:
-            timeout_s -= now
-        for fd, event in self.poller.events(timeout_s):
+        first = min((deadline for deadline, _ in self.timers.values()), default=None)
+        for fd, event in self.poller.events(None if first is None else first - time.monotonic()):
             handler = self.handlers.get(fd)
             if handler is not None:
                 handler(event)
+        if first is None:
+            return
         now = time.monotonic()
+        if now < first:
+            return
         for name, (deadline, handler) in list(self.timers.items()):
             if deadline <= now and self.timers.get(name) == (deadline, handler):
                 del self.timers[name]

@@ -47,6 +47,7 @@ class Receiver(FanOut):
         self.source = source
         self.published = None
         self.title_period = TITLE_PERIOD_S
+        self.checked_at = 0.0  # when exited forwarders were last looked for without a pidfd's word
         self.peer = peer
         self.config = config
         self.lifeline_fd = lifeline_fd
@@ -172,6 +173,10 @@ class Receiver(FanOut):
         """Our counters to the shared table, and a title with our forwarders' states: on a timer,
         every second (every IDLE_TITLE_PERIOD_S once nothing changed), and only when something changed."""
         self.loop.set_timer("publish", self.title_period, self.publish)
+        now = time.monotonic()
+        if now - self.checked_at >= TICK_S:  # a backstop only: pidfds report a forwarder's death at once
+            self.checked_at = now
+            self.check_forwarders()
         states = []
         for index, dest in enumerate(self.config.dests):
             values = self.rows.forwarder_row(index).read()
@@ -203,7 +208,6 @@ class Receiver(FanOut):
         """
         self.last_data = time.monotonic()
         self.publish()
-        self.loop.set_timer("tick", TICK_S, self.tick)
         if self.config.idle_timeout:
             self.loop.set_timer("idle", self.config.idle_timeout, self.idle_check)
         while self.forwarders and self.state != DONE:
@@ -243,11 +247,6 @@ class Receiver(FanOut):
 
         self.loop.watch(main_fd, select.POLLIN, main_gone)
         self.loop.set_timer("main exit", MAIN_EXIT_WAIT_S, main_gone)
-
-    def tick(self):
-        """A backstop only: pidfds report a forwarder's death at once."""
-        self.loop.set_timer("tick", TICK_S, self.tick)
-        self.check_forwarders()
 
     def idle_check(self):
         """--idle-timeout: a source that sent nothing this long is closed (not while it is held)."""
