@@ -133,9 +133,10 @@ class Forwarder:
     # -- attempts (CONNECTING, and DOWN once an attempt has failed) -------------------------------
 
     def start_attempt(self, first=False):
-        """One connection attempt within --connect-timeout. While it runs the pipe is drained (the
-        source must not stall), except on the very first one: data sent the moment a source connects
-        waits for it, for at most --send-timeout (the primary's, for the whole attempt)."""
+        """One connection attempt within --connect-timeout. While it runs the pipe is drained into
+        the backlog or dropped (the source must not stall), except on the very first one without a
+        backlog (--buffer 0): data sent the moment a source connects waits in the pipe for it, for
+        at most --send-timeout (the primary's, for the whole attempt)."""
         self.attempts += 1
         now = time.monotonic()
         deadline = now + self.config.connect_timeout
@@ -143,7 +144,7 @@ class Forwarder:
             self.enter(CONNECTING)
         if self.primary:
             hold_until = deadline
-        elif first:
+        elif first and not self.config.buffer:  # with a backlog, what comes waits in it instead
             hold_until = now + self.config.send_timeout
         else:
             hold_until = now
