@@ -56,6 +56,9 @@ class TableCollector:
                                                     "Connection attempts that failed.", labels=["destination"]),
             "reconnects": CounterMetricFamily(PREFIX + "destination_reconnects",
                                               "Connections made again after one was up.", labels=["destination"]),
+            "resent": CounterMetricFamily(PREFIX + "destination_resent_bytes", "Bytes sent again after a reconnect "
+                                          "that the destination had acknowledged before (to resend a cut record "
+                                          "whole); not counted in sent.", labels=["destination"]),
         }
         if self.framed:
             families["dropped_records"] = CounterMetricFamily(

@@ -7,7 +7,8 @@ are gone), then one slot per source being served. A slot holds:
                         the primary's socket (--primary), and whether it closed the pipes on purpose
                         (set before it closes them: a forwarder seeing its pipe end tells the source's
                         end from the receiver's death by it)
-  forwarder row x D     written by each forwarder: pid, its counters, its state and since when, the
+  forwarder row x D     written by each forwarder: pid, its counters (sent, dropped, dropped records,
+                        connect failures, reconnects, resent), its state and since when, the
                         bytes in its backlog, and how a --primary session ended (read by the receiver)
   drops row x D         written by the receiver: bytes and records it dropped for each mirror under
                         --mirror-policy drop (the mirror's forwarder adds them to its own counts)
@@ -29,7 +30,7 @@ ROW_FIELDS = 12
 ROW = ROW_FIELDS * FIELD.size
 ROW_FORMAT = struct.Struct("%dq" % ROW_FIELDS)
 # A forwarder's row: seq, pid, then these, then its state and since when (a float).
-FORWARDER_COUNTERS = ("sent", "dropped", "dropped_records", "connect_failures", "reconnects")
+FORWARDER_COUNTERS = ("sent", "dropped", "dropped_records", "connect_failures", "reconnects", "resent")
 # A forwarder's states (forwarding.py): the title and the metrics show them.
 STATE_NONE, STATE_CONNECTING, STATE_UP, STATE_DOWN, STATE_DRAINING, STATE_CLOSING, STATE_DONE = range(7)
 STATE_NAMES = {STATE_NONE: "-", STATE_CONNECTING: "connecting", STATE_UP: "up", STATE_DOWN: "down",
@@ -200,7 +201,7 @@ class ForwarderStats:
     def values(self, fwd):
         extra, extra_records = fwd.receiver_drops()  # --mirror-policy drop: dropped by the receiver
         return (fwd.delivered(), fwd.dropped + extra, fwd.backlog.dropped_records + extra_records, self.connect_failures,
-                self.reconnects, self.state, len(fwd.backlog), fwd.session_end)
+                self.reconnects, fwd.counts.resent, self.state, len(fwd.backlog), fwd.session_end)
 
     def publish(self, fwd, pid):
         """Write the row and the title if anything changed since the last time; whether it did."""
@@ -209,7 +210,7 @@ class ForwarderStats:
             return False
         self.last = values
         if self.row is not None:
-            self.row.write(pid, *values[:6], struct.unpack("q", struct.pack("d", self.since))[0], *values[6:])
+            self.row.write(pid, *values[:7], struct.unpack("q", struct.pack("d", self.since))[0], *values[7:])
         if self.title is not None:
             self.title("%s, sent %s, dropped %s%s%s, %d reconnects" % (
                 state_text(self.state, self.since), human(values[0]), human(values[1]),

@@ -173,7 +173,8 @@ def test_destination_counters_never_go_down_while_a_destination_resets_again_and
     thread = threading.Thread(target=stream_until, args=(source, stop), daemon=True)
     thread.start()
     names = ["socketproxy_destination_sent_bytes_total", "socketproxy_destination_dropped_bytes_total",
-             "socketproxy_destination_reconnects_total", "socketproxy_destination_connect_failures_total"]
+             "socketproxy_destination_reconnects_total", "socketproxy_destination_connect_failures_total",
+             "socketproxy_destination_resent_bytes_total"]
     last = {name: 0.0 for name in names}
     decreases = []
     deadline = time.monotonic() + 12.0

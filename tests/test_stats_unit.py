@@ -8,7 +8,7 @@ def test_a_row_left_mid_write_by_a_killed_writer_is_read_and_folded():
     table = stats.Table(2, 1)
     slot = table.allocate()
     row = table.forwarder_row(slot, 0)
-    row.write(1234, 10, 0, 0, 0, 0, stats.STATE_UP, 0, 0)
+    row.write(1234, 10, 0, 0, 0, 0, 0, stats.STATE_UP, 0, 0)
     stats.FIELD.pack_into(table.buf, row.offset, 3)  # its writer died between "writing" and "written"
     done = []
     reader = threading.Thread(target=lambda: done.append(table.snapshot()), daemon=True)
@@ -20,6 +20,6 @@ def test_a_row_left_mid_write_by_a_killed_writer_is_read_and_folded():
     assert table.snapshot()[1][0]["sent"] == 10
     reused = table.allocate()
     assert reused == slot
-    table.forwarder_row(reused, 0).write(99, 5, 0, 0, 0, 0, stats.STATE_UP, 0, 0)
+    table.forwarder_row(reused, 0).write(99, 5, 0, 0, 0, 0, 0, stats.STATE_UP, 0, 0)
     assert stats.FIELD.unpack_from(table.buf, row.offset)[0] % 2 == 0  # parity back: readers see whole writes
     assert table.snapshot()[1][0]["sent"] == 15
