@@ -56,6 +56,7 @@ class Loop:
         self.poller = Poller()
         self.handlers = {}  # fd -> handler(event)
         self.timers = {}  # name -> (deadline, handler)
+        self.first = None  # the earliest deadline, None when it must be looked for again
 
     def watch(self, fd, events, handler):
         fd = fd if isinstance(fd, int) else fd.fileno()
@@ -71,23 +72,29 @@ class Loop:
         return self.poller.watching(fd)
 
     def set_timer(self, name, delay_s, handler):
-        self.timers[name] = (time.monotonic() + delay_s, handler)
+        self.set_deadline(name, time.monotonic() + delay_s, handler)
 
     def set_deadline(self, name, deadline, handler):
         self.timers[name] = (deadline, handler)
+        self.first = None
 
     def cancel(self, *names):
         for name in names:
-            self.timers.pop(name, None)
+            if self.timers.pop(name, None) is not None:
+                self.first = None
 
     def has_timer(self, name):
         return name in self.timers
 
     def run_once(self):
         """One poll (until the next timer at most), its handlers, then the timers that are due."""
-        first = min((deadline for deadline, _ in self.timers.values()), default=None)
-        for fd, event in self.poller.events(None if first is None else first - time.monotonic()):
-            handler = self.handlers.get(fd)
+        if self.first is None and self.timers:
+            self.first = min(deadline for deadline, _ in self.timers.values())
+        first = self.first
+        timeout_ms = None if first is None else max(first - time.monotonic(), 0.0) * 1000
+        handlers = self.handlers
+        for fd, event in self.poller.poll_set.poll(timeout_ms):
+            handler = handlers.get(fd)  # None: unwatched by an earlier handler of this batch (stale)
             if handler is not None:
                 handler(event)
         if first is None:
@@ -95,6 +102,7 @@ class Loop:
         now = time.monotonic()
         if now < first:
             return
+        self.first = None
         for name, (deadline, handler) in list(self.timers.items()):
             if deadline <= now and self.timers.get(name) == (deadline, handler):
                 del self.timers[name]

@@ -95,6 +95,8 @@ class Session:
         self.queued = 0  # reply bytes waiting in our reply pipe for the source to take them
         self.requests_open = self.replies_open = True
         self.socket_full = False
+        self.sock_events = None  # what the primary's socket is watched for now
+        self.source_full = None  # whether the source is watched for room now
         self.moved_at = 0.0  # when a byte last moved either way (for --fin-timeout)
         self.reply_r = self.reply_w = None
         self.capacity = 0
@@ -186,16 +188,23 @@ class Session:
         self.watch()
 
     def watch(self):
+        """Watch what the session waits for now (the loop is told only of a change: this runs at
+        every request and reply)."""
         sock_events = (select.POLLIN if self.replies_open and self.queued < self.capacity else 0) | (
             select.POLLOUT if self.socket_full else 0)
-        if sock_events:
-            self.loop.watch(self.sock_fd, sock_events, self.primary_ready)
-        else:
-            self.loop.unwatch(self.sock_fd)
-        if self.queued:
-            self.loop.watch(self.source_fd, select.POLLOUT, self.source_ready)
-        else:
-            self.loop.unwatch(self.source_fd)
+        if sock_events != self.sock_events:
+            self.sock_events = sock_events
+            if sock_events:
+                self.loop.watch(self.sock_fd, sock_events, self.primary_ready)
+            else:
+                self.loop.unwatch(self.sock_fd)
+        source_full = bool(self.queued)
+        if source_full != self.source_full:
+            self.source_full = source_full
+            if source_full:
+                self.loop.watch(self.source_fd, select.POLLOUT, self.source_ready)
+            else:
+                self.loop.unwatch(self.source_fd)
 
     def fin_check(self):
         """--fin-timeout after the source's FIN: the session ends once nothing moved for that long."""
@@ -218,6 +227,7 @@ class Session:
         fwd = self.fwd
         for fd in (fwd.pipe_fd, self.sock_fd, self.source_fd):
             self.loop.unwatch(fd)
+        self.sock_events, self.source_full = 0, False
         self.loop.cancel("fin")
         fwd.sock = None
 
@@ -313,6 +323,7 @@ class MirrorBatch:
         if not quiet:
             return False
         fwd.loop.unwatch(fwd.pipe_fd)
+        fwd.loop.unwatch(fwd.sock)  # the shadow's replies too wait for the batch's end: read then at once
         fwd.loop.watch(self.poke_fd, select.POLLIN, self.poked)
         fwd.loop.set_timer("batch", MIRROR_BATCH_S, self.wake)
         return True
@@ -327,7 +338,9 @@ class MirrorBatch:
 
     def wake(self):
         self.stop()
-        self.fwd.loop.watch(self.fwd.pipe_fd, POLL_IN, self.fwd.pipe_up)
+        fwd = self.fwd
+        fwd.loop.watch(fwd.sock, select.POLLIN, fwd.socket_up)
+        fwd.loop.watch(fwd.pipe_fd, POLL_IN, fwd.pipe_up)
 
     def stop(self):
         self.fwd.loop.cancel("batch")
