@@ -16,11 +16,10 @@ import time
 from socketproxy_core import framing
 from socketproxy_core.proxylog import log
 from socketproxy_core.sockets import describe
-from socketproxy_core.zerocopy import pipe_bytes, tee
+from socketproxy_core.zerocopy import SPLICE_FLAGS, pipe_bytes, tee
 
 CHUNK = 1024 * 1024
 SPLICE_F_NONBLOCK = os.SPLICE_F_NONBLOCK
-SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 splice = os.splice
 SLOT_GUESS = 256  # bytes per pipe slot, as the pokes of mirrors count them (see FanOut.fed)
 RESP_CHUNK = 256 * 1024

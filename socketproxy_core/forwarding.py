@@ -29,23 +29,20 @@ from socketproxy_core.connector import Backoff, Connector
 from socketproxy_core.loop import Loop
 from socketproxy_core.proxylog import log
 from socketproxy_core.retaining import Retainer
-from socketproxy_core.sockets import Disconnected, Progress, configure, describe, reset, unsent_bytes
+from socketproxy_core.sockets import PROGRESS_POLL_S, Disconnected, Progress, configure, describe, reset, unsent_bytes
 from socketproxy_core.stats import (STATE_CLOSING, STATE_CONNECTING, STATE_DONE, STATE_DOWN, STATE_DRAINING,
                                     STATE_UP, ForwarderStats)
 from socketproxy_core import zerocopy
-from socketproxy_core.zerocopy import pipe_bytes
+from socketproxy_core.zerocopy import DRAIN_FLAGS, SPLICE_FLAGS, pipe_bytes
 
 CONNECTING, UP, DOWN, DRAINING, CLOSING, DONE = (STATE_CONNECTING, STATE_UP, STATE_DOWN, STATE_DRAINING,
                                                  STATE_CLOSING, STATE_DONE)
 TITLE_PERIOD_S = 1.0  # the title and the shared counters are refreshed this often at most
 IDLE_TITLE_PERIOD_S = 5.0  # ... and this often once a refresh found nothing changed (an idle group sleeps)
 SPLICE_CHUNK = 1 << 20
-SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
-DRAIN_FLAGS = os.SPLICE_F_NONBLOCK
 CLOSE_LINGER_S = 1.0  # after our FIN, how long to wait for the destination's
 ACK_POLL_S = 0.02  # while waiting for the last bytes to be acknowledged
 STILL_DOWN_LOG_S = 60.0
-PROGRESS_POLL_S = 0.1  # while a destination's socket is full: how often its progress is checked
 ACK_WAIT_S = 0.001  # a full shadow waits for acknowledgements, which have no event: poll this often
 REPLY_READS = 64  # of 16 KiB: what a wake reads of the replies at most (1 MiB)
 POLL_IN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
@@ -277,8 +274,13 @@ class Forwarder:
     # -- UP ---------------------------------------------------------------------------------------
 
     def wait_for_pipe(self):
-        """Data flows again: watch the pipe (a mirror of --primary in batches may nap first)."""
-        if self.batch is not None and self.batch.nap():
+        """Data flows again: watch the pipe (a mirror of --primary in batches may nap first). Runs at
+        every wake: the loop is told only when the pipe was not watched."""
+        if self.batch is None:
+            if not self.loop.watching(self.pipe_fd):
+                self.loop.watch(self.pipe_fd, POLL_IN, self.pipe_up)
+            return
+        if self.batch.nap():
             return
         self.loop.watch(self.pipe_fd, POLL_IN, self.pipe_up)
 

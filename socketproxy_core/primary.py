@@ -24,9 +24,8 @@ import time
 from socketproxy_core.proxylog import log
 from socketproxy_core.sockets import reset
 from socketproxy_core.stats import STATE_CLOSING, STATE_DONE
-from socketproxy_core.zerocopy import pipe_bytes, pipe_hung_up, set_pipe_size
+from socketproxy_core.zerocopy import SPLICE_FLAGS, pipe_bytes, pipe_hung_up, set_pipe_size
 
-SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 CHUNK = 1 << 20
 ENDED_CLOSE, ENDED_RESET = 1, 2  # how the primary ended the session (in its forwarder's row of the table)
 # A mirror of --primary sends in batches (a wake per request would take the CPU the primary needs):

@@ -24,7 +24,7 @@ from socketproxy_core import primary
 from socketproxy_core import proxylog
 from socketproxy_core import stats
 from socketproxy_core.proxylog import log
-from socketproxy_core.sockets import Progress, unsent_bytes
+from socketproxy_core.sockets import PROGRESS_POLL_S, Progress, unsent_bytes
 from socketproxy_core.zerocopy import PAGE, pipe_bytes, set_pipe_size
 
 MAIN_EXIT_WAIT_S = 0.5  # after main's end of the lifeline closed: how long we wait for it to be gone
@@ -35,7 +35,6 @@ KILL_WAIT_S = 2.0  # after SIGKILL to forwarders that did not finish: how long w
 TITLE_PERIOD_S = 1.0  # the title and the shared counters are refreshed this often at most ...
 IDLE_TITLE_PERIOD_S = TICK_S  # ... and this often once a refresh found nothing changed (an idle group sleeps)
 KEEPALIVE = ((socket.TCP_KEEPIDLE, 60), (socket.TCP_KEEPINTVL, 10), (socket.TCP_KEEPCNT, 6))
-PROGRESS_POLL_S = 0.1  # --primary: while requests wait for its full socket, how often its progress is checked
 
 
 

@@ -16,11 +16,9 @@ from socketproxy_core import framing
 from socketproxy_core import zerocopy
 from socketproxy_core.backlog import Backlog
 from socketproxy_core.sockets import Disconnected, describe, reset, unsent_bytes
-from socketproxy_core.zerocopy import pipe_bytes, pipe_hung_up, tee
+from socketproxy_core.zerocopy import DRAIN_FLAGS, SPLICE_FLAGS, pipe_bytes, pipe_hung_up, tee
 
 SPLICE_CHUNK = 1 << 20
-SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
-DRAIN_FLAGS = os.SPLICE_F_NONBLOCK
 MIN_SNDBUF = 128 * 1024  # doubled by the kernel: over two of loopback's 64 KiB segments in flight
 KEEP_ACKED = 64 * 1024  # line framing: acknowledged bytes kept, to resend a cut record whole
 CUT_PEEK = 4096  # line framing: released bytes read (not spliced away) to find the start of the record they cut

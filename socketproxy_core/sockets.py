@@ -1,5 +1,5 @@
 """Sockets to destinations: resolving a name without blocking, the reasons for a failure, the bytes
-a connection still holds, and closing it with a reset."""
+a connection still holds, closing it with a reset, its options, and the send-timeout rule."""
 import errno
 import fcntl
 import os
@@ -10,6 +10,7 @@ import threading
 import time
 
 USER_TIMEOUT_FACTOR = 3
+PROGRESS_POLL_S = 0.1  # while data waits for a full socket: how often its progress is checked
 ERR_REASONS = {
     errno.ECONNREFUSED: "connection refused",
     errno.ECONNRESET: "reset by peer",
@@ -76,9 +77,6 @@ class Lookup:
             error = exc
         self.error, self.info = error, info
         os.write(self.done_w, b"x")  # result() is called only once this is readable: then it closes it
-
-    def finished(self):
-        return self.info is not None or self.error is not None
 
     def result(self):
         """[(family, address), ...] in the resolver's order, or its error raised; closes the pipe."""

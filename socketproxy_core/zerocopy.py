@@ -11,6 +11,8 @@ import termios
 
 from socketproxy_core.proxylog import log
 
+SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK  # moving pipe <-> socket without waiting
+DRAIN_FLAGS = os.SPLICE_F_NONBLOCK  # moving a pipe into /dev/null
 F_SETPIPE_SZ = 1031
 F_GETPIPE_SZ = 1032
 

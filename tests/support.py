@@ -16,9 +16,11 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import zlib
 
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_SCALE = float(os.environ.get("SOCKETPROXY_TEST_TIMEOUT_SCALE", "1"))
@@ -41,6 +43,17 @@ def wait_until(predicate, timeout=20.0, interval=0.05, message=None):
             text = message() if callable(message) else message
             raise AssertionError("timeout (%.1f s): %s" % (scaled(timeout), text or predicate))
         time.sleep(interval)
+
+
+def scrape(port):
+    """A scrape of --metrics on 127.0.0.1:port: {(sample name, sorted labels): value}."""
+    with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=10) as response:
+        text = response.read().decode()
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return values
 
 
 def stays_true(predicate, duration, interval=0.05):

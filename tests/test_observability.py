@@ -4,13 +4,11 @@ import shutil
 import socket
 import subprocess
 import sys
-import urllib.request
 
 import psutil
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from support import ROOT, by_role, connect_source, free_port, stays_true, wait_until
+from support import ROOT, by_role, connect_source, free_port, scrape, stays_true, wait_until
 
 
 def title(proc):
@@ -18,16 +16,6 @@ def title(proc):
         return " ".join(proc.cmdline()).strip()
     except psutil.NoSuchProcess:
         return ""
-
-
-def scrape(port):
-    with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=10) as response:
-        text = response.read().decode()
-    values = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return values
 
 
 def metric(values, name, **labels):

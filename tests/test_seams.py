@@ -9,25 +9,14 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 import psutil
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from support import ROOT, by_role, connect_source, free_port, scaled, sees_close, wait_for_log, wait_until
+from support import (AS_NOBODY, ROOT, by_role, connect_source, free_port, nobody_can_run_the_proxy, scaled, scrape,
+                     sees_close, wait_for_log, wait_until)
 
 BIG_REPLY = 5 * 1000 * 1000
-
-
-def scrape(port):
-    with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=10) as response:
-        text = response.read().decode()
-    values = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return values
 
 
 class Listener:
@@ -282,43 +271,60 @@ def test_a_stop_in_the_same_poll_batch_as_source_data_ends_the_receiver_in_order
     assert "batch [(" in output, output  # the stop came with the wake-up pipe first in its batch
 
 
-def slow_reader_server(conn):
-    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
-    while True:
-        chunk = conn.recv(8192)
-        if not chunk:
-            return
-        time.sleep(0.005)
+class SlowReader:
+    """A destination that reads `size` bytes every `every` seconds per connection, counting them."""
+
+    def __init__(self, size, every):
+        self.size, self.every = size, every
+        self.read = 0
+
+    def __call__(self, conn):
+        while True:
+            chunk = conn.recv(self.size)
+            if not chunk:
+                return
+            self.read += len(chunk)
+            time.sleep(self.every)
 
 
-def test_every_process_signalled_at_once_while_sources_stream_into_slow_readers(proxy, listener):
+@pytest.mark.parametrize("user, size, every", [("root", 8192, 0.005), ("nobody", 8192, 0.005),
+                                               ("root", 1024, 0.1)], ids=["root", "nobody", "10kBps"])
+def test_every_process_signalled_at_once_while_sources_stream_into_slow_readers(proxy, listener, user, size,
+                                                                                 every):
     """systemd's stop: SIGTERM to every process of the tree at once while 8 sources stream into slow
-    readers, several times: main exits 0, no receiver dies, no traceback."""
-    for _ in range(3):
-        slow = listener(slow_reader_server)
-        px = proxy(["127.0.0.1:%d" % slow.port, "127.0.0.1:%d" % slow.port])
-        sources = [connect_source(px.port) for _ in range(8)]
-        stop = threading.Event()
-        threads = [threading.Thread(target=stream_until, args=(s, stop), daemon=True) for s in sources]
-        for thread in threads:
-            thread.start()
-        wait_until(lambda: len(by_role(px.pid, "forwarder")) == 16, 30)
-        time.sleep(0.5)  # let backpressure set in: a condition here would be the bug's, not ours
-        procs = [psutil.Process(px.pid)] + psutil.Process(px.pid).children(recursive=True)
-        for proc in procs:
-            try:
-                proc.send_signal(signal.SIGTERM)
-            except psutil.NoSuchProcess:
-                pass
-        assert px.proc.wait(scaled(10)) == 0, px.log()[-3000:]
-        stop.set()
-        for source in sources:
-            source.close()
-        log = px.log()
-        assert "Traceback" not in log, log[-5000:]
-        assert "died" not in log, log[-5000:]
-        assert not re.search(r" (ERROR|CRITICAL) ", log), log[-5000:]
-        slow.stop()
+    readers (about 1.6 MB/s, or 10 kB/s, per connection), as root and as nobody: main exits 0, no
+    receiver dies, no traceback, no error line."""
+    prefix = ()
+    if user == "nobody":
+        why = nobody_can_run_the_proxy()
+        if why:
+            pytest.skip(why)
+        prefix = AS_NOBODY
+    reader = SlowReader(size, every)
+    slow = listener(reader, rcvbuf=8192)
+    px = proxy(["127.0.0.1:%d" % slow.port, "127.0.0.1:%d" % slow.port], prefix=prefix)
+    sources = [connect_source(px.port) for _ in range(8)]
+    stop = threading.Event()
+    threads = [threading.Thread(target=stream_until, args=(s, stop), daemon=True) for s in sources]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: len(by_role(px.pid, "forwarder")) == 16, 30)
+    # The readers are reading; the sources send far faster than they read, so every pipe is full by then.
+    wait_until(lambda: reader.read > 16 * 20 * size, 60, message=lambda: "read %d bytes" % reader.read)
+    procs = [psutil.Process(px.pid)] + psutil.Process(px.pid).children(recursive=True)
+    for proc in procs:
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    assert px.proc.wait(scaled(10)) == 0, px.log()[-3000:]
+    stop.set()
+    for source in sources:
+        source.close()
+    log = px.log()
+    assert "Traceback" not in log, log[-5000:]
+    assert "died" not in log, log[-5000:]
+    assert not re.search(r" (ERROR|CRITICAL) ", log), log[-5000:]
 
 
 def test_a_half_closed_primary_session_ends_after_fin_timeout(proxy, listener):
