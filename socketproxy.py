@@ -28,6 +28,8 @@ Options:
                           primary) or wait (backpressure, lossless mirrors) [default: drop]
   --fin-timeout SEC       with --primary: after the source's FIN, end the session once nothing has moved
                           either way this long (the primary neither answers nor closes); 0 = never [default: 30]
+  --session-preamble N    with --framing line or none: the source's first N lines (bytes without framing)
+                          are sent again first on every new connection to a destination [default: 0]
   -h --help               show this help
   --version               show the version
 """

@@ -50,6 +50,11 @@ class Counts:
         self.conn_sent = self.conn_floor = 0
         return lost
 
+    def resend(self, count):
+        """count bytes delivered on an earlier connection sent again outside the stream (the
+        session's preamble on a new connection)."""
+        self.resent += count
+
     def drop(self, count):
         """count bytes that never reached the destination."""
         self.dropped += count

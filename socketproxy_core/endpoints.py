@@ -50,6 +50,7 @@ class Config:
     primary: bool = False  # the first destination is the source's session; its replies go back
     mirror_policy: str = "drop"  # with primary: a mirror that cannot keep up loses data (drop) or holds (wait)
     fin_timeout: float = 30.0  # with primary: a half-closed session idle this long is closed; 0 = never
+    session_preamble: int = 0  # framing none/line: the source's first N records (bytes) sent first on every new connection
 
 
 def parse_port(text, what="port"):
@@ -172,7 +173,18 @@ def build_config(args):
         primary=bool(args.get("--primary")),
         mirror_policy=parse_mirror_policy(args.get("--mirror-policy") or "drop"),
         fin_timeout=parse_seconds(args.get("--fin-timeout") or "30", "--fin-timeout"),
+        session_preamble=parse_preamble(args.get("--session-preamble") or "0", args["--framing"]),
     )
+
+
+def parse_preamble(text, framing_mode):
+    """--session-preamble N: records (lines), or bytes without framing; not with resp, which knows
+    its session's state by itself."""
+    if not (text.isascii() and text.isdigit()):
+        raise UsageError("invalid --session-preamble %r: expected a whole number of records (0 or more)" % text)
+    if int(text) and framing_mode == "resp":
+        raise UsageError("--session-preamble does not apply to --framing resp (it restores AUTH, SELECT ... itself)")
+    return int(text)
 
 
 def parse_mirror_policy(text):

@@ -23,11 +23,13 @@ import sys
 import time
 
 from socketproxy_core import primary
+from socketproxy_core import sessions
 from socketproxy_core.accounting import Counts
 from socketproxy_core.backlog import Backlog
 from socketproxy_core.connector import Backoff, Connector
 from socketproxy_core.loop import Loop
 from socketproxy_core.proxylog import log
+from socketproxy_core.restore import Restore
 from socketproxy_core.retaining import Retainer
 from socketproxy_core.sockets import PROGRESS_POLL_S, Disconnected, Progress, configure, describe, reset, unsent_bytes
 from socketproxy_core.stats import (STATE_CLOSING, STATE_CONNECTING, STATE_DONE, STATE_DOWN, STATE_DRAINING,
@@ -76,8 +78,13 @@ class Forwarder:
         self.retainer = None
         # Retaining (--buffer or --framing): what is sent stays in a shadow pipe until acknowledged,
         # and what arrives while down is kept in the backlog, both resent on the next connection.
-        if (config.buffer > 0 or self.framed) and not self.primary:  # the primary is never retried
+        if (config.buffer > 0 or self.framed or config.session_preamble) and not self.primary:  # the primary is never retried
             self.retainer = Retainer(pipe_fd, config, self.counts, self.devnull_fd)
+        # --framing resp: the destination's replies are read as RESP (error replies counted, the
+        # session's preamble checked on a new connection).
+        self.replies = sessions.RespReplies() if config.framing == "resp" else None
+        self.restoring = None  # a new connection whose session is being restored (restore.Restore)
+        self.restore_error = None  # the last failed restore's reason, logged as a warning once
         self.backlog = self.retainer.backlog if self.retainer else Backlog(0, config.framing)
         self.connector = Connector(self.loop, dest, self.connected, self.attempt_failed)
         self.backoff = Backoff(config.retry_interval)
@@ -123,6 +130,9 @@ class Forwarder:
     def delivered(self):
         return self.counts.delivered(self.sock)
 
+    def error_replies(self):
+        return self.replies.errors if self.replies is not None else 0
+
     @property
     def dropped(self):
         return self.counts.dropped
@@ -160,8 +170,12 @@ class Forwarder:
         self.drain()
         if not self.pipe_eof:
             return
-        if self.connector.active and len(self.backlog):
+        if (self.connector.active or self.restoring is not None) and len(self.backlog):
             return  # a backlog to deliver: the attempt goes on
+        if self.restoring is not None:  # nothing left to resume: the new connection is not needed
+            self.restoring.finish()
+            reset(self.restoring.sock)
+            self.restoring = None
         self.connector.cancel()  # the source is done and what it sent is dropped: nothing to connect for
         self.loop.cancel("backoff", "hold")
         self.finish_down()
@@ -229,14 +243,43 @@ class Forwarder:
             log.debug("cannot connect to %s: %s; reconnecting in %.1f s", self.dest, reason, self.backoff.delay_s)
 
     def connected(self, sock, host):
+        """A connection is made: the session is restored on it first when something of it was
+        delivered on an earlier one (the pipe goes on draining into the backlog meanwhile)."""
         self.loop.cancel("hold")
+        memory = self.retainer.memory if self.retainer is not None else None
+        preamble = memory.preamble() if memory is not None else None
+        if preamble and preamble[0]:
+            if self.replies is not None:
+                self.replies.restart()
+            self.restoring = Restore(self.loop, sock, preamble, self.replies, self.config.connect_timeout,
+                                     lambda sock, what: self.up(sock, host, what), self.restore_failed)
+            return
+        self.up(sock, host)
+
+    def restore_failed(self, sock, reason):
+        """The session could not be restored on the new connection: a failed attempt."""
+        self.restoring = None
+        reset(sock)
+        reason = "the session was not restored (%s)" % reason
+        if reason != self.restore_error:  # each new reason once as a warning, even within an outage
+            self.restore_error = reason
+            log.warning("connected to %s, but %s; reconnecting in %.1f s", self.dest, reason,
+                        self.backoff.delay_s)
+        self.attempt_failed(reason)
+
+    def up(self, sock, host, restored=None):
+        """CONNECTING or DOWN -> UP: the stream starts (or resumes) on the connection."""
+        if self.restoring is not None:  # the preamble was delivered before: sent again
+            self.counts.resend(len(self.restoring.data))
+            self.restoring = None
+        self.restore_error = None
         self.loop.unwatch(self.pipe_fd)
         self.stats.reconnects += self.stats.ever_up
         self.stats.ever_up = True
         configure(sock, self.config.send_timeout)
         self.sock = sock
         self.connected_at = time.monotonic()
-        self.log_connected(host)
+        self.log_connected(host, restored)
         self.attempts = 0
         self.outage_started = 0.0
         self.counts.outage_dropped = 0
@@ -257,19 +300,20 @@ class Forwarder:
         else:
             self.pump_retained()
 
-    def log_connected(self, host):
+    def log_connected(self, host, restored):
         where = "" if self.dest.family else " (%s)" % host
+        attempts = " after %d attempts" % self.attempts if self.outage_started else ""
+        session = "; restored the session (%s)" % restored if restored else ""
         if self.outage_started and self.retainer is not None:
-            log.info("connected to %s%s after %d attempts; resending %d bytes kept while down for %.1f s, "
-                     "dropped %d bytes%s", self.dest, where, self.attempts, len(self.backlog),
-                     self.connected_at - self.outage_started, self.counts.outage_dropped,
+            log.info("connected to %s%s%s%s; resending %d bytes kept while down for %.1f s, dropped %d bytes%s",
+                     self.dest, where, attempts, session, len(self.backlog), self.connected_at - self.outage_started,
+                     self.counts.outage_dropped,
                      " (%d records)" % self.retainer.outage_dropped_records() if self.framed else "")
         elif self.outage_started:
-            log.info("connected to %s%s after %d attempts; dropped %d bytes while down for %.1f s",
-                     self.dest, where, self.attempts, self.counts.outage_dropped,
-                     self.connected_at - self.outage_started)
+            log.info("connected to %s%s%s; dropped %d bytes while down for %.1f s", self.dest, where, attempts,
+                     self.counts.outage_dropped, self.connected_at - self.outage_started)
         else:
-            log.info("connected to %s%s", self.dest, where)
+            log.info("connected to %s%s%s", self.dest, where, session)
 
     # -- UP ---------------------------------------------------------------------------------------
 
@@ -379,6 +423,8 @@ class Forwarder:
                 if not got:
                     raise Disconnected("closed by destination")
                 self.replies_read += got
+                if self.replies is not None:
+                    self.replies.feed(memoryview(self.discard)[:got])
                 if got < len(self.discard):
                     return
         except BlockingIOError:

@@ -30,6 +30,7 @@ class TableCollector:
             seen = sum(1 for name in self.dests if name.split("#")[0] == str(dest))
             self.dests.append(str(dest) if not seen else "%s#%d" % (dest, seen + 1))
         self.framed = config.framing != "none"
+        self.resp = config.framing == "resp"
         self.roles = ["primary" if config.primary and index == 0 else "mirror" if config.primary else "destination"
                       for index in range(len(config.dests))]
 
@@ -60,6 +61,14 @@ class TableCollector:
                                           "that the destination had acknowledged before (to resend a cut record "
                                           "whole); not counted in sent.", labels=["destination"]),
         }
+        if self.resp:
+            families["error_replies"] = CounterMetricFamily(
+                PREFIX + "destination_error_replies", "Error replies the destination sent (--framing resp).",
+                labels=["destination"])
+        if "mirror" in self.roles:
+            families["abandoned"] = CounterMetricFamily(
+                PREFIX + "mirror_sessions_abandoned", "Source sessions a mirror stopped mirroring: its connection "
+                "was cut in the middle and the session could not be restored there.", labels=["destination"])
         if self.framed:
             families["dropped_records"] = CounterMetricFamily(
                 PREFIX + "destination_dropped_records", "Whole records a destination never got.",

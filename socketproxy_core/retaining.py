@@ -13,6 +13,7 @@ import os
 import socket
 
 from socketproxy_core import framing
+from socketproxy_core import sessions
 from socketproxy_core import zerocopy
 from socketproxy_core.backlog import Backlog
 from socketproxy_core.sockets import Disconnected, describe, reset, unsent_bytes
@@ -50,6 +51,10 @@ class Retainer:
         self.cut_head, self.head_known = b"", True  # framed: the head of the record the release point cuts
         self.keep_buffer = None  # KEEP_READ bytes, made at the first outage
         self.outage_records_base = 0
+        # What a new connection needs of the session before the stream resumes (sessions.py): it
+        # learns from the delivered bytes as they are released, and from those a lost connection
+        # delivered and that are not resent.
+        self.memory = sessions.session_memory(config)
 
     # -- a connection -----------------------------------------------------------------------------
 
@@ -171,6 +176,8 @@ class Retainer:
                 return
             if self.framed:
                 self.note_released(self.replay[:released], True)
+            if self.memory is not None and self.memory.hungry():
+                self.memory.feed(self.replay[:released])
             del self.replay[:released]
             self.retained_from += released
             if self.replay:
@@ -179,7 +186,11 @@ class Retainer:
         release = acknowledged - self.retained_from - keep
         if release > 0:
             release = min(release, self.shadow_len - self.ahead)
-            peek = (min(release, CUT_PEEK) if self.line_framed else release) if self.framed else 0
+            learning = self.memory is not None and self.memory.hungry()
+            if learning:
+                peek = release
+            else:
+                peek = (min(release, CUT_PEEK) if self.line_framed else release) if self.framed else 0
             whole = peek == release
             release -= peek
             while release > 0:
@@ -193,7 +204,10 @@ class Retainer:
                     tail += os.read(self.shadow_r, peek - len(tail))
                 self.shadow_len -= peek
                 self.retained_from += peek
-                self.note_released(tail, whole)
+                if self.framed:
+                    self.note_released(tail, whole)
+                if learning:
+                    self.memory.feed(tail)
 
     def note_released(self, tail, whole):
         """Framed: the released bytes end with tail (all of them when whole): keep the head of the
@@ -259,6 +273,9 @@ class Retainer:
                 start = 0  # data begins a record
             else:  # the cut record began before what was kept: it is dropped whole
                 self.backlog.start_skipping(scan)
+        if self.memory is not None:  # what is not resent was delivered: the session has it
+            self.memory.feed(data[len(head):max(start, len(head))])
+            self.memory.at_boundary()
         handed = conn_sent - base  # bytes of data handed to the socket
         # Kept bytes delivered already (acknowledged now, or on an earlier connection before being
         # resent on this one): neither sent again in the counts nor dropped, whatever happens to them.

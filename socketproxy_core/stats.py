@@ -8,7 +8,8 @@ are gone), then one slot per source being served. A slot holds:
                         (set before it closes them: a forwarder seeing its pipe end tells the source's
                         end from the receiver's death by it)
   forwarder row x D     written by each forwarder: pid, its counters (sent, dropped, dropped records,
-                        connect failures, reconnects, resent), its state and since when, the
+                        connect failures, reconnects, resent, error replies, mirror sessions
+                        abandoned), its state and since when, the
                         bytes in its backlog, and how a --primary session ended (read by the receiver)
   drops row x D         written by the receiver: bytes and records it dropped for each mirror under
                         --mirror-policy drop (the mirror's forwarder adds them to its own counts)
@@ -26,11 +27,12 @@ import struct
 import time
 
 FIELD = struct.Struct("q")
-ROW_FIELDS = 12
+ROW_FIELDS = 14
 ROW = ROW_FIELDS * FIELD.size
 ROW_FORMAT = struct.Struct("%dq" % ROW_FIELDS)
 # A forwarder's row: seq, pid, then these, then its state and since when (a float).
-FORWARDER_COUNTERS = ("sent", "dropped", "dropped_records", "connect_failures", "reconnects", "resent")
+FORWARDER_COUNTERS = ("sent", "dropped", "dropped_records", "connect_failures", "reconnects", "resent",
+                      "error_replies", "abandoned")
 # A forwarder's states (forwarding.py): the title and the metrics show them.
 STATE_NONE, STATE_CONNECTING, STATE_UP, STATE_DOWN, STATE_DRAINING, STATE_CLOSING, STATE_DONE = range(7)
 STATE_NAMES = {STATE_NONE: "-", STATE_CONNECTING: "connecting", STATE_UP: "up", STATE_DOWN: "down",
@@ -191,6 +193,7 @@ class ForwarderStats:
         self.state, self.since = STATE_CONNECTING, time.time()
         self.connect_failures = 0
         self.reconnects = 0  # connections made after one was up
+        self.abandoned = 0  # a mirror of --primary: sessions it stopped mirroring, cut and not restorable
         self.ever_up = False
         self.last = None
 
@@ -201,7 +204,8 @@ class ForwarderStats:
     def values(self, fwd):
         extra, extra_records = fwd.receiver_drops()  # --mirror-policy drop: dropped by the receiver
         return (fwd.delivered(), fwd.dropped + extra, fwd.backlog.dropped_records + extra_records, self.connect_failures,
-                self.reconnects, fwd.counts.resent, self.state, len(fwd.backlog), fwd.session_end)
+                self.reconnects, fwd.counts.resent, fwd.error_replies(), self.abandoned, self.state, len(fwd.backlog),
+                fwd.session_end)
 
     def publish(self, fwd, pid):
         """Write the row and the title if anything changed since the last time; whether it did."""
@@ -210,12 +214,16 @@ class ForwarderStats:
             return False
         self.last = values
         if self.row is not None:
-            self.row.write(pid, *values[:7], struct.unpack("q", struct.pack("d", self.since))[0], *values[7:])
+            counted = len(FORWARDER_COUNTERS) + 1  # and the state
+            self.row.write(pid, *values[:counted], struct.unpack("q", struct.pack("d", self.since))[0],
+                           *values[counted:])
         if self.title is not None:
-            self.title("%s, sent %s, dropped %s%s%s, %d reconnects" % (
+            self.title("%s, sent %s, dropped %s%s%s, %d reconnects%s%s" % (
                 state_text(self.state, self.since), human(values[0]), human(values[1]),
                 " (%d records)" % values[2] if fwd.framed else "",
-                ", kept %s" % human(len(fwd.backlog)) if len(fwd.backlog) else "", self.reconnects))
+                ", kept %s" % human(len(fwd.backlog)) if len(fwd.backlog) else "", self.reconnects,
+                ", %d error replies" % values[6] if fwd.replies is not None else "",
+                ", %d sessions abandoned" % self.abandoned if self.abandoned else ""))
         return True
 
 
