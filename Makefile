@@ -65,8 +65,10 @@ service-check: $(STAMP)
 	echo "service-check: $(UNIT) verified (ExecStart=$(CURDIR)/$(VENV)/bin/socketproxy ...)"
 
 # Servers some tests run against (tests/test_resp_redis.py needs redis-server; tests/test_mirror_servers.py and
-# make mirror-demo need redis-server and redis-benchmark, nginx, ab (apache2-utils) and curl); without them
-# those tests are skipped. nginx lives in /usr/sbin, which a user's PATH may lack.
+# make mirror-demo need redis-server and redis-benchmark, nginx, ab (apache2-utils) and curl;
+# tests/test_postgres_mirror.py needs postgresql-15: postgres and initdb in /usr/lib/postgresql/15/bin, psql,
+# pg_isready and pgbench); without them those tests are skipped. nginx lives in /usr/sbin, which a user's PATH
+# may lack.
 servers:
 	@{ command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1 && command -v redis-benchmark >/dev/null 2>&1; } || { command -v apt-get >/dev/null 2>&1 && \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools) >/dev/null 2>&1 && \
@@ -76,6 +78,10 @@ servers:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx apache2-utils curl) >/dev/null 2>&1 && \
 	  echo "servers: installed nginx, apache2-utils (ab) and curl"; } || \
 	  echo "servers: could not install nginx, apache2-utils (ab) and curl: the tests that need them are skipped"
+	@{ test -x /usr/lib/postgresql/15/bin/postgres && test -x /usr/lib/postgresql/15/bin/initdb && command -v psql >/dev/null 2>&1 && command -v pgbench >/dev/null 2>&1; } || { command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 postgresql-client-15) >/dev/null 2>&1 && \
+	  echo "servers: installed postgresql-15 and postgresql-client-15"; } || \
+	  echo "servers: could not install postgresql-15: the tests that need it are skipped"
 
 # --primary with real servers: redis-benchmark through the proxy to a primary and a shadow redis (direct vs
 # proxied, the shadow killed -9 and SIGSTOPped, the primary killed -9), then nginx and ab; exits 1 if a check fails.

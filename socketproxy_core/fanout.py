@@ -11,6 +11,7 @@ A mixin of receiver.Receiver: the state is the receiver's, this is the part that
 """
 import os
 import select
+import struct
 import time
 
 from socketproxy_core import framing
@@ -23,6 +24,7 @@ SPLICE_F_NONBLOCK = os.SPLICE_F_NONBLOCK
 splice = os.splice
 SLOT_GUESS = 256  # bytes per pipe slot, as the pokes of mirrors count them (see FanOut.fed)
 RESP_CHUNK = 256 * 1024
+TURN = struct.Struct("q")  # where a turn begins, in bytes written to a mirror's pipe
 MAX_COMMAND = 64 * 1024 * 1024  # --framing resp: a command is held until whole, up to this size
 
 
@@ -45,6 +47,21 @@ class FanOut:
             poke[1] = 0
             os.eventfd_write(poke[0], 1)
 
+    def mark_turn(self):
+        """--primary, a mirror of a byte stream: a chunk read after the primary's forwarder passed on
+        more replies begins a new turn (the source may have seen them before sending it): each such
+        mirror is told where, in bytes written to its pipe, before the chunk is written there. A
+        mirror far behind (its turns pipe full) merges the turns it was not told of."""
+        replies = self.rows.replies_passed()
+        if replies == self.replies_seen:
+            return
+        self.replies_seen = replies
+        for turns_w, written in self.turns.values():
+            try:
+                os.write(turns_w, TURN.pack(written))
+            except (BlockingIOError, BrokenPipeError):
+                pass
+
     def wrote(self, fd, size):
         if fd == self.primary_fd:
             self.primary_written += size
@@ -65,6 +82,8 @@ class FanOut:
         size = self.take_from_source(splice, self.source_fd, self.stage_w, CHUNK, None, None, SPLICE_FLAGS)
         if not size:
             return
+        if self.turns:
+            self.mark_turn()
         self.chunk_len = size
         if self.handed_fd is not None:
             self.write_to_primary()
@@ -72,11 +91,19 @@ class FanOut:
         last = len(fds) - 1
         for index, fd in enumerate(fds):
             if fd in self.droppable:  # never waited for: what it does not take now, it loses (a byte stream)
+                if fd in self.cut_mirrors:
+                    self.count_mirror_drop(fd, size)
+                    continue
                 try:
                     moved = tee(self.stage_r, fd, size, SPLICE_F_NONBLOCK)
                 except (BlockingIOError, BrokenPipeError):
                     moved = 0
+                if fd in self.turns:
+                    self.turns[fd][1] += moved
                 if moved < size:
+                    # A byte stream cut here would go on from an arbitrary byte: the mirror's session
+                    # stops here, and the rest of it is dropped (its forwarder reports it abandoned).
+                    self.cut_mirrors.add(fd)
                     self.count_mirror_drop(fd, size - moved)
                 if fd in self.pokes:
                     self.fed(fd, moved)
@@ -86,6 +113,8 @@ class FanOut:
                     moved = tee(self.stage_r, fd, size, SPLICE_F_NONBLOCK)
                     if fd in self.pokes:
                         self.fed(fd, moved)
+                    elif fd in self.turns:
+                        self.turns[fd][1] += moved
                 else:
                     moved = splice(self.stage_r, fd, size, flags=SPLICE_FLAGS)
                     self.wrote(fd, moved)
@@ -190,7 +219,7 @@ class FanOut:
         drops = self.drops[index]
         drops[0] += size
         drops[1] += records
-        self.rows.write_drops(index, *drops)
+        self.rows.write_drops(index, drops[0], drops[1], fd in self.cut_mirrors)
 
     def offer_to_mirror(self, fd, data, records):
         """Whole records to a mirror that is never waited for: written whole, or dropped whole. A
@@ -265,6 +294,8 @@ class FanOut:
             self.wrote(fd, written)
             if fd in self.pokes:
                 self.fed(fd, written)
+            elif fd in self.turns:
+                self.turns[fd][1] += written
         except BlockingIOError:
             pass
         except OSError:  # as in read_source: the group is ending

@@ -11,6 +11,8 @@ One loop (loop.Loop) and named states; each event has one handler per state:
   DRAINING    the pipe has ended: wait until every byte is acknowledged (same --send-timeout rule),
               then send our FIN.
   CLOSING     wait briefly for the destination's FIN, reading replies, then close.
+  ABANDONED   a mirror of --primary without framing whose connection was cut: its session cannot be
+              resumed in the middle, so the rest of it is dropped until the pipe ends.
   DONE        the loop ends; the process exits 0.
 
 --primary (socketproxy_core.primary) drives the same loop with its session's handlers.
@@ -32,13 +34,13 @@ from socketproxy_core.proxylog import log
 from socketproxy_core.restore import Restore
 from socketproxy_core.retaining import Retainer
 from socketproxy_core.sockets import PROGRESS_POLL_S, Disconnected, Progress, configure, describe, reset, unsent_bytes
-from socketproxy_core.stats import (STATE_CLOSING, STATE_CONNECTING, STATE_DONE, STATE_DOWN, STATE_DRAINING,
-                                    STATE_UP, ForwarderStats)
+from socketproxy_core.stats import (STATE_ABANDONED, STATE_CLOSING, STATE_CONNECTING, STATE_DONE, STATE_DOWN,
+                                    STATE_DRAINING, STATE_UP, ForwarderStats)
 from socketproxy_core import zerocopy
 from socketproxy_core.zerocopy import DRAIN_FLAGS, SPLICE_FLAGS, pipe_bytes
 
-CONNECTING, UP, DOWN, DRAINING, CLOSING, DONE = (STATE_CONNECTING, STATE_UP, STATE_DOWN, STATE_DRAINING,
-                                                 STATE_CLOSING, STATE_DONE)
+CONNECTING, UP, DOWN, DRAINING, CLOSING, DONE, ABANDONED = (STATE_CONNECTING, STATE_UP, STATE_DOWN, STATE_DRAINING,
+                                                            STATE_CLOSING, STATE_DONE, STATE_ABANDONED)
 TITLE_PERIOD_S = 1.0  # the title and the shared counters are refreshed this often at most
 IDLE_TITLE_PERIOD_S = 5.0  # ... and this often once a refresh found nothing changed (an idle group sleeps)
 SPLICE_CHUNK = 1 << 20
@@ -54,11 +56,14 @@ class Forwarder:
     """Copies one pipe to one destination for the life of one source connection."""
 
     def __init__(self, pipe_fd, dest, config, receiver_pid=None, rows=None, index=0, stats=None, source=None,
-                 requests_link=None, poke_fd=None):
+                 requests_link=None, poke_fd=None, turns_fd=None):
         self.pipe_fd = pipe_fd
         self.dest = dest
         self.config = config
         self.primary = source is not None  # --primary: this destination is the source's session
+        # A mirror of --primary without framing cannot be resumed in the middle of a session: nothing
+        # tells where its protocol's state is (a cut connection abandons the session's mirroring).
+        self.resumable = not (config.primary and not self.primary and config.framing == "none")
         self.rows, self.index = rows, index  # our group's rows in the shared table (stats.GroupRows)
         self.drops_added = False  # the receiver's drops for us (--mirror-policy drop) are in our counts
         self.session_end = 0  # --primary: how the session ended (primary.ENDED_*), for the receiver
@@ -85,11 +90,14 @@ class Forwarder:
         self.replies = sessions.RespReplies() if config.framing == "resp" else None
         self.restoring = None  # a new connection whose session is being restored (restore.Restore)
         self.restore_error = None  # the last failed restore's reason, logged as a warning once
+        self.cut_noted = False  # the receiver cut our byte stream (--mirror-policy drop), and we said so
+        self.abandoned_why = None  # the shadow closed; the session is abandoned if more of it comes
         self.backlog = self.retainer.backlog if self.retainer else Backlog(0, config.framing)
         self.connector = Connector(self.loop, dest, self.connected, self.attempt_failed)
         self.backoff = Backoff(config.retry_interval)
         self.progress = Progress(config.send_timeout)
         self.batch = primary.MirrorBatch(self, poke_fd) if poke_fd is not None else None
+        self.turns = primary.Turns(self, turns_fd) if turns_fd is not None else None
         self.session = primary.Session(self, source, requests_link) if self.primary else None
         self.sock = None
         self.blocked = False  # UP: the socket is full and data waits
@@ -186,6 +194,10 @@ class Forwarder:
             if not self.retainer.drain_to_backlog():
                 self.end_of_pipe()
             return
+        self.drain_dropping()
+
+    def drain_dropping(self):
+        """Discard what the pipe holds now, counting it; notes pipe EOF."""
         while True:
             try:
                 moved = os.splice(self.pipe_fd, self.devnull_fd, SPLICE_CHUNK, flags=DRAIN_FLAGS)
@@ -269,6 +281,11 @@ class Forwarder:
 
     def up(self, sock, host, restored=None):
         """CONNECTING or DOWN -> UP: the stream starts (or resumes) on the connection."""
+        if not self.resumable and (self.counts.dropped or self.receiver_drops()[0]):
+            self.loop.unwatch(self.pipe_fd)
+            self.sock = sock
+            self.abandon("the start of the session was dropped while it was down")
+            return
         if self.restoring is not None:  # the preamble was delivered before: sent again
             self.counts.resend(len(self.restoring.data))
             self.restoring = None
@@ -343,14 +360,26 @@ class Forwarder:
             except Disconnected as reason:
                 self.lose(str(reason))
                 return
+            if self.turns is not None and self.turns.answered():
+                self.pipe_up(event)
+                return
         if event & select.POLLOUT and self.blocked:
             self.pipe_up(event)
 
     def pump(self):
-        """Move as much of the pipe as the socket takes."""
+        """Move as much of the pipe as the socket takes (a mirror sending turns: to the turn's end)."""
         while True:
+            room = SPLICE_CHUNK
+            if self.turns is not None:
+                turn_room = self.turns.room(self.counts.conn_sent)
+                if turn_room == 0:
+                    self.wait_for_turn()
+                    return
+                if turn_room == -1:
+                    break  # nothing in the pipe yet
+                room = min(room, turn_room or room)
             try:
-                moved = os.splice(self.pipe_fd, self.sock.fileno(), SPLICE_CHUNK, flags=SPLICE_FLAGS)
+                moved = os.splice(self.pipe_fd, self.sock.fileno(), room, flags=SPLICE_FLAGS)
             except BlockingIOError:
                 self.wait_for_destination("socket")
                 return
@@ -362,17 +391,34 @@ class Forwarder:
                 self.start_draining()
                 return
             self.counts.handed(moved)
-            if moved < SPLICE_CHUNK:
+            if self.turns is not None:
+                self.turns.handed(self.counts.conn_sent)
+            if moved < room:
                 break
         self.data_flows()
 
     def pump_retained(self):
         """Move what can be moved through the shadow; then wait for what the retainer says."""
+        stop = None  # a mirror sending turns: where the current turn ends
+        if self.turns is not None:
+            turn_room = self.turns.room(self.counts.conn_sent, self.retainer.unsent_replay())
+            if turn_room == 0:
+                self.wait_for_turn()
+                return
+            if turn_room == -1:
+                self.data_flows()  # nothing to hand yet
+                return
+            stop = None if turn_room is None else self.counts.conn_sent + turn_room
         try:
-            waiting = self.retainer.step(self.sock)
+            waiting = self.retainer.step(self.sock, stop)
         except Disconnected as reason:
             self.lose(str(reason))
             return
+        if self.turns is not None:
+            self.turns.handed(self.counts.conn_sent)
+            if waiting == "turn":
+                self.pump_retained()  # waits for the answer (or goes on, when it has come)
+                return
         if waiting == "eof":
             self.retainer.release_acknowledged(self.sock, final=True)
             self.end_of_pipe()
@@ -395,6 +441,16 @@ class Forwarder:
         # POLLOUT needs a third of a large send buffer free, which a slow reader can take many
         # seconds to make: the socket is retried at each check too.
         self.loop.set_timer("progress", self.progress.check_in(poll_s), lambda: self.pipe_up(0))
+
+    def wait_for_turn(self):
+        """At a turn's end: the pipe waits until the shadow answers (socket_up) or the turn's wait
+        is over (primary.Turns)."""
+        if self.blocked:
+            self.blocked = False
+            self.progress.stop()
+            self.loop.cancel("progress")
+        self.loop.unwatch(self.pipe_fd)
+        self.loop.watch(self.sock, select.POLLIN, self.socket_up)
 
     def data_flows(self):
         """The socket took everything the pipe had: wait for the pipe."""
@@ -435,6 +491,9 @@ class Forwarder:
     def lose(self, reason):
         """UP -> DOWN: close a failed connection; bytes still queued in it are counted as dropped
         (or, retaining, kept to be resent)."""
+        if not self.resumable:
+            self.abandon(reason)
+            return
         self.leave_up()
         self.stats.set_state(STATE_DOWN)
         self.backoff.connection_lasted(time.monotonic() - self.connected_at)
@@ -454,11 +513,51 @@ class Forwarder:
         self.sock = None
         self.back_off()
 
+    def abandon(self, reason):
+        """A mirror's session cannot be resumed on another connection: what it holds and what comes
+        until the pipe ends is dropped. The shadow closing the connection itself (as a server that
+        closes after its reply does) ends its session the way its protocol does: not a warning."""
+        self.leave_up()
+        lost = 0
+        if self.retainer is not None:  # the backlog being resent and not yet handed: never delivered
+            lost = self.retainer.unsent_replay()
+            self.retainer.retained_bytes()
+            self.retainer.drop_backlog()
+        lost += self.counts.settle(reset(self.sock))
+        self.sock = None
+        self.counts.drop(lost)
+        self.enter(ABANDONED)
+        if reason == "closed by destination" and not lost:  # as the primary may: the session's end, if nothing follows
+            log.info("the shadow %s closed the connection", self.dest)
+            self.abandoned_why = "it closed the connection"
+        else:
+            self.mirror_abandoned(reason, lost)
+        if self.pipe_eof:
+            self.enter(DONE)
+        else:
+            self.loop.watch(self.pipe_fd, POLL_IN, self.pipe_abandoned)
+
+    def pipe_abandoned(self, _event):
+        dropped = self.counts.dropped
+        self.drain_dropping()
+        if self.abandoned_why and self.counts.dropped > dropped:  # the session went on without it
+            self.mirror_abandoned(self.abandoned_why, self.counts.dropped - dropped)
+        if self.pipe_eof:
+            self.enter(DONE)
+
+    def mirror_abandoned(self, reason, lost):
+        """Count and say once that this session is not mirrored to the end."""
+        self.abandoned_why = None
+        self.stats.abandoned += 1
+        log.warning("abandoned mirroring this session to %s: %s in the middle of the session, which without "
+                    "framing cannot be resumed on a new connection; %d bytes and the rest of the session dropped",
+                    self.dest, reason, lost)
+
     def leave_up(self):
         """Stop watching what UP watched."""
         self.loop.unwatch(self.pipe_fd)
         self.loop.unwatch(self.sock)
-        self.loop.cancel("progress", "batch")
+        self.loop.cancel("progress", "batch", "turn")
         if self.batch is not None:
             self.batch.stop()
         self.blocked = False
@@ -484,7 +583,7 @@ class Forwarder:
         if not queued:
             self.send_fin()
         elif self.progress.stalled(self.counts.conn_sent - queued):
-            self.give_up_sending(queued)
+            self.give_up_sending(queued, "it took no data for %.1f s after the source finished" % self.config.send_timeout)
         else:
             self.loop.set_timer("acks", ACK_POLL_S, self.check_acknowledged)
 
@@ -495,11 +594,11 @@ class Forwarder:
         self.loop.cancel("acks")
         queued = unsent_bytes(self.sock)
         if queued:
-            self.give_up_sending(queued)
+            self.give_up_sending(queued, "it ended the connection before taking the last bytes")
         else:
             self.send_fin()
 
-    def give_up_sending(self, queued):
+    def give_up_sending(self, queued, why):
         """What the destination never took is counted as dropped and the connection reset."""
         self.loop.cancel("acks")
         self.loop.unwatch(self.sock)
@@ -510,8 +609,7 @@ class Forwarder:
         self.counts.drop(self.counts.settle(lost))
         self.sock = None
         if lost:
-            log.warning("closed connection to %s: it took no data for %.1f s after the source finished; "
-                        "%d unsent bytes dropped", self.dest, self.config.send_timeout, lost)
+            log.warning("closed connection to %s: %s; %d unsent bytes dropped", self.dest, why, lost)
         else:
             log.info("closed connection to %s: source finished (the last bytes acknowledged as it was reset)",
                      self.dest)
@@ -632,15 +730,21 @@ class Forwarder:
         """Counters to the shared table and the title, from the loop (never from a signal handler,
         which could run between a connection's reset and its accounting): every TITLE_PERIOD_S while
         they change, every IDLE_TITLE_PERIOD_S while they do not."""
+        if not self.resumable and not self.cut_noted and self.rows is not None and self.rows.receiver_cut(self.index):
+            self.cut_noted = True
+            self.stats.abandoned += 1
+            log.warning("abandoned mirroring this session to %s: it could not keep up (--mirror-policy drop), and a "
+                        "session without framing cannot go on after a gap; the rest of it is dropped", self.dest)
         changed = self.stats.publish(self, os.getpid())
         self.loop.set_timer("publish", TITLE_PERIOD_S if changed else IDLE_TITLE_PERIOD_S, self.publish)
 
 
 def run_forwarder(pipe_fd, dest, config, receiver_pid=None, rows=None, index=0, stats=None, source=None,
-                  requests_link=None, poke_fd=None):
+                  requests_link=None, poke_fd=None, turns_fd=None):
     """Body of the forwarder process (see forking.fork_child)."""
     os.set_blocking(pipe_fd, False)
     zerocopy.return_large_blocks()
-    fwd = Forwarder(pipe_fd, dest, config, receiver_pid, rows, index, stats, source, requests_link, poke_fd)
+    fwd = Forwarder(pipe_fd, dest, config, receiver_pid, rows, index, stats, source, requests_link, poke_fd,
+                    turns_fd)
     fwd.watch_signals()
     return fwd.run()

@@ -15,8 +15,10 @@ then SIGTERM), and what the pipe still brings is counted as dropped. Half-closes
 source's end of requests becomes a FIN to the primary, whose remaining replies still reach the source
 before its own FIN does. After the source's FIN, --fin-timeout bounds a session where nothing moves.
 """
+import collections
 import os
 import select
+import struct
 import signal
 import socket
 import time
@@ -37,6 +39,7 @@ MIRROR_BATCH_S = 0.02
 MIRROR_BATCH_BELOW = 64 * 1024
 MIRROR_BATCH_MIN_PIPE = 256 * 1024
 MIRROR_POKE_SHARE = 16  # the receiver pokes a napping mirror once 1/16 of its pipe's slots are used
+TURN_WAIT_S = 0.2  # a mirror of a byte stream sends the next turn after this, if its shadow has not answered
 STOP_WAIT_S = 5.0  # after asking the receiver to end the group: its stop takes 1 s, then it kills
 ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, TimeoutError)
 POLL_IN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
@@ -99,6 +102,7 @@ class Session:
         self.moved_at = 0.0  # when a byte last moved either way (for --fin-timeout)
         self.reply_r = self.reply_w = None
         self.capacity = 0
+        self.turns = 0  # replies passed on so far (wakes that moved reply bytes): the receiver marks turns by it
 
     def start(self, sock):
         """Connected: hand the socket to the receiver, and serve."""
@@ -163,6 +167,9 @@ class Session:
             elif moved > 0:
                 self.queued += moved
                 self.moved_at = time.monotonic()
+                self.turns += 1
+                if self.fwd.rows is not None:  # before the source can see them (see fanout.mark_turn)
+                    self.fwd.rows.note_replies(self.turns)
         self.pass_replies()
 
     def source_ready(self, _event):
@@ -344,6 +351,71 @@ class MirrorBatch:
     def stop(self):
         self.fwd.loop.cancel("batch")
         self.fwd.loop.unwatch(self.poke_fd)
+
+
+class Turns:
+    """A mirror of a byte stream sends the source's turns as the primary got them: the bytes the
+    source sent before it could have seen the primary's next reply form one turn, and the next turn
+    goes to the shadow only once the shadow has answered (any bytes) or TURN_WAIT_S has passed.
+    Negotiate-then-speak protocols (PostgreSQL's SSLRequest, SMTP's STARTTLS) refuse bytes sent
+    before their answer; pipelined requests (several in one turn) keep their batch.
+
+    The receiver marks where turns begin, in bytes written to our pipe (fanout.mark_turn), through
+    the turns pipe, before it writes the turn itself. Such a mirror is never resumed on another
+    connection, so the bytes handed to its one connection are its position in the stream."""
+
+    def __init__(self, fwd, turns_fd):
+        self.fwd = fwd
+        self.fd = turns_fd
+        self.starts = collections.deque()  # where the next turns begin
+        self.position = 0  # bytes handed when last noted ...
+        self.replies_then = 0  # ... and the reply bytes read by then
+        self.waited = False  # TURN_WAIT_S passed at the current turn's end
+
+    def room(self, position, in_memory=0):
+        """Bytes that may be handed now from position, in_memory of them held outside the pipe (a
+        backlog being resent): 0 at a turn's end until the shadow answers; -1 when there is nothing
+        to hand (wait for the pipe); None once the pipe has ended and is empty (its end is read).
+
+        The pipe's bytes are counted before the turns pipe is read: the receiver writes a turn's
+        start before the turn, so every start within them is known."""
+        in_pipe = pipe_bytes(self.fwd.pipe_fd)
+        self.read_starts()
+        starts = self.starts
+        while starts and starts[0] <= position:
+            if starts[0] == position and not (self.waited or self.fwd.replies_read > self.replies_then):
+                if not self.fwd.loop.has_timer("turn"):
+                    self.fwd.loop.set_timer("turn", TURN_WAIT_S, self.wait_over)
+                return 0
+            starts.popleft()
+            self.waited = False
+            self.fwd.loop.cancel("turn")
+        end = position + in_memory + in_pipe
+        if starts:
+            end = min(end, starts[0])
+        if end > position:
+            return end - position
+        return None if pipe_hung_up(self.fwd.pipe_fd) else -1
+
+    def handed(self, position):
+        """After handing bytes: the next turn needs an answer read after this."""
+        if position != self.position:
+            self.position, self.replies_then = position, self.fwd.replies_read
+
+    def answered(self):
+        """Whether the shadow has answered at the end of a turn the mirror waits on."""
+        return self.fwd.loop.has_timer("turn") and self.fwd.replies_read > self.replies_then
+
+    def wait_over(self):
+        self.waited = True
+        self.fwd.pipe_up(0)
+
+    def read_starts(self):
+        try:
+            data = os.read(self.fd, 8 * 512)
+        except BlockingIOError:
+            return
+        self.starts.extend(struct.unpack("%dq" % (len(data) // 8), data))
 
 
 def shutdown(sock, how):

@@ -76,6 +76,7 @@ class Receiver(FanOut):
         self.drops = [[0, 0] for _ in config.dests]
         self.droppable = set()  # the write fds of mirrors that must never hold the source
         self.mirror_tails = {}  # droppable write fd -> the rest of a write it took only part of
+        self.cut_mirrors = set()  # droppable write fds whose byte stream was cut: they get nothing more
         self.dest_index = {}  # write fd -> destination index
         # --framing resp: the source is read through a scanner, and only whole commands go on.
         # So is a line-framed source in --primary mode with --mirror-policy drop: a mirror's drops are
@@ -96,6 +97,8 @@ class Receiver(FanOut):
         # (see primary.MIRROR_BATCH_S): write fd -> [eventfd, pipe slots used since the last poke,
         # the slots that call for a poke].
         self.pokes = {}
+        self.turns = {}  # a mirror's write fd -> [its turns pipe, bytes written to it] (primary.Turns)
+        self.replies_seen = 0  # the primary's replies counter when the current turn began
 
     def start(self):
         """Own process group, keepalive on the source, wake-up pipe for signals, forwarders."""
@@ -143,14 +146,22 @@ class Receiver(FanOut):
         # sibling's write end (else that pipe would never read EOF): it keeps its read end only.
         # The primary's keeps the source too, to send it the replies (the group dies together).
         keep = [read_fd, self.source.fileno(), self.requests_link.forwarder_end.fileno()] if is_primary else [read_fd]
-        poke_fd = None
-        if self.config.primary and not is_primary and size >= primary.MIRROR_BATCH_MIN_PIPE:
+        poke_fd = turns_r = None
+        if self.config.primary and not is_primary and self.config.framing == "none":
+            # A mirror of a byte stream sends turn by turn (primary.Turns): where turns begin comes
+            # through a pipe of its own, and it does not batch.
+            turns_r, turns_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            keep.append(turns_r)
+        elif self.config.primary and not is_primary and size >= primary.MIRROR_BATCH_MIN_PIPE:
             poke_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             keep.append(poke_fd)
         pid = forking.fork_child(title, self.run_forwarder, read_fd, index, dest, title, os.getpid(), poke_fd,
-                                 keep=keep, close=[] if is_primary else [self.source])
+                                 turns_r, keep=keep, close=[] if is_primary else [self.source])
         if poke_fd is not None:
             self.pokes[write_fd] = [poke_fd, 0, size // PAGE // primary.MIRROR_POKE_SHARE]
+        if turns_r is not None:
+            os.close(turns_r)
+            self.turns[write_fd] = [turns_w, 0]
         self.dest_index[write_fd] = index
         os.close(read_fd)
         os.set_blocking(write_fd, False)
@@ -160,13 +171,13 @@ class Receiver(FanOut):
         self.forwarders[pidfd] = (pid, dest)
         self.loop.watch(pidfd, select.POLLIN, self.check_forwarders)
 
-    def run_forwarder(self, read_fd, index, dest, title, receiver_pid, poke_fd):
+    def run_forwarder(self, read_fd, index, dest, title, receiver_pid, poke_fd, turns_fd):
         proxylog.set_connection("src=%s dst=%s" % (self.peer, dest))
         counters = stats.ForwarderStats(self.rows.forwarder_row(index),
                                         lambda text: setproctitle.setproctitle("%s | %s" % (title, text)))
         source = self.source if self.config.primary and index == 0 else None
         return forwarding.run_forwarder(read_fd, dest, self.config, receiver_pid, self.rows, index, counters, source,
-                                       self.requests_link if source else None, poke_fd)
+                                       self.requests_link if source else None, poke_fd, turns_fd)
 
     def publish(self):
         """Our counters to the shared table, and a title with our forwarders' states: on a timer,

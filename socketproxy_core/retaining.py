@@ -97,29 +97,35 @@ class Retainer:
         self.replay_end = len(self.replay)
         return True
 
-    def step(self, sock):
-        """Move what can be moved now; what the connection then waits for: "socket" (room in it),
-        "acks" (acknowledgements, to free the shadow), "pipe" or "eof". Raises Disconnected."""
+    def step(self, sock, stop=None):
+        """Move what can be moved now, up to the stream offset stop if given; what the connection
+        then waits for: "socket" (room in it), "acks" (acknowledgements, to free the shadow), "pipe",
+        "eof" or "turn" (stop reached). Raises Disconnected."""
         if self.counts.conn_sent < self.replay_end:
-            waiting = self.send_replay(sock)
+            waiting = self.send_replay(sock, stop)
             if waiting:
                 return waiting
-        return self.splice_retained(sock)
+        return self.splice_retained(sock, stop)
 
-    def send_replay(self, sock):
-        """Send the backlog from memory; "socket" while it is not all sent, else None."""
+    def send_replay(self, sock, stop=None):
+        """Send the backlog from memory; "socket" while it is not all sent ("turn" at stop), else None."""
         counts = self.counts
+        end = self.replay_end if stop is None else min(stop, self.replay_end)
+        if counts.conn_sent >= end:
+            return "turn"
         try:
-            sent = sock.send(memoryview(self.replay)[counts.conn_sent:self.replay_end])
+            sent = sock.send(memoryview(self.replay)[counts.conn_sent:end])
         except BlockingIOError:
             return "socket"
         except OSError as exc:
             raise Disconnected(describe(exc)) from None
         counts.handed(sent)
-        return "socket" if counts.conn_sent < self.replay_end else None
+        if counts.conn_sent < end:
+            return "socket"
+        return "turn" if end < self.replay_end else None
 
-    def splice_retained(self, sock):
-        """Move pipe -> socket through the shadow."""
+    def splice_retained(self, sock, stop=None):
+        """Move pipe -> socket through the shadow (up to the stream offset stop if given)."""
         sock_fd = sock.fileno()
         drained = False  # the last tee took less than it asked for: the pipe was empty after it
         while True:
@@ -134,6 +140,10 @@ class Retainer:
                         continue
                     return "acks"  # everything retained is unacknowledged: wait for the destination
                 asked = min(room, SPLICE_CHUNK)
+                if stop is not None:
+                    if stop <= self.counts.conn_sent:
+                        return "turn"
+                    asked = min(asked, stop - self.counts.conn_sent)
                 try:
                     teed = tee(self.pipe_fd, self.shadow_w, asked, os.SPLICE_F_NONBLOCK)
                 except BlockingIOError:

@@ -10,9 +10,12 @@ are gone), then one slot per source being served. A slot holds:
   forwarder row x D     written by each forwarder: pid, its counters (sent, dropped, dropped records,
                         connect failures, reconnects, resent, error replies, mirror sessions
                         abandoned), its state and since when, the
-                        bytes in its backlog, and how a --primary session ended (read by the receiver)
+                        bytes in its backlog, how a --primary session ended (read by the receiver),
+                        and (the primary's) how often it has passed replies on (read by the
+                        receiver at every chunk, to mark turns for mirrors: written at once)
   drops row x D         written by the receiver: bytes and records it dropped for each mirror under
-                        --mirror-policy drop (the mirror's forwarder adds them to its own counts)
+                        --mirror-policy drop (the mirror's forwarder adds them to its own counts), and
+                        whether it cut a mirror's byte stream (the rest of the session is dropped)
 
 A process writes its rows at most once a second and when something must be seen at once (an end),
 so the data path makes no IPC. Main folds a slot into the totals once its whole group is gone, then
@@ -27,16 +30,17 @@ import struct
 import time
 
 FIELD = struct.Struct("q")
-ROW_FIELDS = 14
+ROW_FIELDS = 15
 ROW = ROW_FIELDS * FIELD.size
 ROW_FORMAT = struct.Struct("%dq" % ROW_FIELDS)
 # A forwarder's row: seq, pid, then these, then its state and since when (a float).
 FORWARDER_COUNTERS = ("sent", "dropped", "dropped_records", "connect_failures", "reconnects", "resent",
                       "error_replies", "abandoned")
 # A forwarder's states (forwarding.py): the title and the metrics show them.
-STATE_NONE, STATE_CONNECTING, STATE_UP, STATE_DOWN, STATE_DRAINING, STATE_CLOSING, STATE_DONE = range(7)
+(STATE_NONE, STATE_CONNECTING, STATE_UP, STATE_DOWN, STATE_DRAINING, STATE_CLOSING, STATE_DONE,
+ STATE_ABANDONED) = range(8)
 STATE_NAMES = {STATE_NONE: "-", STATE_CONNECTING: "connecting", STATE_UP: "up", STATE_DOWN: "down",
-               STATE_DRAINING: "draining", STATE_CLOSING: "closing", STATE_DONE: "done"}
+               STATE_DRAINING: "draining", STATE_CLOSING: "closing", STATE_DONE: "done", STATE_ABANDONED: "abandoned"}
 CONNECTED_STATES = (STATE_UP, STATE_DRAINING, STATE_CLOSING)  # a connection to the destination is open
 # The header: a row holding only the fold's seq, main's row (these counters; the received total of
 # finished groups), then a row per destination with the totals of finished forwarders (as their rows).
@@ -205,7 +209,7 @@ class ForwarderStats:
         extra, extra_records = fwd.receiver_drops()  # --mirror-policy drop: dropped by the receiver
         return (fwd.delivered(), fwd.dropped + extra, fwd.backlog.dropped_records + extra_records, self.connect_failures,
                 self.reconnects, fwd.counts.resent, fwd.error_replies(), self.abandoned, self.state, len(fwd.backlog),
-                fwd.session_end)
+                fwd.session_end, fwd.session.turns if fwd.session is not None else 0)
 
     def publish(self, fwd, pid):
         """Write the row and the title if anything changed since the last time; whether it did."""
@@ -231,6 +235,7 @@ FWD_STATE = 1 + len(FORWARDER_COUNTERS)  # in a forwarder row's fields (after se
 FWD_SINCE = FWD_STATE + 1
 FWD_BACKLOG = FWD_SINCE + 1
 FWD_SESSION_END = FWD_BACKLOG + 1  # --primary: how the session ended (primary.ENDED_*), 0 while it goes on
+FWD_REPLIES = FWD_SESSION_END + 1  # --primary: how often the primary's replies were passed on (see note_replies)
 # A receiver row's fields (after seq).
 RCV_PID, RCV_RECEIVED, RCV_PRIMARY_WRITTEN, RCV_PIPES_CLOSED = range(4)
 
@@ -252,12 +257,26 @@ class GroupRows:
     def primary_written(self):
         return self.table.receiver_row(self.slot).read()[RCV_PRIMARY_WRITTEN]
 
-    def write_drops(self, index, dropped, records):
-        self.table.drops_row(self.slot, index).write(dropped, records)
+    def write_drops(self, index, dropped, records, cut=False):
+        self.table.drops_row(self.slot, index).write(dropped, records, int(cut))
 
     def receiver_drops(self, index):
         """(bytes, records) the receiver dropped for destination index instead of waiting for it."""
         return tuple(self.table.drops_row(self.slot, index).read()[:2])
+
+    def note_replies(self, count):
+        """The primary's forwarder, at each reply it passes on: the one field written at once, out of
+        the seqlock (a single aligned 8-byte store, read whole), for the receiver to mark turns."""
+        FIELD.pack_into(self.table.buf, self.table.forwarder_row(self.slot, 0).offset + FIELD.size * (1 + FWD_REPLIES),
+                        count)
+
+    def replies_passed(self):
+        return FIELD.unpack_from(self.table.buf, self.table.forwarder_row(self.slot, 0).offset
+                                 + FIELD.size * (1 + FWD_REPLIES))[0]
+
+    def receiver_cut(self, index):
+        """Whether the receiver cut a mirror's byte stream (it gets nothing more of the session)."""
+        return bool(self.table.drops_row(self.slot, index).read()[2])
 
     def session_end(self):
         """--primary: how the primary's forwarder says the session ended (0: it goes on)."""
