@@ -56,7 +56,7 @@ class Forwarder:
     """Copies one pipe to one destination for the life of one source connection."""
 
     def __init__(self, pipe_fd, dest, config, receiver_pid=None, rows=None, index=0, stats=None, source=None,
-                 requests_link=None, poke_fd=None, turns_fd=None):
+                 requests_link=None, poke_fd=None, turns_fd=None, evidence=None):
         self.pipe_fd = pipe_fd
         self.dest = dest
         self.config = config
@@ -98,7 +98,10 @@ class Forwarder:
         self.progress = Progress(config.send_timeout)
         self.batch = primary.MirrorBatch(self, poke_fd) if poke_fd is not None else None
         self.turns = primary.Turns(self, turns_fd) if turns_fd is not None else None
-        self.session = primary.Session(self, source, requests_link) if self.primary else None
+        self.session = primary.Session(self, source, requests_link, evidence or ()) if self.primary else None
+        self.comparison = None  # a mirror with --framing resp: its shadow's replies against the primary's
+        if not self.primary and evidence is not None:
+            self.comparison = primary.ReplyComparison(self, evidence)
         self.sock = None
         self.blocked = False  # UP: the socket is full and data waits
         self.pipe_eof = False
@@ -140,6 +143,9 @@ class Forwarder:
 
     def error_replies(self):
         return self.replies.errors if self.replies is not None else 0
+
+    def mismatches(self):
+        return self.comparison.mismatches if self.comparison is not None else 0
 
     @property
     def dropped(self):
@@ -481,6 +487,8 @@ class Forwarder:
                 self.replies_read += got
                 if self.replies is not None:
                     self.replies.feed(memoryview(self.discard)[:got])
+                    if self.comparison is not None:
+                        self.comparison.compare()
                 if got < len(self.discard):
                     return
         except BlockingIOError:
@@ -494,6 +502,8 @@ class Forwarder:
         if not self.resumable:
             self.abandon(reason)
             return
+        if self.comparison is not None:
+            self.comparison.stop("the connection to it was cut")
         self.leave_up()
         self.stats.set_state(STATE_DOWN)
         self.backoff.connection_lasted(time.monotonic() - self.connected_at)
@@ -735,16 +745,18 @@ class Forwarder:
             self.stats.abandoned += 1
             log.warning("abandoned mirroring this session to %s: it could not keep up (--mirror-policy drop), and a "
                         "session without framing cannot go on after a gap; the rest of it is dropped", self.dest)
+        if self.comparison is not None and self.comparison.active and (self.counts.dropped or self.receiver_drops()[0]):
+            self.comparison.stop("commands were dropped for it")
         changed = self.stats.publish(self, os.getpid())
         self.loop.set_timer("publish", TITLE_PERIOD_S if changed else IDLE_TITLE_PERIOD_S, self.publish)
 
 
 def run_forwarder(pipe_fd, dest, config, receiver_pid=None, rows=None, index=0, stats=None, source=None,
-                  requests_link=None, poke_fd=None, turns_fd=None):
+                  requests_link=None, poke_fd=None, turns_fd=None, evidence=None):
     """Body of the forwarder process (see forking.fork_child)."""
     os.set_blocking(pipe_fd, False)
     zerocopy.return_large_blocks()
     fwd = Forwarder(pipe_fd, dest, config, receiver_pid, rows, index, stats, source, requests_link, poke_fd,
-                    turns_fd)
+                    turns_fd, evidence)
     fwd.watch_signals()
     return fwd.run()

@@ -65,6 +65,10 @@ class TableCollector:
             families["error_replies"] = CounterMetricFamily(
                 PREFIX + "destination_error_replies", "Error replies the destination sent (--framing resp).",
                 labels=["destination"])
+        if "mirror" in self.roles and self.resp:
+            families["mismatches"] = CounterMetricFamily(
+                PREFIX + "mirror_reply_mismatches", "Replies of a shadow that differ from the primary's reply to "
+                "the same command (--primary --framing resp).", labels=["destination"])
         if "mirror" in self.roles:
             families["abandoned"] = CounterMetricFamily(
                 PREFIX + "mirror_sessions_abandoned", "Source sessions a mirror stopped mirroring: its connection "

@@ -23,10 +23,11 @@ import signal
 import socket
 import time
 
+from socketproxy_core import sessions
 from socketproxy_core.proxylog import log
 from socketproxy_core.sockets import reset
 from socketproxy_core.stats import STATE_CLOSING, STATE_DONE
-from socketproxy_core.zerocopy import SPLICE_FLAGS, pipe_bytes, pipe_hung_up, set_pipe_size
+from socketproxy_core.zerocopy import SPLICE_FLAGS, pipe_bytes, pipe_hung_up, set_pipe_size, tee
 
 CHUNK = 1 << 20
 ENDED_CLOSE, ENDED_RESET = 1, 2  # how the primary ended the session (in its forwarder's row of the table)
@@ -39,6 +40,8 @@ MIRROR_BATCH_S = 0.02
 MIRROR_BATCH_BELOW = 64 * 1024
 MIRROR_BATCH_MIN_PIPE = 256 * 1024
 MIRROR_POKE_SHARE = 16  # the receiver pokes a napping mirror once 1/16 of its pipe's slots are used
+MAX_COMPARED_AHEAD = 10000  # replies one side may be ahead of the other while they are compared
+LOGGED_MISMATCHES = 3  # replies that differ from the primary's logged per session (all are counted)
 TURN_WAIT_S = 0.2  # a mirror of a byte stream sends the next turn after this, if its shadow has not answered
 STOP_WAIT_S = 5.0  # after asking the receiver to end the group: its stop takes 1 s, then it kills
 ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, TimeoutError)
@@ -86,10 +89,12 @@ class Session:
     watched for nothing once nothing is expected of it.
     """
 
-    def __init__(self, fwd, source, link):
+    def __init__(self, fwd, source, link, evidence=()):
         self.fwd = fwd
         self.loop = fwd.loop
         self.source = source
+        self.evidence = list(evidence)  # --framing resp: a pipe per mirror that compares our replies
+        self.stage_r = self.stage_w = None
         self.link = link
         # Requests the receiver writes into the primary's socket, from its row of the shared table.
         fwd.counts.extra_sent = fwd.rows.primary_written if fwd.rows is not None else (lambda: 0)
@@ -111,6 +116,9 @@ class Session:
         self.sock, self.sock_fd, self.source_fd = sock, sock.fileno(), self.source.fileno()
         self.reply_r, self.reply_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.capacity = set_pipe_size(self.reply_w, fwd.config.pipe_size)
+        if self.evidence:
+            self.stage_r, self.stage_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            set_pipe_size(self.stage_w, self.capacity)
         self.loop.watch(fwd.pipe_fd, select.POLLIN, self.requests)
         self.watch()
 
@@ -156,7 +164,10 @@ class Session:
             self.loop.watch(self.fwd.pipe_fd, select.POLLIN, self.requests)
         if self.replies_open and self.queued < self.capacity and event & (select.POLLIN | select.POLLERR | select.POLLHUP):
             try:
-                moved = os.splice(self.sock_fd, self.reply_w, self.capacity - self.queued, flags=SPLICE_FLAGS)
+                if self.evidence:
+                    moved = self.splice_copying(self.capacity - self.queued)
+                else:
+                    moved = os.splice(self.sock_fd, self.reply_w, self.capacity - self.queued, flags=SPLICE_FLAGS)
             except BlockingIOError:
                 moved = -1
             except OSError as exc:
@@ -171,6 +182,24 @@ class Session:
                 if self.fwd.rows is not None:  # before the source can see them (see fanout.mark_turn)
                     self.fwd.rows.note_replies(self.turns)
         self.pass_replies()
+
+    def splice_copying(self, room):
+        """Replies into the reply pipe through a staging pipe, copied (tee) into every mirror's
+        evidence pipe on the way. A mirror whose pipe cannot take a whole copy reads its end instead
+        (and compares no more)."""
+        moved = os.splice(self.sock_fd, self.stage_w, room, flags=SPLICE_FLAGS)
+        for fd in list(self.evidence):
+            try:
+                copied = tee(self.stage_r, fd, moved, os.SPLICE_F_NONBLOCK) if moved else 0
+            except (BlockingIOError, BrokenPipeError):
+                copied = 0
+            if copied < moved:
+                self.evidence.remove(fd)
+                os.close(fd)
+        left = moved
+        while left:
+            left -= os.splice(self.stage_r, self.reply_w, left)
+        return moved
 
     def source_ready(self, _event):
         self.pass_replies()
@@ -358,7 +387,9 @@ class Turns:
     source sent before it could have seen the primary's next reply form one turn, and the next turn
     goes to the shadow only once the shadow has answered (any bytes) or TURN_WAIT_S has passed.
     Negotiate-then-speak protocols (PostgreSQL's SSLRequest, SMTP's STARTTLS) refuse bytes sent
-    before their answer; pipelined requests (several in one turn) keep their batch.
+    before their answer; pipelined requests (several in one turn) keep their batch. A shadow that
+    leaves a turn unanswered for TURN_WAIT_S does not answer turn by turn (a sink, a capture): the
+    mirror waits no more for it in this session.
 
     The receiver marks where turns begin, in bytes written to our pipe (fanout.mark_turn), through
     the turns pipe, before it writes the turn itself. Such a mirror is never resumed on another
@@ -370,7 +401,7 @@ class Turns:
         self.starts = collections.deque()  # where the next turns begin
         self.position = 0  # bytes handed when last noted ...
         self.replies_then = 0  # ... and the reply bytes read by then
-        self.waited = False  # TURN_WAIT_S passed at the current turn's end
+        self.waiting = True  # False once a turn went unanswered for TURN_WAIT_S
 
     def room(self, position, in_memory=0):
         """Bytes that may be handed now from position, in_memory of them held outside the pipe (a
@@ -383,12 +414,11 @@ class Turns:
         self.read_starts()
         starts = self.starts
         while starts and starts[0] <= position:
-            if starts[0] == position and not (self.waited or self.fwd.replies_read > self.replies_then):
+            if starts[0] == position and self.waiting and self.fwd.replies_read <= self.replies_then:
                 if not self.fwd.loop.has_timer("turn"):
                     self.fwd.loop.set_timer("turn", TURN_WAIT_S, self.wait_over)
                 return 0
             starts.popleft()
-            self.waited = False
             self.fwd.loop.cancel("turn")
         end = position + in_memory + in_pipe
         if starts:
@@ -407,7 +437,9 @@ class Turns:
         return self.fwd.loop.has_timer("turn") and self.fwd.replies_read > self.replies_then
 
     def wait_over(self):
-        self.waited = True
+        log.debug("%s left a turn unanswered for %.1f s: its turns are no longer waited for", self.fwd.dest,
+                  TURN_WAIT_S)
+        self.waiting = False
         self.fwd.pipe_up(0)
 
     def read_starts(self):
@@ -416,6 +448,91 @@ class Turns:
         except BlockingIOError:
             return
         self.starts.extend(struct.unpack("%dq" % (len(data) // 8), data))
+
+
+class ReplyComparison:
+    """--primary with --framing resp: a mirror compares each reply of its shadow with the primary's
+    reply to the same command (what Scientist or Diffy do for code and HTTP), so divergence is seen,
+    not discovered. The primary's forwarder copies its replies into our evidence pipe (Session); both
+    streams are read as RESP, and the k-th replies are compared. Only while the shadow's stream is
+    the primary's, command for command: a cut connection or a dropped command ends the comparison
+    (said once). The first LOGGED_MISMATCHES mismatches of a session are logged with the command."""
+
+    def __init__(self, fwd, evidence_fd):
+        self.fwd = fwd
+        self.fd = evidence_fd
+        self.from_primary = collections.deque()
+        self.from_shadow = collections.deque()
+        self.primary = sessions.RespReplies()
+        self.primary.capture = self.from_primary
+        fwd.replies.capture = self.from_shadow
+        self.compared = 0
+        self.mismatches = 0
+        self.active = True
+        fwd.loop.watch(evidence_fd, select.POLLIN, self.primary_replied)
+
+    def primary_replied(self, _event):
+        try:
+            data = os.read(self.fd, CHUNK)
+        except BlockingIOError:
+            return
+        if not data:  # the primary's forwarder has finished (or found us too slow): compare what came
+            self.fwd.loop.unwatch(self.fd)
+            os.close(self.fd)
+            self.fd = None
+        else:
+            self.primary.feed(data)
+        self.compare()
+
+    def compare(self):
+        if not self.active:
+            return
+        from_primary, from_shadow = self.from_primary, self.from_shadow
+        while from_primary and from_shadow:
+            self.compared += 1
+            theirs, ours = from_primary.popleft(), from_shadow.popleft()
+            if theirs != ours:
+                self.differs(theirs, ours)
+        if self.primary.broken:
+            self.stop("a reply of the primary too large to hold, or not RESP")
+        elif len(from_primary) > MAX_COMPARED_AHEAD or len(from_shadow) > MAX_COMPARED_AHEAD:
+            self.stop("the shadow is %d replies away from the primary" % abs(len(from_primary) - len(from_shadow)))
+        elif self.fd is None and not from_primary and from_shadow:
+            self.stop("the primary's replies stopped coming (its forwarder fell behind the copy, or ended)")
+
+    def differs(self, theirs, ours):
+        self.mismatches += 1
+        if self.mismatches > LOGGED_MISMATCHES:
+            return
+        fwd = self.fwd
+        memory = fwd.retainer.memory
+        memory.wanted[self.compared] = None
+        if fwd.sock is not None:
+            fwd.retainer.release_acknowledged(fwd.sock, final=True)  # the command was answered: it is acknowledged
+        command = memory.wanted.pop(self.compared)
+        log.info("reply %d of %s differs from the primary's%s: command %s; the primary answered %s, the shadow %s",
+                 self.compared, fwd.dest, " (the last logged for this session)" if self.mismatches == LOGGED_MISMATCHES
+                 else "", sessions.show_command(command), short(theirs), short(ours))
+
+    def stop(self, why):
+        """The streams are no longer the same command for command: compare no more."""
+        if not self.active:
+            return
+        self.active = False
+        self.from_primary.clear()
+        self.from_shadow.clear()
+        self.primary.capture = self.fwd.replies.capture = None
+        if self.fd is not None:
+            self.fwd.loop.unwatch(self.fd)
+            os.close(self.fd)
+            self.fd = None
+        log.info("replies of %s no longer compared with the primary's: %s (%d compared, %d differed)",
+                 self.fwd.dest, why, self.compared, self.mismatches)
+
+
+def short(reply, limit=80):
+    text = repr(bytes(reply))[2:-1]
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def shutdown(sock, how):

@@ -121,8 +121,16 @@ class Receiver(FanOut):
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: None)  # the wake-up pipe tells the loop
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        # --primary --framing resp: the primary's forwarder copies its replies to each mirror, which
+        # compares them with its shadow's (primary.ReplyComparison): a pipe per mirror.
+        self.evidence = {}
+        if self.config.primary and self.config.framing == "resp":
+            self.evidence = {index: os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC) for index in range(1, len(self.config.dests))}
         for index, dest in enumerate(self.config.dests):
             self.spawn_forwarder(index, dest)
+        for evidence_r, evidence_w in self.evidence.values():
+            os.close(evidence_r)
+            os.close(evidence_w)
         if self.config.primary:
             # The primary's pipe last: it gets the chunk by splice (the others by tee), and never a drop.
             self.pipe_fds.append(self.pipe_fds.pop(0))
@@ -147,6 +155,12 @@ class Receiver(FanOut):
         # The primary's keeps the source too, to send it the replies (the group dies together).
         keep = [read_fd, self.source.fileno(), self.requests_link.forwarder_end.fileno()] if is_primary else [read_fd]
         poke_fd = turns_r = None
+        if is_primary:
+            evidence = [evidence_w for _, evidence_w in self.evidence.values()]
+            keep += evidence
+        else:
+            evidence = self.evidence[index][0] if index in self.evidence else None
+            keep += [evidence] if evidence is not None else []
         if self.config.primary and not is_primary and self.config.framing == "none":
             # A mirror of a byte stream sends turn by turn (primary.Turns): where turns begin comes
             # through a pipe of its own, and it does not batch.
@@ -156,7 +170,7 @@ class Receiver(FanOut):
             poke_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             keep.append(poke_fd)
         pid = forking.fork_child(title, self.run_forwarder, read_fd, index, dest, title, os.getpid(), poke_fd,
-                                 turns_r, keep=keep, close=[] if is_primary else [self.source])
+                                 turns_r, evidence, keep=keep, close=[] if is_primary else [self.source])
         if poke_fd is not None:
             self.pokes[write_fd] = [poke_fd, 0, size // PAGE // primary.MIRROR_POKE_SHARE]
         if turns_r is not None:
@@ -171,13 +185,13 @@ class Receiver(FanOut):
         self.forwarders[pidfd] = (pid, dest)
         self.loop.watch(pidfd, select.POLLIN, self.check_forwarders)
 
-    def run_forwarder(self, read_fd, index, dest, title, receiver_pid, poke_fd, turns_fd):
+    def run_forwarder(self, read_fd, index, dest, title, receiver_pid, poke_fd, turns_fd, evidence):
         proxylog.set_connection("src=%s dst=%s" % (self.peer, dest))
         counters = stats.ForwarderStats(self.rows.forwarder_row(index),
                                         lambda text: setproctitle.setproctitle("%s | %s" % (title, text)))
         source = self.source if self.config.primary and index == 0 else None
         return forwarding.run_forwarder(read_fd, dest, self.config, receiver_pid, self.rows, index, counters, source,
-                                       self.requests_link if source else None, poke_fd, turns_fd)
+                                       self.requests_link if source else None, poke_fd, turns_fd, evidence)
 
     def publish(self):
         """Our counters to the shared table, and a title with our forwarders' states: on a timer,

@@ -47,6 +47,8 @@ class RespSession:
         self.state = {}  # kind -> the command, as delivered
         self.transaction = None  # MULTI and the commands queued after it, while no EXEC or DISCARD came
         self.transaction_commands = 0
+        self.commands = 0  # whole commands delivered
+        self.wanted = {}  # command number -> the command, once delivered (for a reply that differs)
 
     def feed(self, data):
         """data continues the delivered stream (bytes or a bytearray)."""
@@ -59,6 +61,7 @@ class RespSession:
                     if len(self.partial) > MAX_KEPT_COMMAND and self.transaction is None:
                         self.partial_long, self.partial = True, bytearray()
                 return
+            self.commands += 1
             if self.partial or self.partial_long:
                 command = None if self.partial_long else bytes(self.partial + data[pos:end])
                 self.partial, self.partial_long = bytearray(), False
@@ -67,7 +70,12 @@ class RespSession:
                 elif self.transaction is not None:
                     self.transaction = None  # too long to keep: the transaction cannot be sent again
             elif self.transaction is not None or INTERESTING.match(data, pos, min(end, pos + 64)):
-                self.command(bytes(data[pos:end]))
+                command = bytes(data[pos:end])
+                self.command(command)
+            else:
+                command = None
+            if self.wanted and self.commands in self.wanted:
+                self.wanted[self.commands] = command if command is not None else bytes(data[pos:end])
             pos = end
 
     def at_boundary(self):
@@ -176,6 +184,17 @@ def command_args(record):
     return args
 
 
+def show_command(record, limit=120):
+    """A command as a log shows it: its arguments, AUTH's and HELLO's hidden."""
+    if record is None:
+        return "?"
+    args = command_args(record)
+    if args and args[0].lower() in (b"auth", b"hello"):
+        args = args[:1] + [b"..."]
+    text = " ".join(arg.decode(errors="replace") for arg in args)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def describe_state(kind, record):
     """How a kept command shows in the log: AUTH without its password, SELECT with its number."""
     args = command_args(record)
@@ -188,11 +207,13 @@ def describe_state(kind, record):
 
 # -- replies ---------------------------------------------------------------------------------------
 
+MAX_CAPTURED = 16 * 1024 * 1024  # a reply held for a comparison, at most
 SIMPLE = frozenset(b"+-:,_#(")  # one line each (- is an error)
 BULK = frozenset(b"$=!")  # a length line, then that many bytes and \r\n (! is an error)
 AGGREGATE = {ord("*"): 1, ord("~"): 1, ord(">"): 1, ord("%"): 2}  # elements per count
-# A chunk with none of these is a run of simple replies (+OK, :1, +QUEUED): counted without parsing.
-NOT_PLAIN = re.compile(rb"[-$=!*~>%|,_#(]")
+# Lines that all start with + or : and hold none of these are simple replies (+OK, :1, +QUEUED):
+# counted without parsing.
+NOT_PLAIN = re.compile(rb"[-$=!*~>%|,_#(]|\n(?=[^+:])")
 
 
 class RespReplies:
@@ -209,41 +230,57 @@ class RespReplies:
         self.error_text = b""
         self.broken = False  # not RESP: nothing more is read
         self.last_errors = []  # (reply number, text) of the errors of the last feed
+        self.capture = None  # a list to append whole replies to (see ReplyComparison)
+        self.carry = bytearray()  # the start of a reply cut by the end of the last chunk, when capturing
 
     def feed(self, data):
-        """Read a chunk; returns the errors it ended as (top-level reply number, text) pairs."""
+        """Read a chunk; returns the errors it ended as (top-level reply number, text) pairs. With
+        capture (a list), each whole reply is appended to it as bytes."""
         self.last_errors = []
         if self.broken:
             return self.last_errors
         data = bytes(data)
         pos, size = 0, len(data)
+        capture = self.capture
         if not (self.stack or self.line or self.body):  # the common case, at C speed
             plain_end = data.rfind(b"\n") + 1
-            if plain_end and not NOT_PLAIN.search(data, 0, plain_end):
+            if plain_end and data[0] in b"+:" and not NOT_PLAIN.search(data, 0, plain_end):
                 self.replies += data.count(b"\n", 0, plain_end)
                 pos = plain_end
+                if capture is not None:
+                    capture.extend(data[:plain_end].splitlines(keepends=True))
+        reply_start = pos  # of the reply being read, in data (its earlier bytes are in carry)
         while pos < size:
+            replies = self.replies
             if self.body:
                 take = min(self.body, size - pos)
                 if self.body_error:
-                    self.error_text += bytes(data[pos:pos + take])
+                    self.error_text += data[pos:pos + take]
                 self.body -= take
                 pos += take
                 if not self.body:
                     self.element_done(self.body_error, self.error_text[:-2])
-                continue
-            newline = data.find(b"\n", pos)
-            if newline < 0:
-                self.line += bytes(data[pos:])
-                if len(self.line) > framing.MAX_LINE:
-                    self.broken = True
-                return self.last_errors
-            line = self.line + bytes(data[pos:newline + 1]) if self.line else bytes(data[pos:newline + 1])
-            self.line = b""
-            pos = newline + 1
-            self.header(line)
-            if self.broken:
-                break
+            else:
+                newline = data.find(b"\n", pos)
+                if newline < 0:
+                    self.line += data[pos:]
+                    if len(self.line) > framing.MAX_LINE:
+                        self.broken = True
+                    break
+                line = self.line + data[pos:newline + 1] if self.line else data[pos:newline + 1]
+                self.line = b""
+                pos = newline + 1
+                self.header(line)
+                if self.broken:
+                    return self.last_errors
+            if capture is not None and self.replies > replies:
+                capture.append(bytes(self.carry) + data[reply_start:pos] if self.carry else data[reply_start:pos])
+                self.carry = bytearray()
+                reply_start = pos
+        if capture is not None and reply_start < size:
+            self.carry += data[reply_start:size]
+            if len(self.carry) > MAX_CAPTURED:
+                self.broken = True  # a reply too large to hold for a comparison
         return self.last_errors
 
     def header(self, line):
@@ -273,6 +310,7 @@ class RespReplies:
     def restart(self):
         """A new connection: its replies start afresh (the counts stay)."""
         self.stack, self.line, self.body, self.broken = [], b"", 0, False
+        self.carry = bytearray()
 
     def element_done(self, error, text):
         if error:

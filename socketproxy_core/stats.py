@@ -9,7 +9,7 @@ are gone), then one slot per source being served. A slot holds:
                         end from the receiver's death by it)
   forwarder row x D     written by each forwarder: pid, its counters (sent, dropped, dropped records,
                         connect failures, reconnects, resent, error replies, mirror sessions
-                        abandoned), its state and since when, the
+                        abandoned, replies that differ from the primary's), its state and since when, the
                         bytes in its backlog, how a --primary session ended (read by the receiver),
                         and (the primary's) how often it has passed replies on (read by the
                         receiver at every chunk, to mark turns for mirrors: written at once)
@@ -30,12 +30,12 @@ import struct
 import time
 
 FIELD = struct.Struct("q")
-ROW_FIELDS = 15
+ROW_FIELDS = 16
 ROW = ROW_FIELDS * FIELD.size
 ROW_FORMAT = struct.Struct("%dq" % ROW_FIELDS)
 # A forwarder's row: seq, pid, then these, then its state and since when (a float).
 FORWARDER_COUNTERS = ("sent", "dropped", "dropped_records", "connect_failures", "reconnects", "resent",
-                      "error_replies", "abandoned")
+                      "error_replies", "abandoned", "mismatches")
 # A forwarder's states (forwarding.py): the title and the metrics show them.
 (STATE_NONE, STATE_CONNECTING, STATE_UP, STATE_DOWN, STATE_DRAINING, STATE_CLOSING, STATE_DONE,
  STATE_ABANDONED) = range(8)
@@ -208,7 +208,8 @@ class ForwarderStats:
     def values(self, fwd):
         extra, extra_records = fwd.receiver_drops()  # --mirror-policy drop: dropped by the receiver
         return (fwd.delivered(), fwd.dropped + extra, fwd.backlog.dropped_records + extra_records, self.connect_failures,
-                self.reconnects, fwd.counts.resent, fwd.error_replies(), self.abandoned, self.state, len(fwd.backlog),
+                self.reconnects, fwd.counts.resent, fwd.error_replies(), self.abandoned, fwd.mismatches(), self.state,
+                len(fwd.backlog),
                 fwd.session_end, fwd.session.turns if fwd.session is not None else 0)
 
     def publish(self, fwd, pid):
@@ -222,12 +223,13 @@ class ForwarderStats:
             self.row.write(pid, *values[:counted], struct.unpack("q", struct.pack("d", self.since))[0],
                            *values[counted:])
         if self.title is not None:
-            self.title("%s, sent %s, dropped %s%s%s, %d reconnects%s%s" % (
+            self.title("%s, sent %s, dropped %s%s%s, %d reconnects%s%s%s" % (
                 state_text(self.state, self.since), human(values[0]), human(values[1]),
                 " (%d records)" % values[2] if fwd.framed else "",
                 ", kept %s" % human(len(fwd.backlog)) if len(fwd.backlog) else "", self.reconnects,
                 ", %d error replies" % values[6] if fwd.replies is not None else "",
-                ", %d sessions abandoned" % self.abandoned if self.abandoned else ""))
+                ", %d sessions abandoned" % self.abandoned if self.abandoned else "",
+                ", %d replies differ from the primary's" % values[8] if fwd.comparison is not None else ""))
         return True
 
 

@@ -517,3 +517,92 @@ def test_http10_sessions_through_the_primary_log_no_warning(proxy, nginx):
     kinds = collections.Counter(re.sub(r"\d+", "N", LEVEL.sub("", line).split(" ", 1)[-1])[:120] for line in bad)
     assert not bad, "%d of %d log lines at WARNING or above (or not log lines), %d kinds: %s\nfirst ones:\n%s" % (
         len(bad), len(lines), len(kinds), kinds.most_common(5), "\n".join(bad[:6]))
+
+
+@needs_redis
+@pytest.mark.timeout(120)
+def test_a_shadow_reply_that_differs_from_the_primary_is_counted_and_logged_with_its_command(proxy, redis):
+    """--primary --framing resp, a shadow where one key was set beforehand to another value: of 20 SETs
+    and 20 GETs through the proxy, only GET key:7 is answered differently; the mirror counts one mismatch
+    (socketproxy_mirror_reply_mismatches_total) and logs it with the command and both replies."""
+    primary, shadow = redis("primary"), redis("shadow")
+    shadow.call("SET", "other:7", "shadow's own")
+    metrics_port = free_port()
+    px = proxy([primary.address, shadow.address], "--primary", "--framing", "resp", "--mirror-policy", "wait",
+               "--metrics", "127.0.0.1:%d" % metrics_port, *RETRY)
+    wait_until(lambda: "serving metrics" in px.log())
+    with connect_source(px.port) as sock:
+        buf = bytearray()
+        for i in range(20):
+            sock.sendall(encode("SET", "key:%d" % i, i))
+            assert read_reply(sock, buf) == b"OK"
+        for i in range(20):
+            sock.sendall(encode("GET", "other:%d" % i if i == 7 else "key:%d" % i))
+            assert read_reply(sock, buf) == (None if i == 7 else str(i).encode())
+        wait_until(lambda: metric(metrics_port, "socketproxy_mirror_reply_mismatches_total", shadow.address) == 1, 20,
+                   message=lambda: "mismatches: %r\n%s" % (metric(metrics_port, "socketproxy_mirror_reply_mismatches_total",
+                                                                  shadow.address), px.log()[-3000:]))
+    wait_for_log(px.log_path, r"reply 28 of %s differs from the primary's: command GET other:7; the primary answered "
+                 r"\$-1\\r\\n, the shadow \$12\\r\\nshadow's own\\r\\n" % re.escape(shadow.address))
+    wait_until(lambda: group_gone(metrics_port), 30, message="the group is still counted as active")
+    assert metric(metrics_port, "socketproxy_mirror_reply_mismatches_total", shadow.address) == 1
+
+
+@needs_redis
+@pytest.mark.timeout(120)
+def test_a_transaction_cut_by_a_restart_is_sent_again_from_its_multi(proxy, redis):
+    """Fan-out --framing resp: the source sends SELECT 3, MULTI and three queued SETs, then waits; B is
+    killed -9 and restarted (its queued transaction is lost with its connection). Then EXEC: B runs the
+    whole transaction in db 3 (the new connection got SELECT, MULTI and the queued commands again), with
+    no error reply (no EXEC without MULTI)."""
+    a, b = redis("a"), redis("b")
+    px = proxy([a.address, b.address], "--framing", "resp", *RETRY)
+    with connect_source(px.port) as sock:
+        sock.sendall(encode("SELECT", 3) + encode("MULTI") + b"".join(encode("SET", "t:%d" % i, i) for i in range(3)))
+        wait_until(lambda: re.search(r"multi=3 ", b.call("CLIENT", "LIST").decode()), 20,
+                   message=lambda: "B has not queued the transaction: %s" % b.call("CLIENT", "LIST"))
+        b.kill()
+        time.sleep(OUTAGE_S)  # the outage
+        b.start()
+        wait_for_log(px.log_path, r"connected to %s after \d+ attempts; restored the session \(SELECT 3\)"
+                     % re.escape(b.address), timeout=30)
+        sock.sendall(encode("EXEC") + encode("SET", "after", 1))
+        for server in (a, b):
+            wait_until(lambda server=server: server.has("after", db=3), 20, message=server.state)
+    for server in (a, b):
+        assert server.contents(3) == {"t:0": "0", "t:1": "1", "t:2": "2", "after": "1"}, server.state()
+        assert not server.errorstats(), server.state()
+
+
+@pytest.mark.timeout(60)
+def test_a_line_framed_destination_gets_the_first_lines_again_on_every_new_connection(proxy, recorder):
+    """--framing line --session-preamble 2: a CSV header of two lines, then rows; the destination closes
+    its connection twice mid-stream. Each new connection starts with the two header lines, then the rows
+    from where the last connection's delivered rows end (no row lost, none twice across connections)."""
+    dest = recorder()
+    px = proxy(["127.0.0.1:%d" % dest.port], "--framing", "line", "--session-preamble", "2", *RETRY)
+    header = b"# feed v1\nname,count\n"
+    with connect_source(px.port) as sock:
+        sock.sendall(header)
+        row = 0
+        for cut in range(2):
+            sock.sendall(b"".join(b"row%d,%d\n" % (i, i) for i in range(row, row + 50)))
+            row += 50
+            wait_until(lambda: dest.streams() and dest.streams()[-1].endswith(b"row%d,%d\n" % (row - 1, row - 1)), 20,
+                       message=lambda: "the destination has %r" % dest.streams()[-1:])
+            with dest.lock:
+                dest.connections[-1]["sock"].shutdown(socket.SHUT_RDWR)
+            wait_until(lambda cut=cut: len(dest.streams()) == cut + 2, 20,
+                       message=lambda: "no new connection: %s" % px.log()[-2000:])
+        sock.sendall(b"".join(b"row%d,%d\n" % (i, i) for i in range(row, row + 50)))
+        row += 50
+        wait_until(lambda: dest.streams()[-1].endswith(b"row%d,%d\n" % (row - 1, row - 1)), 20,
+                   message=lambda: "the destination has %r" % dest.streams()[-1:])
+    streams = dest.streams()
+    assert len(streams) == 3
+    rows = []
+    for stream in streams:
+        assert stream.startswith(header), stream[:80]
+        rows += stream[len(header):].splitlines()
+    assert rows == [b"row%d,%d" % (i, i) for i in range(row)]
+    assert re.search(r"restored the session \(the first 2 lines of the stream\)", px.log())
