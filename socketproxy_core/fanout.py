@@ -47,20 +47,41 @@ class FanOut:
             poke[1] = 0
             os.eventfd_write(poke[0], 1)
 
-    def mark_turn(self):
+    def mark_turn(self, size):
         """--primary, a mirror of a byte stream: a chunk read after the primary's forwarder passed on
         more replies begins a new turn (the source may have seen them before sending it): each such
         mirror is told where, in bytes written to its pipe, before the chunk is written there. A
-        mirror far behind (its turns pipe full) merges the turns it was not told of."""
+        mirror far behind (its turns pipe full) merges the turns it was not told of. Whether the chunk
+        begins a turn."""
         replies = self.rows.replies_passed()
         if replies == self.replies_seen:
-            return
+            return self.received == size  # the session's first chunk begins its first turn
         self.replies_seen = replies
-        for turns_w, written in self.turns.values():
+        for turn in self.turns.values():
+            turns_w, written, last_start = turn
+            if written == last_start:
+                continue  # the last turn was dropped whole (skip_turn): this one begins where it did
+            turn[2] = written
             try:
                 os.write(turns_w, TURN.pack(written))
             except (BlockingIOError, BrokenPipeError):
                 pass
+        return True
+
+    def skip_turn(self, fd, size, turn_starts):
+        """--mirror-policy drop, a mirror sending turns: a turn its pipe has no room for as it begins
+        is dropped whole (never part of one: the shadow would read on from an arbitrary byte); whether
+        this chunk is dropped so."""
+        turn = self.turns[fd]
+        if turn_starts:
+            if self.config.pipe_size - pipe_bytes(fd) >= size:
+                self.skipping_turn.discard(fd)
+                return False
+            self.skipping_turn.add(fd)
+        elif fd not in self.skipping_turn:
+            return False
+        self.count_mirror_drop(fd, size)
+        return True
 
     def wrote(self, fd, size):
         if fd == self.primary_fd:
@@ -82,8 +103,7 @@ class FanOut:
         size = self.take_from_source(splice, self.source_fd, self.stage_w, CHUNK, None, None, SPLICE_FLAGS)
         if not size:
             return
-        if self.turns:
-            self.mark_turn()
+        turn_starts = self.mark_turn(size) if self.turns else False
         self.chunk_len = size
         if self.handed_fd is not None:
             self.write_to_primary()
@@ -94,12 +114,18 @@ class FanOut:
                 if fd in self.cut_mirrors:
                     self.count_mirror_drop(fd, size)
                     continue
+                if fd in self.turns and self.skip_turn(fd, size, turn_starts):
+                    continue
                 try:
                     moved = tee(self.stage_r, fd, size, SPLICE_F_NONBLOCK)
                 except (BlockingIOError, BrokenPipeError):
                     moved = 0
                 if fd in self.turns:
                     self.turns[fd][1] += moved
+                    if turn_starts and not moved:  # no room for the turn's start after all: dropped whole
+                        self.skipping_turn.add(fd)
+                        self.count_mirror_drop(fd, size)
+                        continue
                 if moved < size:
                     # A byte stream cut here would go on from an arbitrary byte: the mirror's session
                     # stops here, and the rest of it is dropped (its forwarder reports it abandoned).

@@ -77,6 +77,7 @@ class Receiver(FanOut):
         self.droppable = set()  # the write fds of mirrors that must never hold the source
         self.mirror_tails = {}  # droppable write fd -> the rest of a write it took only part of
         self.cut_mirrors = set()  # droppable write fds whose byte stream was cut: they get nothing more
+        self.skipping_turn = set()  # droppable write fds of mirrors dropping the current turn whole
         self.dest_index = {}  # write fd -> destination index
         # --framing resp: the source is read through a scanner, and only whole commands go on.
         # So is a line-framed source in --primary mode with --mirror-policy drop: a mirror's drops are
@@ -175,7 +176,7 @@ class Receiver(FanOut):
             self.pokes[write_fd] = [poke_fd, 0, size // PAGE // primary.MIRROR_POKE_SHARE]
         if turns_r is not None:
             os.close(turns_r)
-            self.turns[write_fd] = [turns_w, 0]
+            self.turns[write_fd] = [turns_w, 0, 0]  # the turns pipe, bytes written, where the last turn began
         self.dest_index[write_fd] = index
         os.close(read_fd)
         os.set_blocking(write_fd, False)

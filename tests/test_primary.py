@@ -917,3 +917,40 @@ def test_mirror_policy_wait_a_stopped_mirror_holds_the_source(proxy, servers, fa
     assert received_line(px) == WAIT_ROUNDS * BIG
     wait_group_gone(px)
     assert_clean_log(px)
+
+
+def test_a_mirror_that_cannot_keep_up_drops_whole_turns_never_part_of_one(proxy, recorder, servers):
+    """--mirror-policy drop without framing: a mirror whose shadow stops reading loses whole turns (each
+    request the source sent before seeing the previous reply), never part of one. What the shadow gets
+    is a run of whole requests in order, some missing; a turn that could only be cut (its pipe filled
+    in its middle) ends the mirror's session there (abandoned, counted): a cut request is the last
+    thing it gets, never followed by another request's bytes."""
+    echo = servers(EchoServer)
+    mirror = recorder(rcvbuf=4096)
+    mirror.paused.set()  # it neither accepts nor reads: the mirror's socket, then its pipe fill up
+    px = proxy(["127.0.0.1:%d" % echo.port, "127.0.0.1:%d" % mirror.port], "--primary", "--mirror-policy", "drop")
+    source = connect_source(px.port)
+    rng = random.Random(5)
+    requests = [(b"R%06d:" % i) + rng.randbytes(rng.randint(1000, 200_000)) for i in range(150)]
+    for request in requests:
+        assert round_trip(source, request) == reply_to(request)
+    mirror.paused.clear()
+    source.close()
+    wait_group_gone(px, 60)
+    sent, dropped = done_line(px, mirror.port)
+    assert dropped > 0, (sent, dropped)
+    stream = b"".join(mirror.streams())
+    assert len(stream) == sent, (len(stream), sent)
+    pos, seen = 0, []
+    while pos < len(stream):
+        index = int(stream[pos + 1:pos + 7])
+        request = requests[index]
+        piece = stream[pos:pos + len(request)]
+        assert stream[pos:pos + 1] == b"R" and not seen or index > seen[-1], (pos, seen[-3:])
+        if piece != request:  # cut: it must be the end of what the shadow got
+            assert request.startswith(piece) and pos + len(piece) == len(stream), (
+                "request %d cut at %d of %d bytes and followed by other bytes" % (index, len(piece), len(request)))
+            assert "abandoned mirroring this session" in px.log()
+        seen.append(index)
+        pos += len(piece)
+    assert len(seen) < len(requests)
