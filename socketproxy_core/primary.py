@@ -94,7 +94,6 @@ class Session:
         self.loop = fwd.loop
         self.source = source
         self.evidence = list(evidence)  # --framing resp: a pipe per mirror that compares our replies
-        self.stage_r = self.stage_w = None
         self.link = link
         # Requests the receiver writes into the primary's socket, from its row of the shared table.
         fwd.counts.extra_sent = fwd.rows.primary_written if fwd.rows is not None else (lambda: 0)
@@ -116,9 +115,6 @@ class Session:
         self.sock, self.sock_fd, self.source_fd = sock, sock.fileno(), self.source.fileno()
         self.reply_r, self.reply_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.capacity = set_pipe_size(self.reply_w, fwd.config.pipe_size)
-        if self.evidence:
-            self.stage_r, self.stage_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-            set_pipe_size(self.stage_w, self.capacity)
         self.loop.watch(fwd.pipe_fd, select.POLLIN, self.requests)
         self.watch()
 
@@ -162,12 +158,10 @@ class Session:
         if event & select.POLLOUT and self.socket_full:
             self.socket_full = False
             self.loop.watch(self.fwd.pipe_fd, select.POLLIN, self.requests)
-        if self.replies_open and self.queued < self.capacity and event & (select.POLLIN | select.POLLERR | select.POLLHUP):
+        if self.replies_open and (not self.queued if self.evidence else self.queued < self.capacity) and event & (
+                select.POLLIN | select.POLLERR | select.POLLHUP):
             try:
-                if self.evidence:
-                    moved = self.splice_copying(self.capacity - self.queued)
-                else:
-                    moved = os.splice(self.sock_fd, self.reply_w, self.capacity - self.queued, flags=SPLICE_FLAGS)
+                moved = os.splice(self.sock_fd, self.reply_w, self.capacity - self.queued, flags=SPLICE_FLAGS)
             except BlockingIOError:
                 moved = -1
             except OSError as exc:
@@ -176,6 +170,8 @@ class Session:
             if moved == 0:
                 self.replies_open = False
             elif moved > 0:
+                if self.evidence:
+                    self.copy_replies(moved)
                 self.queued += moved
                 self.moved_at = time.monotonic()
                 self.turns += 1
@@ -183,23 +179,18 @@ class Session:
                     self.fwd.rows.note_replies(self.turns)
         self.pass_replies()
 
-    def splice_copying(self, room):
-        """Replies into the reply pipe through a staging pipe, copied (tee) into every mirror's
-        evidence pipe on the way. A mirror whose pipe cannot take a whole copy reads its end instead
-        (and compares no more)."""
-        moved = os.splice(self.sock_fd, self.stage_w, room, flags=SPLICE_FLAGS)
+    def copy_replies(self, moved):
+        """The reply pipe holds just the moved bytes (it is read into only when empty, see watch):
+        copy them (tee) into every mirror's evidence pipe. A mirror whose pipe cannot take a whole
+        copy reads its end instead (and compares no more)."""
         for fd in list(self.evidence):
             try:
-                copied = tee(self.stage_r, fd, moved, os.SPLICE_F_NONBLOCK) if moved else 0
+                copied = tee(self.reply_r, fd, moved, os.SPLICE_F_NONBLOCK)
             except (BlockingIOError, BrokenPipeError):
                 copied = 0
             if copied < moved:
                 self.evidence.remove(fd)
                 os.close(fd)
-        left = moved
-        while left:
-            left -= os.splice(self.stage_r, self.reply_w, left)
-        return moved
 
     def source_ready(self, _event):
         self.pass_replies()
@@ -225,7 +216,8 @@ class Session:
     def watch(self):
         """Watch what the session waits for now (the loop is told only of a change: this runs at
         every request and reply)."""
-        sock_events = (select.POLLIN if self.replies_open and self.queued < self.capacity else 0) | (
+        room = not self.queued if self.evidence else self.queued < self.capacity  # (see copy_replies)
+        sock_events = (select.POLLIN if self.replies_open and room else 0) | (
             select.POLLOUT if self.socket_full else 0)
         if sock_events != self.sock_events:
             self.sock_events = sock_events
