@@ -725,19 +725,22 @@ def test_a_source_that_finishes_while_the_primary_connect_is_in_flight_gets_its_
 
 
 def test_a_burst_after_a_pause_reaches_a_napping_mirror_whole(proxy, recorder, servers):
-    """Mirrors of --primary send in batches: after a quiet wake a mirror naps (20 ms) before it reads
+    """Mirrors of --primary with framing send in batches (without framing they send turn by turn, and
+    do not nap): after a quiet wake a mirror naps (20 ms) before it reads
     its pipe again. A burst must not be dropped for that nap: the receiver pokes the mirror as soon as
     a quarter of its pipe is used. 4 MiB after a pause, in 32 KiB pieces 0.5 ms apart (up to 60 MB/s,
     so a nap would let the 1 MiB pipe overflow, yet the mirror has over 10 ms to answer a poke on a
     busy machine), to a primary that never replies, reach the mirror whole, with no drop."""
     sink = recorder()  # the primary: reads everything at once, replies nothing
     mirror = recorder()
-    px = proxy(["127.0.0.1:%d" % sink.port, "127.0.0.1:%d" % mirror.port], "--primary", "--log-level", "debug")
+    px = proxy(["127.0.0.1:%d" % sink.port, "127.0.0.1:%d" % mirror.port], "--primary", "--framing", "line",
+               "--log-level", "debug")
     source = connect_source(px.port)
-    first = b"hello"
+    first = b"hello\n"
     source.sendall(first)
     wait_until(lambda: mirror.total() == len(first))
-    burst = os.urandom(4 << 20)
+    burst = os.urandom(3 << 19).hex().encode().replace(b"0", b"\n")[:4 << 20]
+    burst = burst[:burst.rfind(b"\n") + 1]
     for offset in range(0, len(burst), 32 << 10):
         source.sendall(burst[offset:offset + (32 << 10)])
         time.sleep(0.0005)  # pacing only: a mirror that is awake keeps up
