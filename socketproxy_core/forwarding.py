@@ -346,12 +346,22 @@ class Forwarder:
         if self.batch is None:
             if not self.loop.watching(self.pipe_fd):
                 self.loop.watch(self.pipe_fd, POLL_IN, self.pipe_up)
+            if self.turns is not None:  # its replies are read at the next turn's wake (pipe_up)
+                self.loop.unwatch(self.sock)
             return
         if self.batch.nap():
             return
         self.loop.watch(self.pipe_fd, POLL_IN, self.pipe_up)
 
     def pipe_up(self, _event):
+        if self.turns is not None:
+            # A mirror sending turns reads its shadow's replies when the next turn comes, not when
+            # they come: a turn wakes it once, and the answer is usually there already.
+            try:
+                self.read_replies()
+            except Disconnected as reason:
+                self.lose(str(reason))
+                return
         if self.retainer is not None:
             self.pump_retained()
         else:
@@ -646,11 +656,16 @@ class Forwarder:
     def destination_ended(self):
         """Read and discard one buffer of replies; whether the destination ended the connection."""
         try:
-            return not self.sock.recv_into(self.discard)
+            got = self.sock.recv_into(self.discard)
         except BlockingIOError:
             return False
         except OSError:
             return True
+        if got and self.replies is not None:
+            self.replies.feed(memoryview(self.discard)[:got])
+            if self.comparison is not None:
+                self.comparison.compare()
+        return not got
 
     def closed(self):
         self.loop.cancel("linger")

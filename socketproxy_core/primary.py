@@ -461,24 +461,25 @@ class ReplyComparison:
         self.compared = 0
         self.mismatches = 0
         self.active = True
-        fwd.loop.watch(evidence_fd, select.POLLIN, self.primary_replied)
 
-    def primary_replied(self, _event):
-        try:
-            data = os.read(self.fd, CHUNK)
-        except BlockingIOError:
-            return
-        if not data:  # the primary's forwarder has finished (or found us too slow): compare what came
-            self.fwd.loop.unwatch(self.fd)
-            os.close(self.fd)
-            self.fd = None
-        else:
+    def read_primary(self):
+        """Read the primary's replies that came: when the shadow's come (the evidence pipe is not
+        watched: a mirror in batches must not wake at every reply of the primary)."""
+        while self.fd is not None:
+            try:
+                data = os.read(self.fd, CHUNK)
+            except BlockingIOError:
+                return
+            if not data:  # the primary's forwarder has finished (or found us too slow)
+                os.close(self.fd)
+                self.fd = None
+                return
             self.primary.feed(data)
-        self.compare()
 
     def compare(self):
         if not self.active:
             return
+        self.read_primary()
         from_primary, from_shadow = self.from_primary, self.from_shadow
         while from_primary and from_shadow:
             self.compared += 1
@@ -515,7 +516,6 @@ class ReplyComparison:
         self.from_shadow.clear()
         self.primary.capture = self.fwd.replies.capture = None
         if self.fd is not None:
-            self.fwd.loop.unwatch(self.fd)
             os.close(self.fd)
             self.fd = None
         log.info("replies of %s no longer compared with the primary's: %s (%d compared, %d differed)",

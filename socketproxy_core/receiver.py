@@ -127,6 +127,8 @@ class Receiver(FanOut):
         self.evidence = {}
         if self.config.primary and self.config.framing == "resp":
             self.evidence = {index: os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC) for index in range(1, len(self.config.dests))}
+            for _, evidence_w in self.evidence.values():  # a slot per reply: as many as a forwarder's pipe
+                set_pipe_size(evidence_w, self.config.pipe_size)
         for index, dest in enumerate(self.config.dests):
             self.spawn_forwarder(index, dest)
         for evidence_r, evidence_w in self.evidence.values():
