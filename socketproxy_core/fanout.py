@@ -72,7 +72,6 @@ class FanOut:
         """--mirror-policy drop, a mirror sending turns: a turn its pipe has no room for as it begins
         is dropped whole (never part of one: the shadow would read on from an arbitrary byte); whether
         this chunk is dropped so."""
-        turn = self.turns[fd]
         if turn_starts:
             if self.config.pipe_size - pipe_bytes(fd) >= size:
                 self.skipping_turn.discard(fd)

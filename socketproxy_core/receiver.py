@@ -20,6 +20,7 @@ from socketproxy_core.fanout import FanOut
 from socketproxy_core import forwarding
 from socketproxy_core import framing
 from socketproxy_core import loop
+from socketproxy_core import mirrors
 from socketproxy_core import primary
 from socketproxy_core import proxylog
 from socketproxy_core import stats
@@ -95,10 +96,10 @@ class Receiver(FanOut):
         self.primary_written = 0  # bytes written into it (published with our counters)
         self.primary_progress = Progress(config.send_timeout)  # while requests wait for it
         # --primary: mirrors send in batches; each has an eventfd we poke when its pipe fills faster
-        # (see primary.MIRROR_BATCH_S): write fd -> [eventfd, pipe slots used since the last poke,
+        # (see mirrors.MIRROR_BATCH_S): write fd -> [eventfd, pipe slots used since the last poke,
         # the slots that call for a poke].
         self.pokes = {}
-        self.turns = {}  # a mirror's write fd -> [its turns pipe, bytes written to it] (primary.Turns)
+        self.turns = {}  # a mirror's write fd -> [its turns pipe, bytes written to it] (mirrors.Turns)
         self.replies_seen = 0  # the primary's replies counter when the current turn began
 
     def start(self):
@@ -123,7 +124,7 @@ class Receiver(FanOut):
             signal.signal(sig, lambda *_: None)  # the wake-up pipe tells the loop
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         # --primary --framing resp: the primary's forwarder copies its replies to each mirror, which
-        # compares them with its shadow's (primary.ReplyComparison): a pipe per mirror.
+        # compares them with its shadow's (mirrors.ReplyComparison): a pipe per mirror.
         self.evidence = {}
         if self.config.primary and self.config.framing == "resp":
             self.evidence = {index: os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC) for index in range(1, len(self.config.dests))}
@@ -165,17 +166,17 @@ class Receiver(FanOut):
             evidence = self.evidence[index][0] if index in self.evidence else None
             keep += [evidence] if evidence is not None else []
         if self.config.primary and not is_primary and self.config.framing == "none":
-            # A mirror of a byte stream sends turn by turn (primary.Turns): where turns begin comes
+            # A mirror of a byte stream sends turn by turn (mirrors.Turns): where turns begin comes
             # through a pipe of its own, and it does not batch.
             turns_r, turns_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             keep.append(turns_r)
-        elif self.config.primary and not is_primary and size >= primary.MIRROR_BATCH_MIN_PIPE:
+        elif self.config.primary and not is_primary and size >= mirrors.MIRROR_BATCH_MIN_PIPE:
             poke_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             keep.append(poke_fd)
         pid = forking.fork_child(title, self.run_forwarder, read_fd, index, dest, title, os.getpid(), poke_fd,
                                  turns_r, evidence, keep=keep, close=[] if is_primary else [self.source])
         if poke_fd is not None:
-            self.pokes[write_fd] = [poke_fd, 0, size // PAGE // primary.MIRROR_POKE_SHARE]
+            self.pokes[write_fd] = [poke_fd, 0, size // PAGE // mirrors.MIRROR_POKE_SHARE]
         if turns_r is not None:
             os.close(turns_r)
             self.turns[write_fd] = [turns_w, 0, 0]  # the turns pipe, bytes written, where the last turn began

@@ -6,7 +6,6 @@ import threading
 import time
 
 from socketproxy_core import forwarding
-from socketproxy_core import primary
 from socketproxy_core import sockets
 from socketproxy_core.endpoints import Config, Dest
 
