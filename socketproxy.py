@@ -2,12 +2,18 @@
 
 Usage:
   socketproxy.py --listen-port PORT [options] [--allow CIDR]... DEST...
+  socketproxy.py --config FILE [--listen-port PORT] [options] [--allow CIDR]... [DEST...]
+  socketproxy.py --check-config FILE
   socketproxy.py (-h | --help | --version)
 
 DEST is HOST:PORT; an IPv6 address is written [ADDR]:PORT; HOST may be a name,
 resolved again at every (re)connect.
 
 Options:
+  --config FILE           settings from a TOML file (keys: the long options with _ for -, and
+                          destinations); an option given on the command line wins over the file;
+                          SIGHUP reads the file again
+  --check-config FILE     check FILE and exit: 0, or 1 with one line naming the bad key or value
   --listen-port PORT      port to listen on
   --listen-host HOST      address to bind [default: 0.0.0.0]
   --max-connections N     sources served at once; more are closed at once with a warning [default: 256]
@@ -53,6 +59,7 @@ import psutil  # noqa: E402
 import setproctitle  # noqa: E402
 
 import docopt  # noqa: E402
+from socketproxy_core import configfile  # noqa: E402
 from socketproxy_core import endpoints  # noqa: E402
 from socketproxy_core import forking  # noqa: E402
 from socketproxy_core import proxylog  # noqa: E402
@@ -118,10 +125,50 @@ def parse_args(argv):
             usage_error("missing DEST (HOST:PORT)")
         detail = str(exc).splitlines()[0] if str(exc) else "invalid command line"
         usage_error(detail.replace("Warning: found unmatched (duplicate?) arguments", "unexpected arguments"))
+    if args.get("--check-config"):
+        check_config(args["--check-config"])
     try:
-        return endpoints.build_config(args)
+        return load_config(args, given_options(argv))
+    except configfile.FileError as exc:
+        sys.stderr.write("socketproxy: error: %s\n" % exc)
+        sys.exit(1)
     except endpoints.UsageError as exc:
         usage_error(str(exc))
+
+
+def given_options(argv):
+    """The options named on the command line (they win over --config's file)."""
+    return {arg.split("=", 1)[0] for arg in argv if arg.startswith("--")}
+
+
+def load_config(args, given):
+    """The Config of the command line (docopt's args), merged with --config's file when there is one;
+    raises UsageError (configfile.FileError for the file's own faults)."""
+    if not args.get("--config"):
+        return endpoints.build_config(args)
+    path = args["--config"]
+    merged, dests = configfile.merge(args, given, path)
+    try:
+        return endpoints.build_config(merged, dests)
+    except endpoints.UsageError as exc:
+        bad = re.match(r"invalid (--[a-z-]+) (.*)", str(exc))
+        if bad and bad.group(1) in given:
+            raise
+        if bad:  # the file's value: named by its key
+            raise configfile.FileError("%s: %s %s" % (path, bad.group(1)[2:].replace("-", "_"), bad.group(2))) from None
+        raise configfile.FileError("%s: %s" % (path, exc)) from None
+
+
+def check_config(path):
+    """--check-config FILE: exit 0 when it would start, else 1 with one line (as nginx -t does)."""
+    try:
+        config = load_config({**docopt.docopt(__doc__, argv=["--config", path]), "--config": path}, set())
+    except endpoints.UsageError as exc:
+        sys.stderr.write("socketproxy: error: %s\n" % exc)
+        sys.exit(1)
+    print("socketproxy: %s is valid: listen on %s port %d, %d destinations" % (
+        path, config.listen_host, config.listen_port, len(config.dests)))
+    sys.exit(0)
 
 
 def become_subreaper():
@@ -482,14 +529,18 @@ def plan_pipes(config):
     """The config with a pipe size that fits --max-connections sources in the user's pipe budget."""
     budget = zerocopy.pipe_budget()
     # A staging pipe, one pipe per forwarder, and, retaining, a shadow pipe per forwarder.
-    retaining = config.buffer > 0 or config.framing != "none"
-    pipes = 1 + len(config.dests) * (2 if retaining else 1)
+    pipes = 1 + sum(2 if retains(endpoints.for_destination(config, dest)) else 1 for dest in config.dests)
     size = zerocopy.plan_pipe_size(config.max_connections, pipes, budget)
     if budget is not None:
         log.info("pipes of %d KiB: %d sources x %d pipes fit in %d%% of this user's pipe budget of %d MiB "
                  "(fs.pipe-user-pages-soft)", size // 1024, config.max_connections, pipes,
                  zerocopy.PIPE_BUDGET_SHARE * 100, budget >> 20)
     return dataclasses.replace(config, pipe_size=size)
+
+
+def retains(config):
+    """Whether a forwarder with this config keeps a shadow pipe (see retaining.py)."""
+    return config.buffer > 0 or config.framing != "none" or config.session_preamble > 0
 
 
 def main(argv=None):

@@ -24,9 +24,19 @@ class Dest:
     port: int
     text: str
     family: int = 0  # AF_INET or AF_INET6 for an address; 0 for a name, resolved at each connect
+    options: tuple = ()  # (name, value) overrides of Config for this destination (--config's tables)
 
     def __str__(self):
         return self.text
+
+
+def with_options(dest, options):
+    return dataclasses.replace(dest, options=options)
+
+
+def for_destination(config, dest):
+    """The Config a forwarder to dest runs with: the destination's own settings over the others."""
+    return dataclasses.replace(config, **dict(dest.options)) if dest.options else config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,12 +164,12 @@ def parse_listen_host(text):
     return host
 
 
-def build_config(args):
-    """A Config from docopt's dictionary, validating every value."""
+def build_config(args, dests=None):
+    """A Config from docopt's dictionary, validating every value (dests: parsed already, from a file)."""
     return Config(
         listen_host=parse_listen_host(args["--listen-host"]),
         listen_port=parse_port(args["--listen-port"], "--listen-port"),
-        dests=tuple(parse_dest(text) for text in args["DEST"]),
+        dests=dests if dests is not None else tuple(parse_dest(text) for text in args["DEST"]),
         max_connections=parse_count(args["--max-connections"], "--max-connections"),
         idle_timeout=parse_seconds(args["--idle-timeout"], "--idle-timeout"),
         connect_timeout=parse_seconds(args["--connect-timeout"], "--connect-timeout", minimum=0.001),

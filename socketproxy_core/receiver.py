@@ -15,6 +15,7 @@ import time
 import psutil
 import setproctitle
 
+from socketproxy_core import endpoints
 from socketproxy_core import forking
 from socketproxy_core.fanout import FanOut
 from socketproxy_core import forwarding
@@ -194,7 +195,8 @@ class Receiver(FanOut):
         counters = stats.ForwarderStats(self.rows.forwarder_row(index),
                                         lambda text: setproctitle.setproctitle("%s | %s" % (title, text)))
         source = self.source if self.config.primary and index == 0 else None
-        return forwarding.run_forwarder(read_fd, dest, self.config, receiver_pid, self.rows, index, counters, source,
+        config = endpoints.for_destination(self.config, dest)  # --config's settings for this destination
+        return forwarding.run_forwarder(read_fd, dest, config, receiver_pid, self.rows, index, counters, source,
                                        self.requests_link if source else None, poke_fd, turns_fd, evidence)
 
     def publish(self):
