@@ -62,6 +62,7 @@ import docopt  # noqa: E402
 from socketproxy_core import configfile  # noqa: E402
 from socketproxy_core import endpoints  # noqa: E402
 from socketproxy_core import forking  # noqa: E402
+from socketproxy_core import membership  # noqa: E402
 from socketproxy_core import proxylog  # noqa: E402
 from socketproxy_core import receiver  # noqa: E402
 from socketproxy_core import stats  # noqa: E402
@@ -134,6 +135,16 @@ def parse_args(argv):
         sys.exit(1)
     except endpoints.UsageError as exc:
         usage_error(str(exc))
+
+
+def config_reloader(argv):
+    """With --config: a function reading the configuration again (the file, under the same command
+    line); None without."""
+    args = docopt.docopt(__doc__, argv=argv, version=VERSION)
+    if not args.get("--config"):
+        return None
+    given = given_options(argv)
+    return lambda: load_config(args, given)
 
 
 def given_options(argv):
@@ -253,18 +264,26 @@ class Proxy:
     loop's poll return, and the loop accepts, reaps, logs and stops outside any handler.
     """
 
-    def __init__(self, config, listener, metrics_sock=None):
-        self.config = config
+    def __init__(self, config, listener, metrics_sock=None, reload_config=None):
+        self.reload_config = reload_config  # --config: reads the file again (SIGHUP), else None
         self.listener = listener
         self.metrics_sock = metrics_sock
         self.metrics_pid = None
         self.receivers = {}  # pid (== pgid) -> peer
         self.slots = {}  # receiver pid -> its slot in the shared counters
-        # Slots for twice --max-connections: a slot is reused only once its whole group is gone.
-        self.table = stats.Table(2 * config.max_connections, len(config.dests))
+        # Slots for twice --max-connections: a slot is reused only once its whole group is gone. A
+        # destination keeps its column of the table for the life of the process (its counters go on
+        # across reloads); with --config, room for destinations added by reloads.
+        columns = max(RELOAD_COLUMNS, 2 * len(config.dests)) if reload_config else len(config.dests)
+        self.table = stats.Table(2 * config.max_connections, columns)
+        self.column_of = {}  # a destination's name (endpoints.mention_names) -> its column
+        self.config = config = self.with_columns(config)
+        # With --config, the destinations as every group can read them again at a reload.
+        self.dests_fd = os.memfd_create("socketproxy-destinations", os.MFD_CLOEXEC) if reload_config else None
+        if self.dests_fd is not None:
+            membership.write_list(self.dests_fd, config)
         self.counters = dict.fromkeys(("accepted", "refused_allow", "refused_full", "group_kills"), 0)
-        self.title_base = "socketproxy: main %s:%d -> %s" % (
-            config.listen_host, config.listen_port, " ".join(str(d) for d in config.dests))
+        self.title_base = title_base(config)
         self.title_shown, self.title_at = None, 0.0
         self.lifeline_r, self.lifeline_w = os.pipe2(os.O_CLOEXEC)
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -318,7 +337,7 @@ class Proxy:
         if signal.SIGCHLD in received:
             self.reap()
         if signal.SIGHUP in received:
-            log.info("SIGHUP ignored: nothing to reload; serving %d sources", len(self.receivers))
+            self.reload()
         if signal.SIGALRM in received:
             self.update_title()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -391,13 +410,60 @@ class Proxy:
         self.title_shown, self.title_at = text, time.monotonic()
 
     def start_metrics(self):
-        """Fork the process that serves --metrics (see socketproxy_core.metrics)."""
+        """Fork the process that serves --metrics (see socketproxy_core.metrics); main keeps the
+        listening socket, to start it again with a reloaded configuration."""
         host, port = self.metrics_sock.getsockname()[:2]
         self.metrics_pid = forking.fork_child(
             "socketproxy: metrics %s" % format_peer((host, port)), serve_metrics, self.metrics_sock, self.table,
             self.config, self.lifeline_r, keep=[self.metrics_sock.fileno(), self.lifeline_r], close=[self.listener])
-        self.metrics_sock.close()
         log.info("serving metrics at http://%s/metrics", format_peer((host, port)))
+
+    def with_columns(self, config):
+        """config with each destination's column in the table (a new name gets the next free one);
+        raises UsageError when the table has no column left."""
+        columns = []
+        for name in endpoints.mention_names(config.dests):
+            if name not in self.column_of:
+                if len(self.column_of) == self.table.dests:
+                    raise endpoints.UsageError("more than %d destinations named since the start (each keeps its "
+                                               "counters): restart to add %s" % (self.table.dests, name))
+                self.column_of[name] = len(self.column_of)
+            columns.append(self.column_of[name])
+        return dataclasses.replace(config, columns=tuple(columns))
+
+    def reload(self):
+        """SIGHUP: read --config's file again. New sources get the new configuration; a file that does
+        not parse or validate changes nothing."""
+        if self.reload_config is None:
+            log.info("SIGHUP ignored: no --config file to read again; serving %d sources", len(self.receivers))
+            return
+        notify_service_manager("RELOADING=1\nMONOTONIC_USEC=%d" % (time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000))
+        try:
+            config = self.with_columns(plan_pipes(kept_at_start(self.config, self.reload_config()), quiet=True))
+        except endpoints.UsageError as exc:
+            log.error("reload failed: %s; kept the running configuration", exc)
+            notify_service_manager("READY=1")
+            return
+        changes = describe_changes(self.config, config)
+        dests_changed = config.columns != self.config.columns
+        self.config = config
+        proxylog.set_level(config.log_level)
+        self.title_base = title_base(config)
+        self.title_shown = None
+        self.update_title()
+        log.info("reloaded the configuration: %s", changes or "nothing changed")
+        if dests_changed:  # every live group joins the destinations added and leaves those removed
+            membership.write_list(self.dests_fd, config)
+            for pid in self.receivers:
+                try:
+                    os.kill(pid, signal.SIGHUP)
+                except ProcessLookupError:
+                    pass
+        if self.metrics_pid is not None:  # it labels the destinations: started again with the new list
+            old, self.metrics_pid = self.metrics_pid, None
+            os.kill(old, signal.SIGKILL)
+            self.start_metrics()
+        notify_service_manager("READY=1\nSTATUS=listening on port %d" % config.listen_port)
 
     def kill_group(self, pgid, sig=signal.SIGKILL):
         try:
@@ -435,8 +501,10 @@ class Proxy:
         source.setblocking(True)
         try:
             pid = forking.fork_child("socketproxy: receiver %s" % peer, receiver.run_receiver,
-                                     source, peer, self.config, self.lifeline_r, self.table, slot,
-                                     keep=[source.fileno(), self.lifeline_r], close=[self.listener])
+                                     source, peer, self.config, self.lifeline_r, self.table, slot, self.dests_fd,
+                                     keep=[source.fileno(), self.lifeline_r] + (
+                                         [self.dests_fd] if self.dests_fd is not None else []),
+                                     close=[self.listener])
         except OSError as exc:
             self.table.free.append(slot)
             log.error("cannot start a receiver for %s: %s", peer, exc.strerror)
@@ -492,6 +560,55 @@ class Proxy:
             self.reap()
 
 
+def title_base(config):
+    return "socketproxy: main %s:%d -> %s" % (config.listen_host, config.listen_port,
+                                              " ".join(str(d) for d in config.dests))
+
+
+# What a reload cannot change: the listening socket, the metrics socket and the table's size are made
+# once, at the start (a restart, or an upgrade in place, changes them).
+FIXED_AT_START = ("listen_host", "listen_port", "metrics", "max_connections")
+RELOAD_COLUMNS = 16  # with --config: the table holds this many destinations at least (added by reloads)
+
+
+def kept_at_start(running, config):
+    """config with the settings a reload cannot change put back as they run, each one said."""
+    for name in FIXED_AT_START:
+        if getattr(config, name) != getattr(running, name):
+            log.warning("reload: %s changed from %s to %s: not applied until a restart", name,
+                        getattr(running, name), getattr(config, name))
+    return dataclasses.replace(config, **{name: getattr(running, name) for name in FIXED_AT_START})
+
+
+def describe_changes(old, new):
+    """What a reload changed, in one line: destinations added and removed, then each setting."""
+    parts = []
+    old_names, new_names = endpoints.mention_names(old.dests), endpoints.mention_names(new.dests)
+    added = [name for name in new_names if name not in old_names]
+    removed = [name for name in old_names if name not in new_names]
+    if added:
+        parts.append("destinations added: %s" % " ".join(added))
+    if removed:
+        parts.append("destinations removed: %s" % " ".join(removed))
+    overrides = {str(d): d.options for d in old.dests}
+    for dest in new.dests:
+        if str(dest) in overrides and overrides[str(dest)] != dest.options:
+            parts.append("%s's settings %s" % (dest, ", ".join("%s=%s" % item for item in dest.options) or "default"))
+    for field in dataclasses.fields(new):
+        if field.name in ("dests", "columns", "pipe_size"):
+            continue
+        before, after = getattr(old, field.name), getattr(new, field.name)
+        if before != after:
+            parts.append("%s %s -> %s" % (field.name, show(before), show(after)))
+    return "; ".join(parts)
+
+
+def show(value):
+    if isinstance(value, tuple):
+        return " ".join(str(item) for item in value) or "all"
+    return str(value)
+
+
 def serve_metrics(*args):
     """Body of the metrics process: prometheus-client is loaded there only, not in main (nor so in
     every receiver and forwarder main forks)."""
@@ -525,13 +642,13 @@ def bind_metrics(config):
     return sock
 
 
-def plan_pipes(config):
+def plan_pipes(config, quiet=False):
     """The config with a pipe size that fits --max-connections sources in the user's pipe budget."""
     budget = zerocopy.pipe_budget()
     # A staging pipe, one pipe per forwarder, and, retaining, a shadow pipe per forwarder.
     pipes = 1 + sum(2 if retains(endpoints.for_destination(config, dest)) else 1 for dest in config.dests)
     size = zerocopy.plan_pipe_size(config.max_connections, pipes, budget)
-    if budget is not None:
+    if budget is not None and not quiet:
         log.info("pipes of %d KiB: %d sources x %d pipes fit in %d%% of this user's pipe budget of %d MiB "
                  "(fs.pipe-user-pages-soft)", size // 1024, config.max_connections, pipes,
                  zerocopy.PIPE_BUDGET_SHARE * 100, budget >> 20)
@@ -557,7 +674,7 @@ def main(argv=None):
     listener = bind_listener(config)
     metrics_sock = bind_metrics(config) if config.metrics else None
     become_subreaper()
-    proxy = Proxy(config, listener, metrics_sock)
+    proxy = Proxy(config, listener, metrics_sock, config_reloader(sys.argv[1:] if argv is None else argv))
     why = proxy.serve()
     proxy.shutdown(why)
     return 0

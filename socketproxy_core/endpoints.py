@@ -61,6 +61,17 @@ class Config:
     mirror_policy: str = "drop"  # with primary: a mirror that cannot keep up loses data (drop) or holds (wait)
     fin_timeout: float = 30.0  # with primary: a half-closed session idle this long is closed; 0 = never
     session_preamble: int = 0  # framing none/line: the source's first N records (bytes) sent first on every new connection
+    columns: tuple = ()  # each destination's column in the shared table (main's, stable across reloads)
+
+
+def mention_names(dests):
+    """A name per destination as the metrics label it: "HOST:PORT", and "HOST:PORT#2" for a second
+    mention of the same destination (which gets a connection of its own)."""
+    names = []
+    for dest in dests:
+        seen = sum(1 for name in names if name.split("#")[0] == str(dest))
+        names.append(str(dest) if not seen else "%s#%d" % (dest, seen + 1))
+    return names
 
 
 def parse_port(text, what="port"):

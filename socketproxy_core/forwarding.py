@@ -54,7 +54,7 @@ class Forwarder(Ending):
     """Copies one pipe to one destination for the life of one source connection."""
 
     def __init__(self, pipe_fd, dest, config, receiver_pid=None, rows=None, index=0, stats=None, source=None,
-                 requests_link=None, poke_fd=None, turns_fd=None, evidence=None):
+                 requests_link=None, poke_fd=None, turns_fd=None, evidence=None, joined=False):
         self.pipe_fd = pipe_fd
         self.dest = dest
         self.config = config
@@ -91,6 +91,8 @@ class Forwarder(Ending):
         self.cut_noted = False  # the receiver cut our byte stream (--mirror-policy drop), and we said so
         self.abandoned_why = None  # the shadow closed; the session is abandoned if more of it comes
         self.backlog = self.retainer.backlog if self.retainer else Backlog(0, config.framing)
+        if joined and config.framing == "line":  # added by a reload: from the next whole line on
+            self.backlog.start_skipping()
         self.connector = Connector(self.loop, dest, self.connected, self.attempt_failed)
         self.backoff = Backoff(config.retry_interval)
         self.progress = Progress(config.send_timeout)
@@ -556,7 +558,7 @@ class Forwarder(Ending):
         A dying process closes its descriptors before its parent or a pidfd learns of its death,
         so neither getppid nor the pidfd can tell at EOF; the flag the receiver sets first can.
         """
-        return self.rows is not None and not self.rows.pipes_closed()
+        return self.rows is not None and not self.rows.pipes_closed() and not self.rows.left(self.index)
 
     def receiver_died(self):
         """The pipe ended because the receiver died, not because the source finished: say so, and
@@ -633,11 +635,11 @@ class Forwarder(Ending):
 
 
 def run_forwarder(pipe_fd, dest, config, receiver_pid=None, rows=None, index=0, stats=None, source=None,
-                  requests_link=None, poke_fd=None, turns_fd=None, evidence=None):
+                  requests_link=None, poke_fd=None, turns_fd=None, evidence=None, joined=False):
     """Body of the forwarder process (see forking.fork_child)."""
     os.set_blocking(pipe_fd, False)
     zerocopy.return_large_blocks()
     fwd = Forwarder(pipe_fd, dest, config, receiver_pid, rows, index, stats, source, requests_link, poke_fd,
-                    turns_fd, evidence)
+                    turns_fd, evidence, joined)
     fwd.watch_signals()
     return fwd.run()

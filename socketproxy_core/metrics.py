@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import MetricsHandler
 
+from socketproxy_core import endpoints
 from socketproxy_core import loop
 from socketproxy_core import stats
 
@@ -25,10 +26,8 @@ class TableCollector:
     def __init__(self, table, config):
         self.table = table
         # A destination named twice gets one series per mention: "HOST:PORT", then "HOST:PORT#2".
-        self.dests = []
-        for dest in config.dests:
-            seen = sum(1 for name in self.dests if name.split("#")[0] == str(dest))
-            self.dests.append(str(dest) if not seen else "%s#%d" % (dest, seen + 1))
+        self.dests = endpoints.mention_names(config.dests)
+        self.columns = config.columns or range(len(config.dests))  # each one's column in the table
         self.framed = config.framing != "none"
         self.resp = config.framing == "resp"
         self.roles = ["primary" if config.primary and index == 0 else "mirror" if config.primary else "destination"
@@ -86,12 +85,13 @@ class TableCollector:
         info = GaugeMetricFamily(PREFIX + "destination_info", "Each destination's role: primary (its replies go "
                                  "back to the source, --primary), mirror, or destination.", labels=["destination", "role"])
         for index, dest in enumerate(self.dests):
-            kept.add_metric([dest], backlogs[index])
+            column = self.columns[index]
+            kept.add_metric([dest], backlogs[column])
             info.add_metric([dest, self.roles[index]], 1)
             for name, family in families.items():
-                family.add_metric([dest], totals[index][name])
-            up.add_metric([dest], sum(states[index].count(state) for state in stats.CONNECTED_STATES))
-            down.add_metric([dest], states[index].count(stats.STATE_DOWN))
+                family.add_metric([dest], totals[column][name])
+            up.add_metric([dest], sum(states[column].count(state) for state in stats.CONNECTED_STATES))
+            down.add_metric([dest], states[column].count(stats.STATE_DOWN))
         yield from families.values()
         yield up
         yield down

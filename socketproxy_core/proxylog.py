@@ -60,6 +60,11 @@ def setup(level="info"):
     log.propagate = False
 
 
+def set_level(level):
+    """A reloaded --log-level (main's, and so every process it forks from then on)."""
+    log.setLevel(level.upper())
+
+
 def set_connection(tag):
     """Name the connection this process serves; it prefixes every later line of this process."""
     _tag.tag = tag + " " if tag else ""

@@ -18,6 +18,7 @@ import setproctitle
 from socketproxy_core import endpoints
 from socketproxy_core import forking
 from socketproxy_core.fanout import FanOut
+from socketproxy_core.membership import Membership
 from socketproxy_core import forwarding
 from socketproxy_core import framing
 from socketproxy_core import loop
@@ -41,11 +42,15 @@ KEEPALIVE = ((socket.TCP_KEEPIDLE, 60), (socket.TCP_KEEPINTVL, 10), (socket.TCP_
 
 
 
-class Receiver(FanOut):
+class Receiver(FanOut, Membership):
     """Fans one source out to the forwarders of its group."""
 
-    def __init__(self, source, peer, config, lifeline_fd, table=None, slot=None):
+    def __init__(self, source, peer, config, lifeline_fd, table=None, slot=None, dests_fd=None):
         self.source = source
+        self.dests_fd = dests_fd  # main's list of destinations, read again at SIGHUP (membership.py)
+        self.left = set()  # destination indices a reload removed from this group
+        self.leaving = set()  # the pids of their forwarders: their exit does not end the group
+        self.pid_of = {}  # destination index -> its forwarder's pid
         self.published = None
         self.title_period = TITLE_PERIOD_S
         self.checked_at = 0.0  # when exited forwarders were last looked for without a pidfd's word
@@ -73,7 +78,7 @@ class Receiver(FanOut):
         if table is None:  # alone (in tests): a table of our own
             table, slot = stats.Table(1, len(config.dests)), 0
         self.table, self.slot = table, slot
-        self.rows = stats.GroupRows(table, slot)
+        self.rows = stats.GroupRows(table, slot, config.columns)
         self.pipes_closed = False
         self.drops = [[0, 0] for _ in config.dests]
         self.droppable = set()  # the write fds of mirrors that must never hold the source
@@ -123,7 +128,7 @@ class Receiver(FanOut):
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: None)  # the wake-up pipe tells the loop
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, lambda *_: None)  # main's word that the destinations changed
         # --primary --framing resp: the primary's forwarder copies its replies to each mirror, which
         # compares them with its shadow's (mirrors.ReplyComparison): a pipe per mirror.
         self.evidence = {}
@@ -149,7 +154,7 @@ class Receiver(FanOut):
         log.info("accepted; forwarders: %s", ", ".join(
             "%d -> %s" % (pid, dest) for pid, dest in self.forwarders.values()))
 
-    def spawn_forwarder(self, index, dest):
+    def spawn_forwarder(self, index, dest, joined=False):
         """Fork one forwarder fed by a new pipe; the receiver keeps the write end only."""
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         size = set_pipe_size(write_fd, self.config.pipe_size)
@@ -175,7 +180,8 @@ class Receiver(FanOut):
             poke_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             keep.append(poke_fd)
         pid = forking.fork_child(title, self.run_forwarder, read_fd, index, dest, title, os.getpid(), poke_fd,
-                                 turns_r, evidence, keep=keep, close=[] if is_primary else [self.source])
+                                 turns_r, evidence, joined, keep=keep, close=[] if is_primary else [self.source])
+        self.pid_of[index] = pid
         if poke_fd is not None:
             self.pokes[write_fd] = [poke_fd, 0, size // PAGE // mirrors.MIRROR_POKE_SHARE]
         if turns_r is not None:
@@ -190,14 +196,14 @@ class Receiver(FanOut):
         self.forwarders[pidfd] = (pid, dest)
         self.loop.watch(pidfd, select.POLLIN, self.check_forwarders)
 
-    def run_forwarder(self, read_fd, index, dest, title, receiver_pid, poke_fd, turns_fd, evidence):
+    def run_forwarder(self, read_fd, index, dest, title, receiver_pid, poke_fd, turns_fd, evidence, joined):
         proxylog.set_connection("src=%s dst=%s" % (self.peer, dest))
         counters = stats.ForwarderStats(self.rows.forwarder_row(index),
                                         lambda text: setproctitle.setproctitle("%s | %s" % (title, text)))
         source = self.source if self.config.primary and index == 0 else None
         config = endpoints.for_destination(self.config, dest)  # --config's settings for this destination
         return forwarding.run_forwarder(read_fd, dest, config, receiver_pid, self.rows, index, counters, source,
-                                       self.requests_link if source else None, poke_fd, turns_fd, evidence)
+                                       self.requests_link if source else None, poke_fd, turns_fd, evidence, joined)
 
     def publish(self):
         """Our counters to the shared table, and a title with our forwarders' states: on a timer,
@@ -253,7 +259,11 @@ class Receiver(FanOut):
             self.read_source()
 
     def signalled(self, _event):
-        os.read(self.wake_fd, 64)
+        received = set(os.read(self.wake_fd, 64))
+        if signal.SIGHUP in received:
+            self.reconcile()
+            if not received & {signal.SIGTERM, signal.SIGINT}:
+                return
         ended = {primary.ENDED_CLOSE: "the primary closed the session",
                  primary.ENDED_RESET: "the primary reset the session"}
         self.stop(ended.get(self.rows.session_end(), "told to stop"))
@@ -442,7 +452,7 @@ class Receiver(FanOut):
             self.loop.unwatch(proc.pidfd)
             os.close(proc.pidfd)
             del self.forwarders[proc.pidfd]
-            if proc.returncode == 0 and not self.pipes or self.state == KILLING:
+            if proc.returncode == 0 and (not self.pipes or proc.pid in self.leaving) or self.state == KILLING:
                 continue  # finished after its pipe closed, as it should (or killed by us)
             how = ("killed by %s" % signal.Signals(-proc.returncode).name if proc.returncode < 0
                    else "exit status %d" % proc.returncode)
@@ -490,9 +500,9 @@ class Receiver(FanOut):
 
 
 
-def run_receiver(source, peer, config, lifeline_fd, table=None, slot=None):
+def run_receiver(source, peer, config, lifeline_fd, table=None, slot=None, dests_fd=None):
     """Body of the receiver process (see forking.fork_child)."""
-    receiver = Receiver(source, peer, config, lifeline_fd, table, slot)
+    receiver = Receiver(source, peer, config, lifeline_fd, table, slot, dests_fd)
     try:
         receiver.start()
     except OSError as exc:

@@ -245,9 +245,10 @@ RCV_PID, RCV_RECEIVED, RCV_PRIMARY_WRITTEN, RCV_PIPES_CLOSED = range(4)
 class GroupRows:
     """One group's rows in the table, as its processes read each other's (see the module docstring)."""
 
-    def __init__(self, table, slot):
+    def __init__(self, table, slot, columns=()):
         self.table = table
         self.slot = slot
+        self.columns = columns or range(table.dests)  # destination index -> its column in the table
 
     def write_receiver(self, pid, received, primary_written, pipes_closed):
         self.table.receiver_row(self.slot).write(pid, received, primary_written, int(pipes_closed))
@@ -260,32 +261,39 @@ class GroupRows:
         return self.table.receiver_row(self.slot).read()[RCV_PRIMARY_WRITTEN]
 
     def write_drops(self, index, dropped, records, cut=False):
-        self.table.drops_row(self.slot, index).write(dropped, records, int(cut))
+        self.table.drops_row(self.slot, self.columns[index]).write(dropped, records, int(cut))
 
     def receiver_drops(self, index):
         """(bytes, records) the receiver dropped for destination index instead of waiting for it."""
-        return tuple(self.table.drops_row(self.slot, index).read()[:2])
+        return tuple(self.table.drops_row(self.slot, self.columns[index]).read()[:2])
 
     def note_replies(self, count):
         """The primary's forwarder, at each reply it passes on: the one field written at once, out of
         the seqlock (a single aligned 8-byte store, read whole), for the receiver to mark turns."""
-        FIELD.pack_into(self.table.buf, self.table.forwarder_row(self.slot, 0).offset + FIELD.size * (1 + FWD_REPLIES),
-                        count)
+        FIELD.pack_into(self.table.buf, self.forwarder_row(0).offset + FIELD.size * (1 + FWD_REPLIES), count)
 
     def replies_passed(self):
-        return FIELD.unpack_from(self.table.buf, self.table.forwarder_row(self.slot, 0).offset
-                                 + FIELD.size * (1 + FWD_REPLIES))[0]
+        return FIELD.unpack_from(self.table.buf, self.forwarder_row(0).offset + FIELD.size * (1 + FWD_REPLIES))[0]
+
+    def set_left(self, index):
+        """Receiver: a reload removed destination index from the group; its pipe closes on purpose."""
+        row = self.table.drops_row(self.slot, self.columns[index])
+        values = list(row.read()[:3])
+        row.write(*values, 1)
+
+    def left(self, index):
+        return bool(self.table.drops_row(self.slot, self.columns[index]).read()[3])
 
     def receiver_cut(self, index):
         """Whether the receiver cut a mirror's byte stream (it gets nothing more of the session)."""
-        return bool(self.table.drops_row(self.slot, index).read()[2])
+        return bool(self.table.drops_row(self.slot, self.columns[index]).read()[2])
 
     def session_end(self):
         """--primary: how the primary's forwarder says the session ended (0: it goes on)."""
-        return self.table.forwarder_row(self.slot, 0).read()[FWD_SESSION_END]
+        return self.forwarder_row(0).read()[FWD_SESSION_END]
 
     def forwarder_row(self, index):
-        return self.table.forwarder_row(self.slot, index)
+        return self.table.forwarder_row(self.slot, self.columns[index])
 
 
 def since_of(values):
