@@ -261,7 +261,8 @@ def test_main_exits_only_once_its_groups_are_gone(proxy, recorder):
 
 
 def test_sighup_stops_nothing(proxy, recorder):
-    """SIGHUP to every process of the tree: main logs that it ignores it, nothing stops or is lost."""
+    """SIGHUP to every process of the tree without --config: main logs that it has nothing to read again,
+    nothing stops or is lost."""
     d1, d2 = recorder(), recorder()
     px = proxy(["127.0.0.1:%d" % d1.port, "127.0.0.1:%d" % d2.port])
     [source] = serving(px, [d1, d2])
@@ -269,7 +270,7 @@ def test_sighup_stops_nothing(proxy, recorder):
     procs = tree(px.pid)
     for proc in procs:
         proc.send_signal(signal.SIGHUP)
-    wait_for_log(px.log_path, r"SIGHUP ignored: nothing to reload; serving 1 sources")
+    wait_for_log(px.log_path, r"SIGHUP ignored: no --config file to read again; serving 1 sources")
     source.sendall(b"after\n")
     wait_until(lambda: d1.streams() == d2.streams() == [b"before\nafter\n"])
     assert len(alive(procs)) == len(procs) == 4
