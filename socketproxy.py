@@ -66,6 +66,7 @@ from socketproxy_core import membership  # noqa: E402
 from socketproxy_core import proxylog  # noqa: E402
 from socketproxy_core import receiver  # noqa: E402
 from socketproxy_core import stats  # noqa: E402
+from socketproxy_core import upgrade  # noqa: E402
 from socketproxy_core import zerocopy  # noqa: E402
 from socketproxy_core.proxylog import log  # noqa: E402
 
@@ -76,7 +77,7 @@ STOP_KILL_S = 0.8  # ... then SIGKILL to their groups and this long to be collec
 ACCEPT_PAUSE_S = 0.1  # out of descriptors: pause, then accept again
 PR_SET_CHILD_SUBREAPER = 36
 TRANSIENT_ACCEPT_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM)
+HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM, signal.SIGUSR2)
 TITLE_PERIOD_S = 1.0  # the title is refreshed this often at most (SIGALRM when one is due)
 ACCEPT_BATCH = 64  # sources accepted per wake-up before signals are looked at again
 REFUSAL_SUMMARY_S = 1.0  # refused sources in a burst: one summary line per this period
@@ -264,33 +265,102 @@ class Proxy:
     loop's poll return, and the loop accepts, reaps, logs and stops outside any handler.
     """
 
-    def __init__(self, config, listener, metrics_sock=None, reload_config=None):
+    def __init__(self, config, listener, metrics_sock=None, reload_config=None, inherited=None):
         self.reload_config = reload_config  # --config: reads the file again (SIGHUP), else None
         self.listener = listener
         self.metrics_sock = metrics_sock
         self.metrics_pid = None
+        self.inherited = inherited  # after an upgrade in place: the state the image before handed over
+        self.probe = None  # an upgrade's probe of the new version: (Popen, its output's fd, the output)
         self.receivers = {}  # pid (== pgid) -> peer
         self.slots = {}  # receiver pid -> its slot in the shared counters
-        # Slots for twice --max-connections: a slot is reused only once its whole group is gone. A
-        # destination keeps its column of the table for the life of the process (its counters go on
-        # across reloads); with --config, room for destinations added by reloads.
-        columns = max(RELOAD_COLUMNS, 2 * len(config.dests)) if reload_config else len(config.dests)
-        self.table = stats.Table(2 * config.max_connections, columns)
         self.column_of = {}  # a destination's name (endpoints.mention_names) -> its column
-        self.config = config = self.with_columns(config)
-        # With --config, the destinations as every group can read them again at a reload.
-        self.dests_fd = os.memfd_create("socketproxy-destinations", os.MFD_CLOEXEC) if reload_config else None
-        if self.dests_fd is not None:
-            membership.write_list(self.dests_fd, config)
         self.counters = dict.fromkeys(("accepted", "refused_allow", "refused_full", "group_kills"), 0)
+        if inherited:
+            self.adopt(inherited)
+        else:
+            # Slots for twice --max-connections: a slot is reused only once its whole group is gone.
+            # A destination keeps its column of the table for the life of the process (its counters
+            # go on across reloads and upgrades), with room for destinations added by reloads.
+            self.table = stats.Table(2 * config.max_connections, table_columns(config))
+            self.lifeline_r, self.lifeline_w = os.pipe2(os.O_CLOEXEC)
+            # The destinations as every group can read them again at a reload.
+            self.dests_fd = os.memfd_create("socketproxy-destinations", os.MFD_CLOEXEC)
+        self.config = config = self.with_columns(config)
+        membership.write_list(self.dests_fd, config)
         self.title_base = title_base(config)
         self.title_shown, self.title_at = None, 0.0
-        self.lifeline_r, self.lifeline_w = os.pipe2(os.O_CLOEXEC)
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.signals = set()  # signal numbers received and not yet handled
         self.refusals = RefusalLog()
         self.poller = select.poll()
         self.accept_paused_until = None  # out of descriptors: accepting again then
+
+    def adopt(self, state):
+        """After an upgrade in place: the image before's listener (given to the constructor), table,
+        lifeline, children and counters."""
+        slots, columns, table_fd = state["table"]
+        self.table = stats.Table(slots, columns, fd=table_fd)
+        self.table.free = state["free"]
+        self.table.retiring = {int(slot): pgid for slot, pgid in state["retiring"].items()}
+        self.lifeline_r, self.lifeline_w = state["lifeline"]
+        self.dests_fd = state["dests_fd"]
+        self.receivers = {int(pid): peer for pid, peer in state["receivers"].items()}
+        self.slots = {int(pid): slot for pid, slot in state["slots"].items()}
+        self.column_of = state["column_of"]
+        self.counters = state["counters"]
+        self.metrics_pid = state["metrics_pid"]  # the old image's: ended and started again by serve
+
+    def start_upgrade(self):
+        """SIGUSR2: probe the installed command (upgrade.py); the loop reads its word, then execs."""
+        if self.probe is not None:
+            log.info("SIGUSR2: an upgrade is under way already")
+            return
+        log.info("upgrade in place (SIGUSR2): checking that %s starts", " ".join(upgrade.command()[1:2]))
+        try:
+            proc, fd = upgrade.start_probe(self.table.dests, self.column_of)
+        except OSError as exc:
+            log.error("upgrade failed: cannot run the new version (%s); kept running this one", exc.strerror or exc)
+            return
+        self.probe = (proc, fd, bytearray())
+        self.poller.register(fd, select.POLLIN)
+
+    def probe_said(self):
+        """The probe's output: once it ends, exec the new version, or keep this one and say why."""
+        proc, fd, output = self.probe
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        if chunk:
+            output += chunk
+            return
+        self.poller.unregister(fd)
+        os.close(fd)
+        self.probe = None
+        passed, why = upgrade.probe_passed(output)
+        if not passed:
+            log.error("upgrade failed: the new version does not start (%s); kept running this one", why)
+            return
+        self.exec_new_version()
+
+    def exec_new_version(self):
+        """Hand everything over to the new image (this process, exec'd) and become it."""
+        state = {"table": [self.table.slots, self.table.dests, self.table.fd], "free": self.table.free,
+                 "retiring": self.table.retiring, "lifeline": [self.lifeline_r, self.lifeline_w],
+                 "dests_fd": self.dests_fd, "receivers": self.receivers, "slots": self.slots,
+                 "column_of": self.column_of, "counters": self.counters, "metrics_pid": self.metrics_pid,
+                 "listener": self.listener.fileno(),
+                 "metrics": self.metrics_sock.fileno() if self.metrics_sock is not None else None}
+        fds = [self.table.fd, self.lifeline_r, self.lifeline_w, self.dests_fd, self.listener.fileno()] + (
+            [self.metrics_sock.fileno()] if self.metrics_sock is not None else [])
+        log.info("upgrading in place: %d sources keep their groups (and their code); exec %s",
+                 len(self.receivers), " ".join(upgrade.command()[1:]))
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        try:
+            upgrade.exec_new(state, fds)
+        except OSError as exc:
+            log.error("upgrade failed: exec: %s; kept running this one", exc.strerror or exc)
 
     def record_signal(self, signum, _frame):
         self.signals.add(signum)
@@ -307,8 +377,17 @@ class Proxy:
     def serve(self):
         """Accept until SIGTERM/SIGINT; returns the signal's name."""
         self.install_signal_handlers()
-        log.info("listening on %s port %d; destinations: %s", self.config.listen_host,
-                 self.config.listen_port, " ".join(str(d) for d in self.config.dests))
+        if self.inherited:
+            log.info("upgraded in place to %s (pid %d): listening on %s port %d; destinations: %s; %d sources "
+                     "started before keep their groups", VERSION, os.getpid(), self.config.listen_host,
+                     self.config.listen_port, " ".join(str(d) for d in self.config.dests), len(self.receivers))
+            if self.metrics_pid is not None:  # the old image's, running the old code: started again
+                old, self.metrics_pid = self.metrics_pid, None
+                os.kill(old, signal.SIGKILL)
+            self.reap()  # children that ended during the exec (their SIGCHLD came before our handler)
+        else:
+            log.info("listening on %s port %d; destinations: %s", self.config.listen_host,
+                     self.config.listen_port, " ".join(str(d) for d in self.config.dests))
         notify_service_manager("READY=1\nSTATUS=listening on port %d" % self.config.listen_port)
         if self.metrics_sock is not None:
             self.start_metrics()
@@ -323,7 +402,9 @@ class Proxy:
             stop = self.handle_signals()
             if stop:
                 return stop
-            if any(fd != self.wake_r for fd, _ in events):
+            if self.probe is not None and any(fd == self.probe[1] for fd, _ in events):
+                self.probe_said()
+            if any(fd == self.listener.fileno() for fd, _ in events):
                 self.accept_some()
             self.refusals.flush()
 
@@ -338,6 +419,8 @@ class Proxy:
             self.reap()
         if signal.SIGHUP in received:
             self.reload()
+        if signal.SIGUSR2 in received:
+            self.start_upgrade()
         if signal.SIGALRM in received:
             self.update_title()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -560,6 +643,12 @@ class Proxy:
             self.reap()
 
 
+def table_columns(config):
+    """Destinations the shared table holds over the life of the process (and of its upgrades): room
+    for those reloads add."""
+    return max(RELOAD_COLUMNS, 2 * len(config.dests))
+
+
 def title_base(config):
     return "socketproxy: main %s:%d -> %s" % (config.listen_host, config.listen_port,
                                               " ".join(str(d) for d in config.dests))
@@ -568,7 +657,7 @@ def title_base(config):
 # What a reload cannot change: the listening socket, the metrics socket and the table's size are made
 # once, at the start (a restart, or an upgrade in place, changes them).
 FIXED_AT_START = ("listen_host", "listen_port", "metrics", "max_connections")
-RELOAD_COLUMNS = 16  # with --config: the table holds this many destinations at least (added by reloads)
+RELOAD_COLUMNS = 16  # the table holds this many destinations at least (added by reloads)
 
 
 def kept_at_start(running, config):
@@ -664,6 +753,9 @@ def main(argv=None):
     """Entry point of the socketproxy command."""
     setproctitle.getproctitle()  # before anything touches os.environ (the title reuses its memory)
     config = parse_args(sys.argv[1:] if argv is None else argv)
+    if os.environ.get(upgrade.PROBE_ENV):
+        upgrade.run_probe(config)
+    inherited = upgrade.adopt()
     proxylog.setup(config.log_level)
     seen = set()
     for dest in config.dests:
@@ -671,10 +763,15 @@ def main(argv=None):
             log.warning("destination %s is named more than once: it gets one connection per mention", dest)
         seen.add(dest)
     config = plan_pipes(config)
-    listener = bind_listener(config)
-    metrics_sock = bind_metrics(config) if config.metrics else None
+    if inherited:  # an upgrade in place: the sockets are the image before's
+        listener = socket.socket(fileno=inherited["listener"])
+        metrics_sock = socket.socket(fileno=inherited["metrics"]) if inherited["metrics"] is not None else None
+    else:
+        listener = bind_listener(config)
+        metrics_sock = bind_metrics(config) if config.metrics else None
     become_subreaper()
-    proxy = Proxy(config, listener, metrics_sock, config_reloader(sys.argv[1:] if argv is None else argv))
+    proxy = Proxy(config, listener, metrics_sock, config_reloader(sys.argv[1:] if argv is None else argv),
+                  inherited)
     why = proxy.serve()
     proxy.shutdown(why)
     return 0

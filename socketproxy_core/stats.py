@@ -26,6 +26,7 @@ Each row (and the header, for folds) has a sequence number, odd while it is bein
 retries until it reads the same even number before and after (a seqlock).
 """
 import mmap
+import os
 import struct
 import time
 
@@ -80,12 +81,19 @@ class Row:
 class Table:
     """The shared table: `slots` sources of `dests` destinations each."""
 
-    def __init__(self, slots, dests):
+    def __init__(self, slots, dests, fd=None):
         self.slots = slots
         self.dests = dests
         self.header_rows = 2 + dests  # seq row + main counters, finished received, per destination
         self.slot_rows = 1 + 2 * dests  # the receiver's row, a row per forwarder, a drops row per destination
-        self.buf = mmap.mmap(-1, ROW * (self.header_rows + slots * self.slot_rows))
+        size = ROW * (self.header_rows + slots * self.slot_rows)
+        # A memfd, so that main can map it again after an upgrade in place (exec keeps the descriptor);
+        # its children map it by inheritance. fd: the table of the image before (its layout is the same).
+        if fd is None:
+            fd = os.memfd_create("socketproxy-table", os.MFD_CLOEXEC)
+            os.ftruncate(fd, size)
+        self.fd = fd
+        self.buf = mmap.mmap(fd, size)
         self.free = list(range(slots - 1, -1, -1))
         self.retiring = {}  # slot -> process group that must be gone before the slot is folded
 

@@ -191,15 +191,15 @@ class Recorder:
 
 
 def start_proxy(tmp_path, dests, *options, listen_port=None, name="proxy", listen_host="127.0.0.1",
-                prefix=(), env=None, journal=False):
-    """Start socketproxy.py as its own session; return (Popen, port, log path) once it listens.
+                prefix=(), env=None, journal=False, script=None):
+    """Start socketproxy.py (or script) as its own session; return (Popen, port, log path) once it listens.
 
     prefix runs it through another program (setpriv, unshare); env adds environment variables;
     journal makes its log file look like systemd's journal stream (JOURNAL_STREAM names it).
     """
     port = listen_port or free_port()
     log_path = tmp_path / ("%s.log" % name)
-    argv = [*prefix, sys.executable, os.path.join(ROOT, "socketproxy.py"), "--listen-host", listen_host,
+    argv = [*prefix, sys.executable, script or os.path.join(ROOT, "socketproxy.py"), "--listen-host", listen_host,
             "--listen-port", str(port), *options, *dests]
     full_env = dict(os.environ, **(env or {}))
     with open(log_path, "wb") as log:
