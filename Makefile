@@ -6,7 +6,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo demo-live bench chaos soak service-check servers metrics-check clean cluster-demo mirror-demo
+.PHONY: venv test demo demo-live bench chaos soak service-check servers metrics-check clean cluster-demo mirror-demo \
+	reload-demo
 
 venv: $(STAMP)
 
@@ -24,6 +25,10 @@ demo: $(STAMP)
 
 demo-live: $(STAMP)
 	$(PY) -m fakes.demo --live
+
+# A source streaming through 3 reloads (add, remove, a bad file) and an upgrade in place, narrated.
+reload-demo: $(STAMP)
+	$(PY) -m fakes.reload_demo
 
 # Three instances behind HAProxy (contrib/haproxy.cfg), 30 sources, one instance killed; haproxy comes from Debian.
 cluster-demo: $(STAMP)

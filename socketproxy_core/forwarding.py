@@ -415,26 +415,27 @@ class Forwarder(Ending):
 
     def pump_retained(self):
         """Move what can be moved through the shadow; then wait for what the retainer says."""
-        stop = None  # a mirror sending turns: where the current turn ends
-        if self.turns is not None:
-            turn_room = self.turns.room(self.counts.conn_sent, self.retainer.unsent_replay())
-            if turn_room == 0:
-                self.wait_for_turn()
+        while True:
+            stop = None  # a mirror sending turns: where the current turn ends
+            if self.turns is not None:
+                turn_room = self.turns.room(self.counts.conn_sent, self.retainer.unsent_replay())
+                if turn_room == 0:
+                    self.wait_for_turn()
+                    return
+                if turn_room == -1:
+                    self.data_flows()  # nothing to hand yet
+                    return
+                stop = None if turn_room is None else self.counts.conn_sent + turn_room
+            try:
+                waiting = self.retainer.step(self.sock, stop)
+            except Disconnected as reason:
+                self.lose(str(reason))
                 return
-            if turn_room == -1:
-                self.data_flows()  # nothing to hand yet
-                return
-            stop = None if turn_room is None else self.counts.conn_sent + turn_room
-        try:
-            waiting = self.retainer.step(self.sock, stop)
-        except Disconnected as reason:
-            self.lose(str(reason))
-            return
-        if self.turns is not None:
+            if self.turns is None:
+                break
             self.turns.handed(self.counts.conn_sent)
-            if waiting == "turn":
-                self.pump_retained()  # waits for the answer (or goes on, when it has come)
-                return
+            if waiting != "turn":
+                break  # at a turn's end: the next pass waits for the answer (or goes on, when it has come)
         if waiting == "eof":
             self.retainer.release_acknowledged(self.sock, final=True)
             self.end_of_pipe()

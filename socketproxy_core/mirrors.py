@@ -102,6 +102,8 @@ class Turns:
         in_pipe = pipe_bytes(self.fwd.pipe_fd)
         self.read_starts()
         starts = self.starts
+        if not self.waiting:  # a shadow that does not answer turn by turn: turns are not waited for
+            starts.clear()
         while starts and starts[0] <= position:
             if starts[0] == position and self.waiting and self.fwd.replies_read <= self.replies_then:
                 if not self.fwd.loop.has_timer("turn"):

@@ -215,6 +215,8 @@ class Receiver(FanOut, Membership):
             self.check_forwarders()
         states = []
         for index, dest in enumerate(self.config.dests):
+            if index in self.left:
+                continue  # a reload removed it
             values = self.rows.forwarder_row(index).read()
             states.append("%s %s" % (dest, stats.state_text(values[stats.FWD_STATE], stats.since_of(values))))
         current = (self.received, self.primary_written, tuple(states))

@@ -163,3 +163,14 @@ def test_torn_check_fails_the_demo_on_a_torn_or_malformed_line(bad):
     demo.check_records("whole")
     assert demo.results[-1][:2] == ("whole", False)
     assert demo.summary() == 1
+
+
+def test_the_reload_demo_passes_every_check():
+    """make reload-demo: three reloads and an upgrade under a streaming source, every check held, and
+    nothing of it left running."""
+    done = subprocess.run([sys.executable, "-m", "fakes.reload_demo"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=scaled(120), env=dict(os.environ, NO_COLOR=""))
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    assert done.stdout.count("PASS") == 6 and "FAIL" not in done.stdout, done.stdout[-3000:]
+    assert "reload demo: every check held" in done.stdout
+    assert not ours_left()
