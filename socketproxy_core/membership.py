@@ -75,7 +75,11 @@ class Membership:
                 log.info("destination %s added by a reload: it was left by this source's group, whose counters "
                          "for it are kept; it gets the next sources", dest)
             else:
-                self.join(dest, column)
+                try:
+                    self.join(dest, column)
+                except OSError as exc:  # no pipe or process left (the pipe budget, the unit's TasksMax)
+                    log.warning("destination %s added by a reload: cannot fork its forwarder here (%s); it gets "
+                                "the next sources", dest, exc.strerror or exc)
 
     def join(self, dest, column):
         index = len(self.config.dests)

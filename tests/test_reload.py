@@ -171,3 +171,48 @@ def test_without_config_sighup_changes_nothing(proxy, recorder):
     px = proxy(["127.0.0.1:%d" % a.port])
     os.kill(px.pid, signal.SIGHUP)
     wait_for_log(px.log_path, r"SIGHUP ignored: no --config file to read again")
+
+
+def test_five_reloads_and_three_upgrades_under_a_stream_lose_and_repeat_no_line(proxy, recorder, tmp_path):
+    """A line source streams while the file adds B, removes B, adds B again, is broken, then adds C, with
+    an upgrade in place after the second, third and fifth reload. A (named throughout) gets every line
+    once, in order; B gets one contiguous run (its join to its removal: added again, it is left out of
+    this group, whose counters for it are kept); C gets a contiguous run from its join to the last line."""
+    a, b, c = recorder(), recorder(), recorder()
+    port = free_port()
+    path = tmp_path / "proxy.toml"
+    line = 'framing = "line"\n'
+    write(path, port, [a], line)
+    px = proxy([], "--config", str(path), listen_port=port)
+    source = Lines(px.port)
+    source.start()
+    upgrades = 0
+    try:
+        steps = [([a, b], None), ([a], "upgrade"), ([a, b], "upgrade"), ("bad", None), ([a, b, c], "upgrade")]
+        for number, (dests, then) in enumerate(steps, 1):
+            source.wait_sent(1500)
+            if dests == "bad":
+                path.write_text('listen_port = %d\nbuffer = "lots"\ndestinations = ["127.0.0.1:%d"]\n' % (port, a.port))
+            else:
+                write(path, port, dests, line)
+            os.kill(px.pid, signal.SIGHUP)
+            wait_for_log(px.log_path, r"reloaded the configuration|reload failed", count=number)
+            if then == "upgrade":
+                upgrades += 1
+                os.kill(px.pid, signal.SIGUSR2)
+                wait_for_log(px.log_path, r"upgraded in place to", count=upgrades, timeout=30)
+        wait_until(lambda: c.total() > 0, 20, message=lambda: px.log()[-3000:])
+        source.wait_sent(1500)
+    finally:
+        source.finish()
+    wait_for_log(px.log_path, r"group ended: source closed", timeout=30)
+    last = source.sent - 1
+    assert numbers(b"".join(a.streams())) == list(range(last + 1))
+    got_b = numbers(b"".join(b.streams()))
+    assert got_b and got_b == list(range(got_b[0], got_b[0] + len(got_b))) and got_b[-1] < last, (got_b[:2], got_b[-2:])
+    assert len(b.streams()) == 1
+    got_c = numbers(b"".join(c.streams()))
+    assert got_c and got_c == list(range(got_c[0], last + 1)), (got_c[:2], got_c[-2:], last)
+    assert re.search(r"destination 127\.0\.0\.1:%d added by a reload: it was left by this source's group" % b.port,
+                     px.log())
+    assert "Traceback" not in px.log() and px.proc.poll() is None
