@@ -137,13 +137,16 @@ def test_each_process_holds_only_its_own_descriptors(proxy, recorder):
     wait_until(lambda: d1.open_count() == 1 and d2.open_count() == 1)
     [rec] = by_role(px.pid, "receiver")
     # receiver: source socket, lifeline read end, signal wake-up pipe (2), staging pipe (2),
-    # 2 pipe write ends, 2 pidfds
-    assert open_fds(rec) == sorted(["socket"] + ["pipe"] * 7 + ["anon_inode"] * 2), open_fds(rec)
+    # 2 pipe write ends, 2 pidfds, main's list of destinations (a memfd, read again at a reload)
+    assert open_fds(rec) == sorted(["socket"] + ["pipe"] * 7 + ["anon_inode"] * 2 + ["/memfd"]), open_fds(rec)
     for fwd in by_role(px.pid, "forwarder"):
         # forwarder: its receiver's pidfd, its pipe's read end, /dev/null (drops), its destination socket,
         # the shadow pipe holding what the destination has not acknowledged yet (--buffer), and its
         # signal wake-up pipe (2)
         assert open_fds(fwd) == ["anon_inode", "null"] + ["pipe"] * 5 + ["socket"], open_fds(fwd)
-    # main: the listener, its lifeline and wake-up pipes; the source socket went with the fork
-    assert open_fds(psutil.Process(px.pid)) == ["pipe", "pipe", "pipe", "pipe", "socket"], open_fds(psutil.Process(px.pid))
+    # main: the listener, its lifeline and wake-up pipes, the shared table (its memfd, and the copy
+    # Python's mmap keeps) and the list of destinations (memfds, kept across an upgrade in place); the
+    # source socket went with the fork
+    assert open_fds(psutil.Process(px.pid)) == ["/memfd"] * 3 + ["pipe"] * 4 + ["socket"], open_fds(
+        psutil.Process(px.pid))
     source.close()
