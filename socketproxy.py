@@ -1,8 +1,8 @@
 """SocketProxy: copy every TCP source that connects to all destinations, one connection each.
 
 Usage:
-  socketproxy.py --listen-port PORT [options] [--allow CIDR]... DEST...
-  socketproxy.py --config FILE [--listen-port PORT] [options] [--allow CIDR]... [DEST...]
+  socketproxy.py --listen-port PORT [options] [--allow CIDR]... [--accept-proxy CIDR]... DEST...
+  socketproxy.py --config FILE [--listen-port PORT] [options] [--allow CIDR]... [--accept-proxy CIDR]... [DEST...]
   socketproxy.py --check-config FILE
   socketproxy.py (-h | --help | --version)
 
@@ -34,6 +34,10 @@ Options:
                           primary) or wait (backpressure, lossless mirrors) [default: drop]
   --fin-timeout SEC       with --primary: after the source's FIN, end the session once nothing has moved
                           either way this long (the primary neither answers nor closes); 0 = never [default: 30]
+  --accept-proxy CIDR     sources from these networks (a load balancer) must begin with a PROXY protocol
+                          v1 or v2 header; the source it names is the source everywhere; repeatable
+  --send-proxy VERSION    v1, v2 or off: every destination connection begins with a PROXY protocol
+                          header naming the source [default: off]
   --session-preamble N    with --framing line or none: the source's first N lines (bytes without framing)
                           are sent again first on every new connection to a destination [default: 0]
   -h --help               show this help
@@ -572,7 +576,9 @@ class Proxy:
     def admit(self, source, address):
         """Refuse the source, or fork its receiver."""
         peer = format_peer(address)
-        if not endpoints.is_allowed(address[0], self.config.allow):
+        # A balancer of --accept-proxy is let in: its receiver applies --allow to the source it names.
+        trusted = self.config.accept_proxy and endpoints.is_allowed(address[0], self.config.accept_proxy)
+        if not trusted and not endpoints.is_allowed(address[0], self.config.allow):
             self.refusals.refused(peer, "not in --allow")
             self.count(refused_allow=1)
             return

@@ -29,7 +29,7 @@ class FileError(UsageError):
 OPTIONS = {name.replace("-", "_"): "--" + name for name in (
     "listen-host", "listen-port", "max-connections", "idle-timeout", "connect-timeout", "retry-interval",
     "send-timeout", "allow", "log-level", "framing", "buffer", "metrics", "primary", "mirror-policy", "fin-timeout",
-    "session-preamble")}
+    "session-preamble", "accept-proxy", "send-proxy")}
 # Per destination: the key, and how its value is read.
 DEST_OPTIONS = {
     "buffer": lambda text: endpoints.parse_size(text, "buffer"),
@@ -67,7 +67,7 @@ def option_text(path, key, value):
         if not isinstance(value, bool):
             raise FileError("%s: primary = %r: expected true or false" % (path, value))
         return value
-    if key == "allow":
+    if key in ("allow", "accept_proxy"):
         values = value if isinstance(value, list) else [value]
         if not all(isinstance(item, str) for item in values):
             raise FileError("%s: allow = %r: expected a network or a list of them, as strings" % (path, value))

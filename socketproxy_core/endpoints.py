@@ -62,6 +62,8 @@ class Config:
     fin_timeout: float = 30.0  # with primary: a half-closed session idle this long is closed; 0 = never
     session_preamble: int = 0  # framing none/line: the source's first N records (bytes) sent first on every new connection
     columns: tuple = ()  # each destination's column in the shared table (main's, stable across reloads)
+    accept_proxy: tuple = ()  # ip_network objects: sources from these begin with a PROXY protocol header
+    send_proxy: str = ""  # "v1" or "v2": every destination connection begins with a PROXY header; "" = none
 
 
 def mention_names(dests):
@@ -195,7 +197,26 @@ def build_config(args, dests=None):
         mirror_policy=parse_mirror_policy(args.get("--mirror-policy") or "drop"),
         fin_timeout=parse_seconds(args.get("--fin-timeout") or "30", "--fin-timeout"),
         session_preamble=parse_preamble(args.get("--session-preamble") or "0", args["--framing"]),
+        accept_proxy=parse_networks(args.get("--accept-proxy") or [], "--accept-proxy"),
+        send_proxy=parse_send_proxy(args.get("--send-proxy") or "off"),
     )
+
+
+def parse_networks(values, option):
+    """Networks (CIDR) of a repeatable option; none when not given."""
+    networks = []
+    for text in values:
+        try:
+            networks.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            raise UsageError("invalid %s %r: expected a network like 10.0.0.0/8" % (option, text)) from None
+    return tuple(networks)
+
+
+def parse_send_proxy(text):
+    if text not in ("v1", "v2", "off"):
+        raise UsageError("invalid --send-proxy %r: expected v1, v2 or off" % text)
+    return "" if text == "off" else text
 
 
 def parse_preamble(text, framing_mode):

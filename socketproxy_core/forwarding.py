@@ -54,8 +54,9 @@ class Forwarder(Ending):
     """Copies one pipe to one destination for the life of one source connection."""
 
     def __init__(self, pipe_fd, dest, config, receiver_pid=None, rows=None, index=0, stats=None, source=None,
-                 requests_link=None, poke_fd=None, turns_fd=None, evidence=None, joined=False):
+                 requests_link=None, poke_fd=None, turns_fd=None, evidence=None, joined=False, proxy_header=b""):
         self.pipe_fd = pipe_fd
+        self.proxy_header = proxy_header  # --send-proxy: what every connection to the destination begins with
         self.dest = dest
         self.config = config
         self.primary = source is not None  # --primary: this destination is the source's session
@@ -261,11 +262,15 @@ class Forwarder(Ending):
             log.debug("cannot connect to %s: %s; reconnecting in %.1f s", self.dest, reason, self.backoff.delay_s)
 
     def connected(self, sock, host):
-        """A connection is made: the session is restored on it first when something of it was
-        delivered on an earlier one (the pipe goes on draining into the backlog meanwhile)."""
+        """A connection is made: it starts with the PROXY protocol header (--send-proxy), and the
+        session is restored on it first when something of it was delivered on an earlier one; the pipe
+        goes on draining into the backlog meanwhile."""
         self.loop.cancel("hold")
         memory = self.retainer.memory if self.retainer is not None else None
         preamble = memory.preamble() if memory is not None else None
+        if self.proxy_header:
+            data, replies, checked, what = preamble or (b"", 0, 0, "")
+            preamble = (self.proxy_header + data, replies, checked, what)
         if preamble and preamble[0]:
             if self.replies is not None:
                 self.replies.restart()
@@ -293,7 +298,7 @@ class Forwarder(Ending):
             self.abandon("the start of the session was dropped while it was down")
             return
         if self.restoring is not None:  # the preamble was delivered before: sent again
-            self.counts.resend(len(self.restoring.data))
+            self.counts.resend(len(self.restoring.data) - len(self.proxy_header))
             self.restoring = None
         self.restore_error = None
         self.loop.unwatch(self.pipe_fd)
@@ -636,11 +641,11 @@ class Forwarder(Ending):
 
 
 def run_forwarder(pipe_fd, dest, config, receiver_pid=None, rows=None, index=0, stats=None, source=None,
-                  requests_link=None, poke_fd=None, turns_fd=None, evidence=None, joined=False):
+                  requests_link=None, poke_fd=None, turns_fd=None, evidence=None, joined=False, proxy_header=b""):
     """Body of the forwarder process (see forking.fork_child)."""
     os.set_blocking(pipe_fd, False)
     zerocopy.return_large_blocks()
     fwd = Forwarder(pipe_fd, dest, config, receiver_pid, rows, index, stats, source, requests_link, poke_fd,
-                    turns_fd, evidence, joined)
+                    turns_fd, evidence, joined, proxy_header)
     fwd.watch_signals()
     return fwd.run()

@@ -24,6 +24,7 @@ from socketproxy_core import framing
 from socketproxy_core import loop
 from socketproxy_core import mirrors
 from socketproxy_core import primary
+from socketproxy_core import proxyproto
 from socketproxy_core import proxylog
 from socketproxy_core import stats
 from socketproxy_core.proxylog import log
@@ -37,6 +38,8 @@ READING, HELD, STOPPING, ENDED, KILLING, DONE = "reading", "held", "stopping", "
 KILL_WAIT_S = 2.0  # after SIGKILL to forwarders that did not finish: how long we wait to collect them
 TITLE_PERIOD_S = 1.0  # the title and the shared counters are refreshed this often at most ...
 IDLE_TITLE_PERIOD_S = TICK_S  # ... and this often once a refresh found nothing changed (an idle group sleeps)
+PROXY_HEADER_S = 5.0  # --accept-proxy: a balancer's header must be whole within this
+PROXY_PEEK_S = 0.2  # --accept-proxy: how long another source's first bytes are waited for, to refuse a header
 KEEPALIVE = ((socket.TCP_KEEPIDLE, 60), (socket.TCP_KEEPINTVL, 10), (socket.TCP_KEEPCNT, 6))
 
 
@@ -108,6 +111,46 @@ class Receiver(FanOut, Membership):
         self.turns = {}  # a mirror's write fd -> [its turns pipe, bytes written to it] (mirrors.Turns)
         self.replies_seen = 0  # the primary's replies counter when the current turn began
 
+    def admit(self):
+        """--accept-proxy: a balancer's source begins with a PROXY protocol header naming the real
+        source, which --allow is applied to and which names this group from then on; any other source
+        must not begin with one. Whether the source is served (else it is closed, and nothing of it
+        reached a destination: no forwarder exists yet)."""
+        proxylog.set_connection("src=%s" % self.peer)
+        config = self.config
+        self.real_source = self.source.getpeername()[:2]  # (host, port) of the source: a balancer's, or the one it names
+        if not config.accept_proxy:
+            return True
+        trusted = endpoints.is_allowed(self.real_source[0], config.accept_proxy)
+        try:
+            if trusted:
+                _, named = proxyproto.read_header(self.source, PROXY_HEADER_S)
+            else:
+                named = None
+                self.source.settimeout(PROXY_PEEK_S)
+                try:
+                    start = self.source.recv(len(proxyproto.V2_SIGNATURE), socket.MSG_PEEK)
+                except (socket.timeout, OSError):
+                    start = b""
+                if len(start) >= 5 and (proxyproto.V1_PREFIX.startswith(start[:6])
+                                        or proxyproto.V2_SIGNATURE.startswith(start)):
+                    raise proxyproto.HeaderError("a PROXY protocol header from an address not in --accept-proxy")
+        except proxyproto.HeaderError as exc:
+            log.warning("closing the source: %s; nothing of it was forwarded", exc)
+            self.source.close()
+            return False
+        self.source.settimeout(None)
+        if named is not None:
+            self.real_source = named
+            self.peer = "%s (via %s)" % (format_address(named), self.peer)
+            proxylog.set_connection("src=%s" % self.peer)
+            setproctitle.setproctitle("socketproxy: receiver %s" % self.peer)
+            if not endpoints.is_allowed(named[0], config.allow):
+                log.warning("refused: the source it names is not in --allow; nothing of it was forwarded")
+                self.source.close()
+                return False
+        return True
+
     def start(self):
         """Own process group, keepalive on the source, wake-up pipe for signals, forwarders."""
         try:
@@ -115,6 +158,10 @@ class Receiver(FanOut, Membership):
         except OSError:
             pass  # main already made us a group leader
         proxylog.set_connection("src=%s" % self.peer)
+        # --send-proxy: the header every destination connection begins with, naming the source (the
+        # real one a balancer named) and the address it connected to.
+        self.proxy_header = proxyproto.header(self.config.send_proxy, self.real_source,
+                                              self.source.getsockname()) if self.config.send_proxy else b""
         self.source.setblocking(False)
         self.source_fd = self.source.fileno()
         # The staging pipe the source is spliced into (non-blocking, as large as a forwarder's).
@@ -203,7 +250,8 @@ class Receiver(FanOut, Membership):
         source = self.source if self.config.primary and index == 0 else None
         config = endpoints.for_destination(self.config, dest)  # --config's settings for this destination
         return forwarding.run_forwarder(read_fd, dest, config, receiver_pid, self.rows, index, counters, source,
-                                       self.requests_link if source else None, poke_fd, turns_fd, evidence, joined)
+                                       self.requests_link if source else None, poke_fd, turns_fd, evidence, joined,
+                                       self.proxy_header)
 
     def publish(self):
         """Our counters to the shared table, and a title with our forwarders' states: on a timer,
@@ -502,9 +550,16 @@ class Receiver(FanOut, Membership):
 
 
 
+def format_address(address):
+    host, port = address[:2]
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+
+
 def run_receiver(source, peer, config, lifeline_fd, table=None, slot=None, dests_fd=None):
     """Body of the receiver process (see forking.fork_child)."""
     receiver = Receiver(source, peer, config, lifeline_fd, table, slot, dests_fd)
+    if not receiver.admit():
+        return 0
     try:
         receiver.start()
     except OSError as exc:

@@ -11,7 +11,8 @@ import socketproxy
 
 OPTIONS = ["--listen-port", "--listen-host", "--max-connections", "--idle-timeout", "--connect-timeout",
            "--retry-interval", "--send-timeout", "--allow", "--log-level", "--framing", "--buffer", "--metrics",
-           "--primary", "--mirror-policy", "--fin-timeout", "--session-preamble"]
+           "--primary", "--mirror-policy", "--fin-timeout", "--session-preamble",
+           "--accept-proxy", "--send-proxy"]
 VALUES = st.one_of(
     st.sampled_from(["8000", "0", "70000", "0x", "-1", "1.5", "nan", "inf", "127.0.0.1:80", "[::1]:80",
                      "[::1", "host:abc", "foo", "10.0.0.0/8", "debug", "::", "", " ", "localhost:0",
@@ -31,6 +32,8 @@ OPTION_VALUES = {
     "--fin-timeout": ["0", "1.5", "30", "-1", "-0.5", "nan", "inf", "-inf"],
     "--send-timeout": ["1", "0.5", "0", "-1"],
     "--session-preamble": ["0", "1", "3", "-1", "1.5", "x", ""],
+    "--accept-proxy": ["127.0.0.0/8", "::1/128", "10.0.0.300/8", "all", ""],
+    "--send-proxy": ["v1", "v2", "off", "v3", ""],
     "--allow": ["10.0.0.0/8", "all", "::1/128", "10.0.0.300/8"],
 }
 SETTING = st.sampled_from(sorted(OPTION_VALUES)).flatmap(
@@ -66,6 +69,8 @@ def check(argv):
     assert not config.primary or "--primary" in argv, argv
     assert config.mirror_policy in ("drop", "wait"), argv
     assert config.fin_timeout >= 0, argv
+    assert config.send_proxy in ("", "v1", "v2"), argv
+    assert isinstance(config.accept_proxy, tuple), argv
     assert config.session_preamble >= 0 and not (config.session_preamble and config.framing == "resp"), argv
 
 
