@@ -38,6 +38,9 @@ Options:
                           v1 or v2 header; the source it names is the source everywhere; repeatable
   --send-proxy VERSION    v1, v2 or off: every destination connection begins with a PROXY protocol
                           header naming the source [default: off]
+  --tls-cert FILE         sources speak TLS (1.2 or later) with this certificate chain (PEM)
+  --tls-key FILE          its private key, when not in the --tls-cert file
+  --tls-client-ca FILE    sources must present a certificate signed by this CA (mutual TLS)
   --session-preamble N    with --framing line or none: the source's first N lines (bytes without framing)
                           are sent again first on every new connection to a destination [default: 0]
   -h --help               show this help
@@ -70,6 +73,7 @@ from socketproxy_core import membership  # noqa: E402
 from socketproxy_core import proxylog  # noqa: E402
 from socketproxy_core import receiver  # noqa: E402
 from socketproxy_core import stats  # noqa: E402
+from socketproxy_core import tls  # noqa: E402
 from socketproxy_core import upgrade  # noqa: E402
 from socketproxy_core import zerocopy  # noqa: E402
 from socketproxy_core.proxylog import log  # noqa: E402
@@ -179,6 +183,7 @@ def check_config(path):
     """--check-config FILE: exit 0 when it would start, else 1 with one line (as nginx -t does)."""
     try:
         config = load_config({**docopt.docopt(__doc__, argv=["--config", path]), "--config": path}, set())
+        tls.server_context(config)  # its certificate and key are read as a start would
     except endpoints.UsageError as exc:
         sys.stderr.write("socketproxy: error: %s\n" % exc)
         sys.exit(1)
@@ -269,8 +274,9 @@ class Proxy:
     loop's poll return, and the loop accepts, reaps, logs and stops outside any handler.
     """
 
-    def __init__(self, config, listener, metrics_sock=None, reload_config=None, inherited=None):
+    def __init__(self, config, listener, metrics_sock=None, reload_config=None, inherited=None, tls_context=None):
         self.reload_config = reload_config  # --config: reads the file again (SIGHUP), else None
+        self.tls_context = tls_context  # --tls-cert: the sources' TLS context (each receiver does its handshake)
         self.listener = listener
         self.metrics_sock = metrics_sock
         self.metrics_pid = None
@@ -279,7 +285,8 @@ class Proxy:
         self.receivers = {}  # pid (== pgid) -> peer
         self.slots = {}  # receiver pid -> its slot in the shared counters
         self.column_of = {}  # a destination's name (endpoints.mention_names) -> its column
-        self.counters = dict.fromkeys(("accepted", "refused_allow", "refused_full", "group_kills"), 0)
+        self.counters = dict.fromkeys(("accepted", "refused_allow", "refused_full", "group_kills", "refused_tls",
+                                       "refused_proxy"), 0)
         if inherited:
             self.adopt(inherited)
         else:
@@ -463,7 +470,9 @@ class Proxy:
             peer = self.receivers.pop(pid, None)
             if peer is None:
                 continue  # an orphaned forwarder we adopted: reaped, nothing more to do
-            self.table.retire(self.slots.pop(pid), pid)
+            slot = self.slots.pop(pid)
+            self.count_refusal(peer, self.table.receiver_row(slot).read()[stats.RCV_REFUSED])
+            self.table.retire(slot, pid)
             code, text = forking.decode_exit(status)
             if code != 0:
                 self.kill_group(pid)
@@ -472,6 +481,19 @@ class Proxy:
             else:
                 log.info("receiver %d for %s ended: %s", pid, peer, text)
         self.fold_finished()
+
+    def count_refusal(self, peer, why):
+        """A receiver that closed its source before serving it (TLS, the PROXY protocol, --allow on the
+        source a balancer named): counted by reason, logged once per burst as main's own refusals are."""
+        if why == stats.REFUSED_TLS:
+            self.refusals.refused(peer, "no TLS handshake (see the receiver's line)")
+            self.count(refused_tls=1)
+        elif why == stats.REFUSED_PROXY:
+            self.refusals.refused(peer, "no valid PROXY protocol header (see the receiver's line)")
+            self.count(refused_proxy=1)
+        elif why == stats.REFUSED_ALLOW:
+            self.refusals.refused(peer, "the source its balancer names is not in --allow")
+            self.count(refused_allow=1)
 
     def fold_finished(self):
         """Fold the shared counters of groups that are entirely gone into the totals."""
@@ -527,6 +549,7 @@ class Proxy:
         notify_service_manager("RELOADING=1\nMONOTONIC_USEC=%d" % (time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000))
         try:
             config = self.with_columns(plan_pipes(kept_at_start(self.config, self.reload_config()), quiet=True))
+            tls_context = tls.server_context(config)  # a renewed certificate is read again too
         except endpoints.UsageError as exc:
             log.error("reload failed: %s; kept the running configuration", exc)
             notify_service_manager("READY=1")
@@ -534,6 +557,7 @@ class Proxy:
         changes = describe_changes(self.config, config)
         dests_changed = config.columns != self.config.columns
         self.config = config
+        self.tls_context = tls_context
         proxylog.set_level(config.log_level)
         self.title_base = title_base(config)
         self.title_shown = None
@@ -591,6 +615,7 @@ class Proxy:
         try:
             pid = forking.fork_child("socketproxy: receiver %s" % peer, receiver.run_receiver,
                                      source, peer, self.config, self.lifeline_r, self.table, slot, self.dests_fd,
+                                     self.tls_context,
                                      keep=[source.fileno(), self.lifeline_r] + (
                                          [self.dests_fd] if self.dests_fd is not None else []),
                                      close=[self.listener])
@@ -763,6 +788,11 @@ def main(argv=None):
         upgrade.run_probe(config)
     inherited = upgrade.adopt()
     proxylog.setup(config.log_level)
+    try:
+        tls_context = tls.server_context(config)
+    except endpoints.UsageError as exc:
+        log.error("%s", exc)
+        return 1
     seen = set()
     for dest in config.dests:
         if dest in seen:
@@ -777,7 +807,7 @@ def main(argv=None):
         metrics_sock = bind_metrics(config) if config.metrics else None
     become_subreaper()
     proxy = Proxy(config, listener, metrics_sock, config_reloader(sys.argv[1:] if argv is None else argv),
-                  inherited)
+                  inherited, tls_context)
     why = proxy.serve()
     proxy.shutdown(why)
     return 0

@@ -29,7 +29,7 @@ class FileError(UsageError):
 OPTIONS = {name.replace("-", "_"): "--" + name for name in (
     "listen-host", "listen-port", "max-connections", "idle-timeout", "connect-timeout", "retry-interval",
     "send-timeout", "allow", "log-level", "framing", "buffer", "metrics", "primary", "mirror-policy", "fin-timeout",
-    "session-preamble", "accept-proxy", "send-proxy")}
+    "session-preamble", "accept-proxy", "send-proxy", "tls-cert", "tls-key", "tls-client-ca")}
 # Per destination: the key, and how its value is read.
 DEST_OPTIONS = {
     "buffer": lambda text: endpoints.parse_size(text, "buffer"),

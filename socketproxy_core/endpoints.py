@@ -64,6 +64,9 @@ class Config:
     columns: tuple = ()  # each destination's column in the shared table (main's, stable across reloads)
     accept_proxy: tuple = ()  # ip_network objects: sources from these begin with a PROXY protocol header
     send_proxy: str = ""  # "v1" or "v2": every destination connection begins with a PROXY header; "" = none
+    tls_cert: str = ""  # the listener's certificate chain (PEM): sources speak TLS; "" = plain TCP
+    tls_key: str = ""  # its private key, when not in tls_cert's file
+    tls_client_ca: str = ""  # sources must present a certificate this CA signed (mutual TLS)
 
 
 def mention_names(dests):
@@ -199,7 +202,19 @@ def build_config(args, dests=None):
         session_preamble=parse_preamble(args.get("--session-preamble") or "0", args["--framing"]),
         accept_proxy=parse_networks(args.get("--accept-proxy") or [], "--accept-proxy"),
         send_proxy=parse_send_proxy(args.get("--send-proxy") or "off"),
+        **parse_tls(args),
     )
+
+
+def parse_tls(args):
+    """The TLS options (their files are read when main builds the context: tls.server_context)."""
+    cert, key, client_ca = (args.get(option) or "" for option in ("--tls-cert", "--tls-key", "--tls-client-ca"))
+    if (key or client_ca) and not cert:
+        raise UsageError("--tls-key and --tls-client-ca need --tls-cert")
+    if cert and args.get("--primary"):
+        raise UsageError("--tls-cert does not work with --primary (its replies would have to be encrypted by "
+                         "the primary's forwarder)")
+    return {"tls_cert": cert, "tls_key": key, "tls_client_ca": client_ca}
 
 
 def parse_networks(values, option):

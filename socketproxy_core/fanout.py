@@ -186,7 +186,7 @@ class FanOut:
         """
         if self.resp_buffer is None:
             self.resp_buffer = memoryview(bytearray(RESP_CHUNK))
-        size = self.take_from_source(self.source.recv_into, self.resp_buffer)
+        size = self.take_from_source(self.recv_into, self.resp_buffer)
         if not size:
             return
         chunk = self.resp_buffer[:size].tobytes()
@@ -212,6 +212,21 @@ class FanOut:
         whole = bytes(self.partial) + chunk[:end] if self.partial else chunk[:end]
         self.partial = bytearray(chunk[end:])
         self.fan_out(whole, records)
+
+    def read_decrypted(self):
+        """A TLS source (--tls-cert): its decrypted bytes cannot be spliced; they are read into memory
+        and written to every pipe from there. Bytes the TLS object has decrypted already are read on
+        at once (poll does not see them)."""
+        if self.resp_buffer is None:
+            self.resp_buffer = memoryview(bytearray(RESP_CHUNK))
+        size = self.take_from_source(self.recv_into, self.resp_buffer)
+        if size:
+            self.fan_out(self.resp_buffer[:size].tobytes())
+
+    def read_pending_tls(self):
+        """After a chunk went out: the TLS source may hold decrypted bytes poll cannot see."""
+        if self.tls_context is not None and self.source.fileno() >= 0 and self.source.pending():
+            self.loop.set_timer("tls pending", 0, lambda: self.source_ready(0))
 
     def fan_out(self, data, records=0):
         """Write data to every pipe from memory; pipes that cannot take it all hold the source (but

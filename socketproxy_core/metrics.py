@@ -41,6 +41,8 @@ class TableCollector:
                                       labels=["reason"])
         refused.add_metric(["not_allowed"], main["refused_allow"])
         refused.add_metric(["max_connections"], main["refused_full"])
+        refused.add_metric(["tls"], main["refused_tls"])
+        refused.add_metric(["proxy_protocol"], main["refused_proxy"])
         yield refused
         yield GaugeMetricFamily(PREFIX + "sources_active", "Sources being served now.", value=main["active"])
         yield CounterMetricFamily(PREFIX + "received_bytes", "Bytes received from sources.",

@@ -25,6 +25,7 @@ from socketproxy_core import loop
 from socketproxy_core import mirrors
 from socketproxy_core import primary
 from socketproxy_core import proxyproto
+from socketproxy_core import tls
 from socketproxy_core import proxylog
 from socketproxy_core import stats
 from socketproxy_core.proxylog import log
@@ -48,8 +49,9 @@ KEEPALIVE = ((socket.TCP_KEEPIDLE, 60), (socket.TCP_KEEPINTVL, 10), (socket.TCP_
 class Receiver(FanOut, Membership):
     """Fans one source out to the forwarders of its group."""
 
-    def __init__(self, source, peer, config, lifeline_fd, table=None, slot=None, dests_fd=None):
+    def __init__(self, source, peer, config, lifeline_fd, table=None, slot=None, dests_fd=None, tls_context=None):
         self.source = source
+        self.tls_context = tls_context  # --tls-cert: main's context; the handshake is ours (admit)
         self.dests_fd = dests_fd  # main's list of destinations, read again at SIGHUP (membership.py)
         self.left = set()  # destination indices a reload removed from this group
         self.leaving = set()  # the pids of their forwarders: their exit does not end the group
@@ -112,44 +114,62 @@ class Receiver(FanOut, Membership):
         self.replies_seen = 0  # the primary's replies counter when the current turn began
 
     def admit(self):
-        """--accept-proxy: a balancer's source begins with a PROXY protocol header naming the real
+        """Before any forwarder exists (so nothing of a refused source reaches a destination):
+        --accept-proxy (a balancer's source begins with a PROXY protocol header naming the real
         source, which --allow is applied to and which names this group from then on; any other source
-        must not begin with one. Whether the source is served (else it is closed, and nothing of it
-        reached a destination: no forwarder exists yet)."""
+        must not begin with one), then the TLS handshake (--tls-cert). Whether the source is served;
+        a refused one is closed, said in one line here, and counted by main."""
         proxylog.set_connection("src=%s" % self.peer)
-        config = self.config
         self.real_source = self.source.getpeername()[:2]  # (host, port) of the source: a balancer's, or the one it names
-        if not config.accept_proxy:
-            return True
-        trusted = endpoints.is_allowed(self.real_source[0], config.accept_proxy)
         try:
-            if trusted:
-                _, named = proxyproto.read_header(self.source, PROXY_HEADER_S)
-            else:
-                named = None
-                self.source.settimeout(PROXY_PEEK_S)
-                try:
-                    start = self.source.recv(len(proxyproto.V2_SIGNATURE), socket.MSG_PEEK)
-                except (socket.timeout, OSError):
-                    start = b""
-                if len(start) >= 5 and (proxyproto.V1_PREFIX.startswith(start[:6])
-                                        or proxyproto.V2_SIGNATURE.startswith(start)):
-                    raise proxyproto.HeaderError("a PROXY protocol header from an address not in --accept-proxy")
+            self.read_proxy_header()
         except proxyproto.HeaderError as exc:
-            log.warning("closing the source: %s; nothing of it was forwarded", exc)
-            self.source.close()
-            return False
+            return self.refuse(stats.REFUSED_PROXY, str(exc))
+        if self.real_source[0] != self.source.getpeername()[0] and not endpoints.is_allowed(
+                self.real_source[0], self.config.allow):
+            return self.refuse(stats.REFUSED_ALLOW, "the source it names is not in --allow")
+        if self.tls_context is not None:
+            try:
+                self.source = tls.handshake(self.source, self.tls_context)
+            except tls.HandshakeError as exc:
+                return self.refuse(stats.REFUSED_TLS, str(exc))
+            subject = tls.subject(self.source)
+            if subject:
+                self.rename("%s [%s]" % (self.peer, subject))
         self.source.settimeout(None)
-        if named is not None:
-            self.real_source = named
-            self.peer = "%s (via %s)" % (format_address(named), self.peer)
-            proxylog.set_connection("src=%s" % self.peer)
-            setproctitle.setproctitle("socketproxy: receiver %s" % self.peer)
-            if not endpoints.is_allowed(named[0], config.allow):
-                log.warning("refused: the source it names is not in --allow; nothing of it was forwarded")
-                self.source.close()
-                return False
         return True
+
+    def read_proxy_header(self):
+        """--accept-proxy: read a trusted balancer's header (the source it names becomes ours); refuse
+        one from any other address. Raises proxyproto.HeaderError."""
+        config = self.config
+        if not config.accept_proxy:
+            return
+        if endpoints.is_allowed(self.real_source[0], config.accept_proxy):
+            _, named = proxyproto.read_header(self.source, PROXY_HEADER_S)
+            if named is not None:
+                self.real_source = named
+                self.rename("%s (via %s)" % (format_address(named), self.peer))
+            return
+        self.source.settimeout(PROXY_PEEK_S)
+        try:
+            start = self.source.recv(len(proxyproto.V2_SIGNATURE), socket.MSG_PEEK)
+        except (socket.timeout, OSError):
+            start = b""
+        if len(start) >= 5 and (proxyproto.V1_PREFIX.startswith(start[:6]) or proxyproto.V2_SIGNATURE.startswith(start)):
+            raise proxyproto.HeaderError("a PROXY protocol header from an address not in --accept-proxy")
+
+    def rename(self, peer):
+        """The source as the log and the title name it from now on."""
+        self.peer = peer
+        proxylog.set_connection("src=%s" % peer)
+        setproctitle.setproctitle("socketproxy: receiver %s" % peer)
+
+    def refuse(self, why, text):
+        log.info("closing the source: %s; nothing of it was forwarded", text)
+        self.rows.write_refused(os.getpid(), why)
+        self.source.close()
+        return False
 
     def start(self):
         """Own process group, keepalive on the source, wake-up pipe for signals, forwarders."""
@@ -158,6 +178,8 @@ class Receiver(FanOut, Membership):
         except OSError:
             pass  # main already made us a group leader
         proxylog.set_connection("src=%s" % self.peer)
+        # A TLS source is read through its TLS object, as a plain socket would be (tls.recv_into).
+        self.recv_into = tls.recv_into(self.source) if self.tls_context is not None else self.source.recv_into
         # --send-proxy: the header every destination connection begins with, naming the source (the
         # real one a balancer named) and the address it connected to.
         self.proxy_header = proxyproto.header(self.config.send_proxy, self.real_source,
@@ -305,6 +327,8 @@ class Receiver(FanOut, Membership):
     def source_ready(self, _event):
         if self.commands:
             self.read_commands()
+        elif self.tls_context is not None:
+            self.read_decrypted()
         else:
             self.read_source()
 
@@ -431,6 +455,7 @@ class Receiver(FanOut, Membership):
         if self.state in (READING, HELD) and self.source.fileno() >= 0:
             self.state = READING
             self.loop.watch(self.source, select.POLLIN, self.source_ready)
+            self.read_pending_tls()
         else:
             self.close_pipes()
 
@@ -555,9 +580,9 @@ def format_address(address):
     return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
 
-def run_receiver(source, peer, config, lifeline_fd, table=None, slot=None, dests_fd=None):
+def run_receiver(source, peer, config, lifeline_fd, table=None, slot=None, dests_fd=None, tls_context=None):
     """Body of the receiver process (see forking.fork_child)."""
-    receiver = Receiver(source, peer, config, lifeline_fd, table, slot, dests_fd)
+    receiver = Receiver(source, peer, config, lifeline_fd, table, slot, dests_fd, tls_context)
     if not receiver.admit():
         return 0
     try:

@@ -46,7 +46,10 @@ CONNECTED_STATES = (STATE_UP, STATE_DRAINING, STATE_CLOSING)  # a connection to 
 # The header: a row holding only the fold's seq, main's row (these counters; the received total of
 # finished groups), then a row per destination with the totals of finished forwarders (as their rows).
 READ_TRIES = 1000  # a reader never waits for a writer that died in the middle of a write
-MAIN_COUNTERS = ("accepted", "refused_allow", "refused_full", "active", "group_kills", "received")
+MAIN_COUNTERS = ("accepted", "refused_allow", "refused_full", "active", "group_kills", "received", "refused_tls",
+                 "refused_proxy")
+# Why a receiver closed its source before serving it (its row's refused field, read by main when it ends).
+REFUSED_TLS, REFUSED_PROXY, REFUSED_ALLOW = 1, 2, 3
 
 
 class Row:
@@ -247,7 +250,7 @@ FWD_BACKLOG = FWD_SINCE + 1
 FWD_SESSION_END = FWD_BACKLOG + 1  # --primary: how the session ended (primary.ENDED_*), 0 while it goes on
 FWD_REPLIES = FWD_SESSION_END + 1  # --primary: how often the primary's replies were passed on (see note_replies)
 # A receiver row's fields (after seq).
-RCV_PID, RCV_RECEIVED, RCV_PRIMARY_WRITTEN, RCV_PIPES_CLOSED = range(4)
+RCV_PID, RCV_RECEIVED, RCV_PRIMARY_WRITTEN, RCV_PIPES_CLOSED, RCV_REFUSED = range(5)
 
 
 class GroupRows:
@@ -260,6 +263,10 @@ class GroupRows:
 
     def write_receiver(self, pid, received, primary_written, pipes_closed):
         self.table.receiver_row(self.slot).write(pid, received, primary_written, int(pipes_closed))
+
+    def write_refused(self, pid, why):
+        """The receiver closed its source before serving it (stats.REFUSED_*): main counts it."""
+        self.table.receiver_row(self.slot).write(pid, 0, 0, 0, why)
 
     def pipes_closed(self):
         """Whether the receiver closed the pipes on purpose (else a pipe's end is its death)."""

@@ -1,0 +1,76 @@
+"""TLS sources (--tls-cert, --tls-key, --tls-client-ca): the standard library's ssl, TLS 1.2 or later.
+
+Main builds the context (a bad certificate or key is one line and exit 1 at start, or a failed reload);
+each receiver does its own source's handshake, within TLS_HANDSHAKE_S, before any forwarder exists,
+so nothing of a source that does not complete it reaches a destination. A decrypted stream cannot be
+spliced: the receiver reads it into memory and writes it to the pipes from there (fanout.fan_out).
+"""
+import socket
+import ssl
+
+from socketproxy_core.endpoints import UsageError
+
+TLS_HANDSHAKE_S = 5.0  # a source that has not finished its handshake by then is closed (slowloris)
+
+
+def server_context(config):
+    """The listener's context for config, None without --tls-cert; raises UsageError naming the file."""
+    if not config.tls_cert:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError("cannot use --tls-cert %s / --tls-key %s: %s" % (
+            config.tls_cert, config.tls_key or "(in the same file)", reason(exc))) from None
+    if config.tls_client_ca:
+        context.verify_mode = ssl.CERT_REQUIRED
+        try:
+            context.load_verify_locations(cafile=config.tls_client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError("cannot use --tls-client-ca %s: %s" % (config.tls_client_ca, reason(exc))) from None
+    return context
+
+
+def reason(exc):
+    return getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or exc.strerror or str(exc)
+
+
+class HandshakeError(Exception):
+    """The source did not complete a TLS handshake we accept; the message says why."""
+
+
+def handshake(sock, context, timeout=TLS_HANDSHAKE_S):
+    """The source's TLS socket once its handshake is done (blocking, within timeout); the client
+    certificate is verified when the context asks for one. Raises HandshakeError."""
+    sock.settimeout(timeout)
+    try:
+        return context.wrap_socket(sock, server_side=True)
+    except socket.timeout:
+        raise HandshakeError("no TLS handshake within %.1f s" % timeout) from None
+    except ssl.SSLCertVerificationError as exc:
+        raise HandshakeError("its client certificate is refused: %s" % reason(exc)) from None
+    except ssl.SSLError as exc:
+        raise HandshakeError("TLS handshake failed: %s" % reason(exc)) from None
+    except OSError as exc:
+        raise HandshakeError("the source failed during the TLS handshake: %s" % (exc.strerror or exc)) from None
+
+
+def subject(tls_sock):
+    """The client certificate's subject as CN=..., O=... ("" without one)."""
+    cert = tls_sock.getpeercert() or {}
+    return ", ".join("%s=%s" % pair for rdn in cert.get("subject", ()) for pair in rdn)
+
+
+def recv_into(tls_sock):
+    """A recv_into for the non-blocking TLS source that speaks as a plain socket's: BlockingIOError
+    while the next record is not whole, 0 at its end (a close_notify, or a close without one)."""
+    def read(buffer):
+        try:
+            return tls_sock.recv_into(buffer)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise BlockingIOError from None
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            return 0
+    return read

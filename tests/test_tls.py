@@ -1,0 +1,112 @@
+"""TLS sources: --tls-cert/--tls-key make the listener TLS, --tls-client-ca requires a client certificate
+signed by that CA. Certificates are made here, with trustme; none is committed. Every refused source
+(plaintext, no certificate, another CA's, an expired one, a handshake never finished) is closed,
+counted by reason and forwards nothing."""
+import datetime
+import os
+import re
+import socket
+import ssl
+import subprocess
+import sys
+
+import pytest
+import trustme
+
+from support import ROOT, connect_source, free_port, scrape, wait_for_log, wait_until
+
+
+@pytest.fixture
+def pki(tmp_path):
+    """A CA, the proxy's certificate for 127.0.0.1, a client certificate, and their files."""
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    client = ca.issue_cert("feed-7@example.test", common_name="feed-7")
+    files = {}
+    for name, blob in (("server.pem", server.private_key_and_cert_chain_pem), ("ca.pem", ca.cert_pem),
+                       ("client.pem", client.private_key_and_cert_chain_pem)):
+        path = tmp_path / name
+        blob.write_to_path(str(path))
+        files[name] = str(path)
+    return ca, files
+
+
+def tls_client(port, ca, cert_file=None, other_ca=None):
+    context = ssl.create_default_context()
+    (other_ca or ca).configure_trust(context)
+    if cert_file:
+        context.load_cert_chain(cert_file)
+    return context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname="127.0.0.1")
+
+
+def test_a_tls_source_is_decrypted_for_every_destination(proxy, recorder, pki):
+    ca, files = pki
+    d1, d2 = recorder(), recorder()
+    px = proxy(["127.0.0.1:%d" % d1.port, "127.0.0.1:%d" % d2.port], "--tls-cert", files["server.pem"])
+    data = bytes(range(256)) * 4000  # 1 MB, more than one TLS record and one read
+    with tls_client(px.port, ca) as sock:
+        sock.sendall(data)
+        wait_until(lambda: d1.total() == d2.total() == len(data), 20, message=lambda: (d1.total(), d2.total()))
+    assert d1.streams() == d2.streams() == [data]
+
+
+def test_mutual_tls_names_the_client_and_refuses_the_rest(proxy, recorder, pki, tmp_path):
+    """--tls-client-ca: a client with a certificate of that CA is served, its subject in the log; no
+    certificate, another CA's, an expired one, plaintext and a handshake never finished are closed, each
+    counted as refused for tls, and nothing of them reaches the destination."""
+    ca, files = pki
+    dest = recorder()
+    metrics_port = free_port()
+    px = proxy(["127.0.0.1:%d" % dest.port], "--tls-cert", files["server.pem"], "--tls-client-ca", files["ca.pem"],
+               "--metrics", "127.0.0.1:%d" % metrics_port)
+    with tls_client(px.port, ca, files["client.pem"]) as sock:
+        sock.sendall(b"from feed-7\n")
+        wait_until(lambda: dest.streams() == [b"from feed-7\n"], 20, message=lambda: px.log()[-2000:])
+    wait_for_log(px.log_path, r"src=127\.0\.0\.1:\d+ \[.*commonName=feed-7.*\] accepted")
+    other = trustme.CA()
+    stranger = other.issue_cert("intruder", common_name="intruder")
+    stranger_file = tmp_path / "stranger.pem"
+    stranger.private_key_and_cert_chain_pem.write_to_path(str(stranger_file))
+    expired = ca.issue_cert("old", common_name="old", not_after=datetime.datetime.now(datetime.timezone.utc)
+                            - datetime.timedelta(days=1))
+    expired_file = tmp_path / "expired.pem"
+    expired.private_key_and_cert_chain_pem.write_to_path(str(expired_file))
+    refused = 0
+    for cert_file in (None, str(stranger_file), str(expired_file)):
+        try:
+            with tls_client(px.port, ca, cert_file) as sock:
+                sock.sendall(b"must not pass\n")
+                sock.recv(10)  # TLS 1.3: the refusal arrives after the handshake, as an alert
+        except (ssl.SSLError, OSError):
+            pass
+        refused += 1
+    with connect_source(px.port) as sock:  # plaintext
+        sock.sendall(b"GET / HTTP/1.0\r\n\r\nmust not pass\n")
+        sock.settimeout(10)
+        try:
+            sock.recv(100)
+        except OSError:
+            pass
+    refused += 1
+    slow = connect_source(px.port)  # slowloris: connects, never completes a handshake
+    refused += 1
+    try:
+        key = ("socketproxy_sources_refused_total", (("reason", "tls"),))
+        wait_until(lambda: scrape(metrics_port).get(key) == refused, 30,
+                   message=lambda: "%r\n%s" % (scrape(metrics_port).get(key), px.log()[-3000:]))
+    finally:
+        slow.close()
+    assert dest.streams() == [b"from feed-7\n"]
+    log = px.log()
+    assert "no TLS handshake within 5.0 s" in log
+    assert re.search(r"certificate", log)
+
+
+def test_a_bad_certificate_file_is_one_line_and_exit_1(tmp_path):
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate\n")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "socketproxy.py"), "--listen-port", str(free_port()),
+                           "--tls-cert", str(bad), "127.0.0.1:9"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1
+    lines = [line for line in done.stderr.splitlines() if line]
+    assert len(lines) == 1 and "cannot use --tls-cert %s" % bad in lines[0] and "Traceback" not in done.stderr
