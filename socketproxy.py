@@ -7,7 +7,8 @@ Usage:
   socketproxy.py (-h | --help | --version)
 
 DEST is HOST:PORT; an IPv6 address is written [ADDR]:PORT; HOST may be a name,
-resolved again at every (re)connect.
+resolved again at every (re)connect. tls://HOST:PORT speaks TLS to it, verifying
+its certificate and name.
 
 Options:
   --config FILE           settings from a TOML file (keys: the long options with _ for -, and
@@ -41,6 +42,9 @@ Options:
   --tls-cert FILE         sources speak TLS (1.2 or later) with this certificate chain (PEM)
   --tls-key FILE          its private key, when not in the --tls-cert file
   --tls-client-ca FILE    sources must present a certificate signed by this CA (mutual TLS)
+  --tls-ca FILE           verify tls://HOST:PORT destinations against this CA, not the system's
+  --tls-dest-cert FILE    a client certificate (PEM) for tls:// destinations that ask for one
+  --tls-dest-key FILE     its key, when not in the --tls-dest-cert file
   --session-preamble N    with --framing line or none: the source's first N lines (bytes without framing)
                           are sent again first on every new connection to a destination [default: 0]
   -h --help               show this help
@@ -183,7 +187,8 @@ def check_config(path):
     """--check-config FILE: exit 0 when it would start, else 1 with one line (as nginx -t does)."""
     try:
         config = load_config({**docopt.docopt(__doc__, argv=["--config", path]), "--config": path}, set())
-        tls.server_context(config)  # its certificate and key are read as a start would
+        tls.server_context(config)  # its certificates and keys are read as a start would
+        tls.client_context(config)
     except endpoints.UsageError as exc:
         sys.stderr.write("socketproxy: error: %s\n" % exc)
         sys.exit(1)
@@ -274,9 +279,11 @@ class Proxy:
     loop's poll return, and the loop accepts, reaps, logs and stops outside any handler.
     """
 
-    def __init__(self, config, listener, metrics_sock=None, reload_config=None, inherited=None, tls_context=None):
+    def __init__(self, config, listener, metrics_sock=None, reload_config=None, inherited=None,
+                 tls_contexts=(None, None)):
         self.reload_config = reload_config  # --config: reads the file again (SIGHUP), else None
-        self.tls_context = tls_context  # --tls-cert: the sources' TLS context (each receiver does its handshake)
+        # TLS contexts: the sources' (--tls-cert; each receiver does its handshake), the tls:// destinations'
+        self.tls_context, self.tls_client = tls_contexts
         self.listener = listener
         self.metrics_sock = metrics_sock
         self.metrics_pid = None
@@ -549,7 +556,7 @@ class Proxy:
         notify_service_manager("RELOADING=1\nMONOTONIC_USEC=%d" % (time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000))
         try:
             config = self.with_columns(plan_pipes(kept_at_start(self.config, self.reload_config()), quiet=True))
-            tls_context = tls.server_context(config)  # a renewed certificate is read again too
+            tls_contexts = tls.server_context(config), tls.client_context(config)  # renewed files are read again
         except endpoints.UsageError as exc:
             log.error("reload failed: %s; kept the running configuration", exc)
             notify_service_manager("READY=1")
@@ -557,7 +564,7 @@ class Proxy:
         changes = describe_changes(self.config, config)
         dests_changed = config.columns != self.config.columns
         self.config = config
-        self.tls_context = tls_context
+        self.tls_context, self.tls_client = tls_contexts
         proxylog.set_level(config.log_level)
         self.title_base = title_base(config)
         self.title_shown = None
@@ -615,7 +622,7 @@ class Proxy:
         try:
             pid = forking.fork_child("socketproxy: receiver %s" % peer, receiver.run_receiver,
                                      source, peer, self.config, self.lifeline_r, self.table, slot, self.dests_fd,
-                                     self.tls_context,
+                                     (self.tls_context, self.tls_client),
                                      keep=[source.fileno(), self.lifeline_r] + (
                                          [self.dests_fd] if self.dests_fd is not None else []),
                                      close=[self.listener])
@@ -789,7 +796,7 @@ def main(argv=None):
     inherited = upgrade.adopt()
     proxylog.setup(config.log_level)
     try:
-        tls_context = tls.server_context(config)
+        tls_contexts = tls.server_context(config), tls.client_context(config)
     except endpoints.UsageError as exc:
         log.error("%s", exc)
         return 1
@@ -807,7 +814,7 @@ def main(argv=None):
         metrics_sock = bind_metrics(config) if config.metrics else None
     become_subreaper()
     proxy = Proxy(config, listener, metrics_sock, config_reloader(sys.argv[1:] if argv is None else argv),
-                  inherited, tls_context)
+                  inherited, tls_contexts)
     why = proxy.serve()
     proxy.shutdown(why)
     return 0

@@ -43,6 +43,9 @@ class Counts:
         """The connection ends with unacknowledged bytes that no longer will be: what it delivered
         joins sent. Returns the bytes handed to it that no connection delivered (dropped, unless
         they are kept to be resent)."""
+        # A tls:// connection's send queue holds ciphertext, more than the plaintext it carries: taken
+        # as unsent plaintext it errs toward dropped, never toward sent (and never beyond what was handed).
+        unacknowledged = min(unacknowledged, self.conn_sent)
         acknowledged = self.conn_sent - unacknowledged
         self.sent += max(0, acknowledged - self.conn_floor)
         self.resent += min(acknowledged, self.conn_floor)

@@ -29,7 +29,8 @@ class FileError(UsageError):
 OPTIONS = {name.replace("-", "_"): "--" + name for name in (
     "listen-host", "listen-port", "max-connections", "idle-timeout", "connect-timeout", "retry-interval",
     "send-timeout", "allow", "log-level", "framing", "buffer", "metrics", "primary", "mirror-policy", "fin-timeout",
-    "session-preamble", "accept-proxy", "send-proxy", "tls-cert", "tls-key", "tls-client-ca")}
+    "session-preamble", "accept-proxy", "send-proxy", "tls-cert", "tls-key", "tls-client-ca", "tls-ca",
+    "tls-dest-cert", "tls-dest-key")}
 # Per destination: the key, and how its value is read.
 DEST_OPTIONS = {
     "buffer": lambda text: endpoints.parse_size(text, "buffer"),

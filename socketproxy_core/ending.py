@@ -6,6 +6,7 @@ A mixin of forwarding.Forwarder: the state is the forwarder's, these are its han
 """
 import select
 import socket
+import ssl
 
 from socketproxy_core.proxylog import log
 from socketproxy_core.sockets import reset, unsent_bytes
@@ -92,7 +93,7 @@ class Ending:
         """Read and discard one buffer of replies; whether the destination ended the connection."""
         try:
             got = self.sock.recv_into(self.discard)
-        except BlockingIOError:
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return False
         except OSError:
             return True

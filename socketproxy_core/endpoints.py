@@ -25,6 +25,7 @@ class Dest:
     text: str
     family: int = 0  # AF_INET or AF_INET6 for an address; 0 for a name, resolved at each connect
     options: tuple = ()  # (name, value) overrides of Config for this destination (--config's tables)
+    tls: bool = False  # tls://HOST:PORT: the connection speaks TLS, the destination verified (--tls-ca)
 
     def __str__(self):
         return self.text
@@ -67,6 +68,9 @@ class Config:
     tls_cert: str = ""  # the listener's certificate chain (PEM): sources speak TLS; "" = plain TCP
     tls_key: str = ""  # its private key, when not in tls_cert's file
     tls_client_ca: str = ""  # sources must present a certificate this CA signed (mutual TLS)
+    tls_ca: str = ""  # tls:// destinations are verified against this CA file; "" = the system's CAs
+    tls_dest_cert: str = ""  # a client certificate (PEM) tls:// destinations may ask for
+    tls_dest_key: str = ""  # its key, when not in tls_dest_cert's file
 
 
 def mention_names(dests):
@@ -87,7 +91,10 @@ def parse_port(text, what="port"):
 
 
 def parse_dest(text):
-    """HOST:PORT or [IPV6]:PORT into a Dest."""
+    """HOST:PORT, [IPV6]:PORT, or either after tls://, into a Dest."""
+    if text.startswith("tls://"):
+        plain = parse_dest(text[len("tls://"):])
+        return dataclasses.replace(plain, text=text, tls=True)
     if text.startswith("["):
         host, sep, port = text[1:].partition("]:")
         if not sep or not host:
@@ -182,7 +189,7 @@ def parse_listen_host(text):
 
 def build_config(args, dests=None):
     """A Config from docopt's dictionary, validating every value (dests: parsed already, from a file)."""
-    return Config(
+    return check_tls_destinations(Config(
         listen_host=parse_listen_host(args["--listen-host"]),
         listen_port=parse_port(args["--listen-port"], "--listen-port"),
         dests=dests if dests is not None else tuple(parse_dest(text) for text in args["DEST"]),
@@ -203,7 +210,15 @@ def build_config(args, dests=None):
         accept_proxy=parse_networks(args.get("--accept-proxy") or [], "--accept-proxy"),
         send_proxy=parse_send_proxy(args.get("--send-proxy") or "off"),
         **parse_tls(args),
-    )
+    ))
+
+
+def check_tls_destinations(config):
+    """tls:// destinations and --primary do not go together yet (the primary's socket is handed to the
+    receiver, which writes requests into it in clear)."""
+    if config.primary and any(dest.tls for dest in config.dests):
+        raise UsageError("tls:// destinations do not work with --primary yet")
+    return config
 
 
 def parse_tls(args):
@@ -214,7 +229,11 @@ def parse_tls(args):
     if cert and args.get("--primary"):
         raise UsageError("--tls-cert does not work with --primary (its replies would have to be encrypted by "
                          "the primary's forwarder)")
-    return {"tls_cert": cert, "tls_key": key, "tls_client_ca": client_ca}
+    ca, dest_cert, dest_key = (args.get(option) or "" for option in ("--tls-ca", "--tls-dest-cert", "--tls-dest-key"))
+    if dest_key and not dest_cert:
+        raise UsageError("--tls-dest-key needs --tls-dest-cert")
+    return {"tls_cert": cert, "tls_key": key, "tls_client_ca": client_ca, "tls_ca": ca, "tls_dest_cert": dest_cert,
+            "tls_dest_key": dest_key}
 
 
 def parse_networks(values, option):

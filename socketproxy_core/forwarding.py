@@ -21,12 +21,14 @@ its session's handlers, and a mirror sends in batches or turns (mirrors.py).
 import os
 import select
 import signal
+import ssl
 import sys
 import time
 
 from socketproxy_core import mirrors
 from socketproxy_core import primary
 from socketproxy_core import sessions
+from socketproxy_core import tls
 from socketproxy_core.accounting import Counts
 from socketproxy_core.backlog import Backlog
 from socketproxy_core.connector import Backoff, Connector
@@ -54,7 +56,8 @@ class Forwarder(Ending):
     """Copies one pipe to one destination for the life of one source connection."""
 
     def __init__(self, pipe_fd, dest, config, receiver_pid=None, rows=None, index=0, stats=None, source=None,
-                 requests_link=None, poke_fd=None, turns_fd=None, evidence=None, joined=False, proxy_header=b""):
+                 requests_link=None, poke_fd=None, turns_fd=None, evidence=None, joined=False, proxy_header=b"",
+                 tls_context=None):
         self.pipe_fd = pipe_fd
         self.proxy_header = proxy_header  # --send-proxy: what every connection to the destination begins with
         self.dest = dest
@@ -82,7 +85,11 @@ class Forwarder(Ending):
         self.retainer = None
         # Retaining (--buffer or --framing): what is sent stays in a shadow pipe until acknowledged,
         # and what arrives while down is kept in the backlog, both resent on the next connection.
-        if (config.buffer > 0 or self.framed or config.session_preamble) and not self.primary:  # the primary is never retried
+        # A tls:// destination is written through TLS: no shadow pipe (tee needs a pipe), nothing kept.
+        self.tls_context = tls_context if dest.tls else None
+        self.tls_out = b""  # tls://: read from the pipe, not yet taken by TLS
+        if (config.buffer > 0 or self.framed or config.session_preamble) and not self.primary and not dest.tls:
+            # the primary is never retried
             self.retainer = Retainer(pipe_fd, config, self.counts, self.devnull_fd)
         # --framing resp: the destination's replies are read as RESP (error replies counted, the
         # session's preamble checked on a new connection).
@@ -166,7 +173,7 @@ class Forwarder(Ending):
             self.enter(CONNECTING)
         if self.primary:
             hold_until = deadline
-        elif first and not self.config.buffer:  # with a backlog, what comes waits in it instead
+        elif first and (not self.config.buffer or self.retainer is None):  # with a backlog, what comes waits in it
             hold_until = now + self.config.send_timeout
         else:
             hold_until = now
@@ -266,6 +273,10 @@ class Forwarder(Ending):
         session is restored on it first when something of it was delivered on an earlier one; the pipe
         goes on draining into the backlog meanwhile."""
         self.loop.cancel("hold")
+        if self.tls_context is not None and not isinstance(sock, ssl.SSLSocket):
+            tls.ClientHandshake(self.loop, sock, self.tls_context, self.dest.host, self.config.connect_timeout,
+                                lambda tls_sock: self.connected(tls_sock, host), self.attempt_failed)
+            return
         memory = self.retainer.memory if self.retainer is not None else None
         preamble = memory.preamble() if memory is not None else None
         if self.proxy_header:
@@ -369,6 +380,8 @@ class Forwarder(Ending):
                 return
         if self.retainer is not None:
             self.pump_retained()
+        elif self.tls_context is not None:
+            self.pump_tls()
         else:
             self.pump()
 
@@ -416,6 +429,31 @@ class Forwarder(Ending):
                 self.turns.handed(self.counts.conn_sent)
             if moved < room:
                 break
+        self.data_flows()
+
+    def pump_tls(self):
+        """tls://: read the pipe into memory and hand it to TLS, as much as the socket takes."""
+        while True:
+            if not self.tls_out:
+                try:
+                    data = os.read(self.pipe_fd, SPLICE_CHUNK)
+                except BlockingIOError:
+                    break
+                if not data:
+                    self.end_of_pipe()
+                    self.start_draining()
+                    return
+                self.tls_out = memoryview(data)
+            try:
+                sent = self.sock.send(self.tls_out)
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+                self.wait_for_destination("socket")
+                return
+            except OSError as exc:
+                self.lose(describe(exc))
+                return
+            self.counts.handed(sent)
+            self.tls_out = self.tls_out[sent:]
         self.data_flows()
 
     def pump_retained(self):
@@ -507,8 +545,10 @@ class Forwarder(Ending):
                         self.comparison.compare()
                 if got < len(self.discard):
                     return
-        except BlockingIOError:
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return
+        except ssl.SSLZeroReturnError:
+            raise Disconnected("closed by destination") from None
         except OSError as exc:
             raise Disconnected(describe(exc)) from None
 
@@ -532,7 +572,8 @@ class Forwarder(Ending):
                         "a cut record whole%s), %d bytes in the backlog; reconnecting in %.1f s", self.dest,
                         reason, unacknowledged, again, less, len(self.backlog), self.backoff.delay_s)
         else:
-            lost = self.counts.settle(reset(self.sock))
+            lost = self.counts.settle(reset(self.sock)) + len(self.tls_out)
+            self.tls_out = b""
             self.counts.drop(lost)
             log.warning("disconnected from %s: %s; %d unsent bytes dropped; reconnecting in %.1f s",
                         self.dest, reason, lost, self.backoff.delay_s)
@@ -641,11 +682,12 @@ class Forwarder(Ending):
 
 
 def run_forwarder(pipe_fd, dest, config, receiver_pid=None, rows=None, index=0, stats=None, source=None,
-                  requests_link=None, poke_fd=None, turns_fd=None, evidence=None, joined=False, proxy_header=b""):
+                  requests_link=None, poke_fd=None, turns_fd=None, evidence=None, joined=False, proxy_header=b"",
+                  tls_context=None):
     """Body of the forwarder process (see forking.fork_child)."""
     os.set_blocking(pipe_fd, False)
     zerocopy.return_large_blocks()
     fwd = Forwarder(pipe_fd, dest, config, receiver_pid, rows, index, stats, source, requests_link, poke_fd,
-                    turns_fd, evidence, joined, proxy_header)
+                    turns_fd, evidence, joined, proxy_header, tls_context)
     fwd.watch_signals()
     return fwd.run()

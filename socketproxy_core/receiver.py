@@ -49,9 +49,11 @@ KEEPALIVE = ((socket.TCP_KEEPIDLE, 60), (socket.TCP_KEEPINTVL, 10), (socket.TCP_
 class Receiver(FanOut, Membership):
     """Fans one source out to the forwarders of its group."""
 
-    def __init__(self, source, peer, config, lifeline_fd, table=None, slot=None, dests_fd=None, tls_context=None):
+    def __init__(self, source, peer, config, lifeline_fd, table=None, slot=None, dests_fd=None, tls_contexts=(None, None)):
         self.source = source
-        self.tls_context = tls_context  # --tls-cert: main's context; the handshake is ours (admit)
+        # main's TLS contexts: the sources' (--tls-cert; the handshake is ours, admit) and the tls://
+        # destinations' (their forwarders' handshakes)
+        self.tls_context, self.tls_client = tls_contexts
         self.dests_fd = dests_fd  # main's list of destinations, read again at SIGHUP (membership.py)
         self.left = set()  # destination indices a reload removed from this group
         self.leaving = set()  # the pids of their forwarders: their exit does not end the group
@@ -273,7 +275,7 @@ class Receiver(FanOut, Membership):
         config = endpoints.for_destination(self.config, dest)  # --config's settings for this destination
         return forwarding.run_forwarder(read_fd, dest, config, receiver_pid, self.rows, index, counters, source,
                                        self.requests_link if source else None, poke_fd, turns_fd, evidence, joined,
-                                       self.proxy_header)
+                                       self.proxy_header, self.tls_client)
 
     def publish(self):
         """Our counters to the shared table, and a title with our forwarders' states: on a timer,
@@ -580,9 +582,9 @@ def format_address(address):
     return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
 
-def run_receiver(source, peer, config, lifeline_fd, table=None, slot=None, dests_fd=None, tls_context=None):
+def run_receiver(source, peer, config, lifeline_fd, table=None, slot=None, dests_fd=None, tls_contexts=(None, None)):
     """Body of the receiver process (see forking.fork_child)."""
-    receiver = Receiver(source, peer, config, lifeline_fd, table, slot, dests_fd, tls_context)
+    receiver = Receiver(source, peer, config, lifeline_fd, table, slot, dests_fd, tls_contexts)
     if not receiver.admit():
         return 0
     try:

@@ -8,6 +8,7 @@ The stream starts only then, so its accounting (acknowledged bytes on the socket
 byte of the preamble.
 """
 import select
+import ssl
 
 from socketproxy_core.sockets import describe, unsent_bytes
 
@@ -34,7 +35,7 @@ class Restore:
         if event & select.POLLOUT and self.out:
             try:
                 sent = self.sock.send(self.out)
-            except BlockingIOError:
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 sent = 0
             except OSError as exc:
                 self.fail(describe(exc))
@@ -51,7 +52,7 @@ class Restore:
         """Read what the destination answered; False once the attempt has failed."""
         try:
             got = self.sock.recv_into(self.discard)
-        except BlockingIOError:
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return True
         except OSError as exc:
             self.fail(describe(exc))

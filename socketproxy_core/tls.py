@@ -5,6 +5,7 @@ each receiver does its own source's handshake, within TLS_HANDSHAKE_S, before an
 so nothing of a source that does not complete it reaches a destination. A decrypted stream cannot be
 spliced: the receiver reads it into memory and writes it to the pipes from there (fanout.fan_out).
 """
+import select
 import socket
 import ssl
 
@@ -74,3 +75,63 @@ def recv_into(tls_sock):
         except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
             return 0
     return read
+
+
+# -- tls:// destinations ---------------------------------------------------------------------------
+
+def client_context(config):
+    """The context of tls:// destinations (None when there is none): their certificate and name are
+    verified, against --tls-ca or the system's CAs; --tls-dest-cert is offered when one is asked for.
+    Made in main, once (loading the system's CAs takes milliseconds: not in every forwarder)."""
+    if not any(dest.tls for dest in config.dests):
+        return None
+    try:
+        context = ssl.create_default_context(cafile=config.tls_ca or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError("cannot use --tls-ca %s: %s" % (config.tls_ca, reason(exc))) from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if config.tls_dest_cert:
+        try:
+            context.load_cert_chain(config.tls_dest_cert, config.tls_dest_key or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError("cannot use --tls-dest-cert %s: %s" % (config.tls_dest_cert, reason(exc))) from None
+    return context
+
+
+class ClientHandshake:
+    """A tls:// destination's handshake on the forwarder's loop, within timeout: done(tls socket) or
+    failed(reason); a certificate or name that does not verify is a failed attempt like a refused
+    connection (retried with backoff), never a plaintext fallback."""
+
+    def __init__(self, loop, sock, context, hostname, timeout, done, failed):
+        self.loop, self.done, self.failed = loop, done, failed
+        self.sock = context.wrap_socket(sock, server_hostname=hostname, do_handshake_on_connect=False)
+        loop.set_timer("handshake", timeout, lambda: self.fail("no TLS handshake within %.1f s" % timeout))
+        self.step(0)
+
+    def step(self, _event):
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self.loop.watch(self.sock, select.POLLIN, self.step)
+            return
+        except ssl.SSLWantWriteError:
+            self.loop.watch(self.sock, select.POLLOUT, self.step)
+            return
+        except ssl.SSLCertVerificationError as exc:
+            self.fail("TLS: %s" % reason(exc))
+            return
+        except (ssl.SSLError, OSError) as exc:
+            self.fail("TLS handshake failed: %s" % reason(exc))
+            return
+        self.finish()
+        self.done(self.sock)
+
+    def fail(self, why):
+        self.finish()
+        self.sock.close()
+        self.failed(why)
+
+    def finish(self):
+        self.loop.unwatch(self.sock)
+        self.loop.cancel("handshake")

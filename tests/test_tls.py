@@ -9,6 +9,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 
 import pytest
 import trustme
@@ -110,3 +111,86 @@ def test_a_bad_certificate_file_is_one_line_and_exit_1(tmp_path):
     assert done.returncode == 1
     lines = [line for line in done.stderr.splitlines() if line]
     assert len(lines) == 1 and "cannot use --tls-cert %s" % bad in lines[0] and "Traceback" not in done.stderr
+
+
+class TLSDestination:
+    """A destination speaking TLS with a certificate for 127.0.0.1 (issued by ca), recording what each
+    connection delivers after its handshake; handshakes that fail are counted."""
+
+    def __init__(self, ca, name="127.0.0.1"):
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ca.issue_cert(name).configure_cert(self.context)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.streams, self.failed = [], []
+        self.threads = []
+        self.accepting = threading.Thread(target=self.accept, daemon=True)
+        self.accepting.start()
+
+    def accept(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            thread = threading.Thread(target=self.serve, args=(conn,), daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def serve(self, conn):
+        conn.settimeout(30)
+        try:
+            tls_conn = self.context.wrap_socket(conn, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            self.failed.append(repr(exc))
+            conn.close()
+            return
+        data = bytearray()
+        self.streams.append(data)
+        try:
+            while True:
+                chunk = tls_conn.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except (ssl.SSLError, OSError):
+            pass
+        tls_conn.close()
+
+    def stop(self):
+        self.listener.close()
+
+
+def test_a_tls_destination_gets_the_stream_encrypted_and_verified(proxy, recorder, pki):
+    ca, files = pki
+    plain = recorder()
+    secure = TLSDestination(ca)
+    try:
+        px = proxy(["127.0.0.1:%d" % plain.port, "tls://127.0.0.1:%d" % secure.port], "--tls-ca", files["ca.pem"])
+        data = bytes(range(256)) * 4000
+        with connect_source(px.port) as sock:
+            sock.sendall(data)
+            wait_until(lambda: secure.streams and len(secure.streams[0]) == len(data), 20,
+                       message=lambda: ([len(s) for s in secure.streams], secure.failed, px.log()[-2000:]))
+        assert bytes(secure.streams[0]) == data and plain.streams() == [data]
+        wait_for_log(px.log_path, r"dst=tls://127\.0\.0\.1:%d forwarder done: sent %d bytes, dropped 0 bytes"
+                     % (secure.port, len(data)))
+    finally:
+        secure.stop()
+
+
+@pytest.mark.parametrize("problem", ["another CA", "another name"])
+def test_a_tls_destination_that_does_not_verify_is_a_failed_connect_never_plaintext(proxy, recorder, pki, problem):
+    ca, files = pki
+    secure = TLSDestination(trustme.CA() if problem == "another CA" else ca,
+                            name="127.0.0.1" if problem == "another CA" else "elsewhere.example")
+    try:
+        px = proxy(["tls://127.0.0.1:%d" % secure.port], "--tls-ca", files["ca.pem"], "--retry-interval", "0.5")
+        with connect_source(px.port) as sock:
+            sock.sendall(b"secret\n")
+            wait_for_log(px.log_path, r"WARNING .*cannot connect to tls://127\.0\.0\.1:%d: TLS: (unable to get local "
+                         r"issuer certificate|IP address mismatch)" % secure.port)
+            wait_until(lambda: len(secure.failed) >= 2, 20, message=lambda: secure.failed)  # retried
+        assert secure.streams == []  # no byte in clear, ever
+    finally:
+        secure.stop()
