@@ -194,3 +194,50 @@ def test_a_tls_destination_that_does_not_verify_is_a_failed_connect_never_plaint
         assert secure.streams == []  # no byte in clear, ever
     finally:
         secure.stop()
+
+
+def client_hello():
+    """The first bytes a real TLS client sends (its ClientHello), captured from an ssl.MemoryBIO."""
+    context = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls_object = context.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    try:
+        tls_object.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+
+def test_truncated_and_random_records_reach_no_destination_and_crash_nothing(proxy, recorder, pki):
+    """40 sources send a ClientHello cut at random, random bytes, or a ClientHello followed by garbage,
+    then close: each is refused (counted for tls), nothing reaches the destination, and the proxy goes
+    on serving a real TLS client."""
+    import random
+    ca, files = pki
+    dest = recorder()
+    metrics_port = free_port()
+    px = proxy(["127.0.0.1:%d" % dest.port], "--tls-cert", files["server.pem"], "--metrics",
+               "127.0.0.1:%d" % metrics_port)
+    hello = client_hello()
+    rng = random.Random(7)
+    payloads = [hello[:rng.randint(1, len(hello) - 1)] for _ in range(15)]
+    payloads += [rng.randbytes(rng.randint(1, 3000)) for _ in range(15)]
+    payloads += [hello + rng.randbytes(rng.randint(1, 500)) for _ in range(10)]
+    for payload in payloads:
+        with connect_source(px.port) as sock:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(10)
+            try:
+                while sock.recv(4096):
+                    pass
+            except OSError:
+                pass
+    key = ("socketproxy_sources_refused_total", (("reason", "tls"),))
+    wait_until(lambda: scrape(metrics_port).get(key) == len(payloads), 30,
+               message=lambda: "%r\n%s" % (scrape(metrics_port).get(key), px.log()[-2000:]))
+    assert dest.streams() == []
+    assert "Traceback" not in px.log()
+    with tls_client(px.port, ca) as sock:
+        sock.sendall(b"still served\n")
+        wait_until(lambda: dest.streams() == [b"still served\n"], 20)
