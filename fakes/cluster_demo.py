@@ -164,11 +164,12 @@ class Cluster(Narration):
         targets = ["127.0.0.1:%d" % self.port[d] for d in DESTS]
         for name in INSTANCES:
             self.start(name, [py, "socketproxy.py", "--listen-host", "127.0.0.1", "--listen-port",
-                              str(self.port[name]), "--framing", "line", *targets])
+                              str(self.port[name]), "--framing", "line", "--accept-proxy", "127.0.0.1/32", *targets])
         for name in INSTANCES:
             self.wait_listening(name, self.port[name])
             self.say("started %s, main pid %d: python socketproxy.py --listen-host 127.0.0.1 --listen-port %d "
-                     "--framing line %s" % (name, self.procs[name].pid, self.port[name], " ".join(targets)))
+                     "--framing line --accept-proxy 127.0.0.1/32 %s" % (name, self.procs[name].pid, self.port[name],
+                                                                        " ".join(targets)))
         self.start("haproxy", [self.haproxy, "-db", "-f", os.path.join(self.dir, "haproxy.cfg")], self.on_haproxy)
         self.wait_listening("haproxy", self.frontend)
         self.say("started haproxy, pid %d: %s -db -f %s (listens on 127.0.0.1:%d)" % (
@@ -217,6 +218,15 @@ class Cluster(Narration):
             ", ".join("%s %d" % (n, len(by_haproxy[n])) for n in names)))
         return counts, by_haproxy
 
+    def real_sources(self):
+        """The sources the instances' logs name as HAProxy told them: 'src=HOST:PORT (via HAPROXY)'."""
+        found = set()
+        for name in INSTANCES:
+            with open(self.log_path(name), "rb") as log:
+                text = log.read().decode("utf-8", "replace")
+            found.update(re.findall(r"src=(127\.0\.0\.1:\d+) \(via 127\.0\.0\.1:\d+\) accepted", text))
+        return found
+
     def numbers(self, dest, source):
         with self.lock:
             return list(self.seen[dest][source])
@@ -254,6 +264,10 @@ class Cluster(Narration):
                     {n: len(placed[n]) for n in INSTANCES} == before,
                     "receivers %s, in HAProxy's log %s" % (
                         "/".join(str(before[n]) for n in INSTANCES), "/".join(str(len(placed[n])) for n in INSTANCES)))
+        named = self.real_sources()
+        self.record("the instances' logs name each source's own address (PROXY protocol v2 from HAProxy)",
+                    len(named) == len(SOURCES), "%d of %d sources, e.g. %s" % (
+                        len(named), len(SOURCES), sorted(named)[0] if named else "none"))
         time.sleep(WATCH_S)  # lines flow a while before the kill
         self.kill_instance(placed[VICTIM])
         return self.summary()
@@ -323,6 +337,8 @@ class Cluster(Narration):
                         len(self.leftover), len(tree), TREE_S, ", ".join(
                             "%d %s" % (p.pid, title(p)[:60]) for p in self.leftover)))
         after, _ = self.show_counts("sources per instance after the move", others)
+        # HAProxy's log of the new connections comes through a pipe: it may lag the receivers' counts
+        wait_for(lambda: all(self.placement().get(s) in others for s in moved), 5.0)
         placed = self.placement()
         strays = [s for s in moved if placed.get(s) not in others]
         self.record("%s's %d sources reconnected through HAProxy to %s" % (VICTIM, len(moved), " and ".join(others)),

@@ -52,7 +52,7 @@ def test_render_config_puts_the_demo_ports_in_the_template_and_keeps_the_rest():
     assert [(name, addr) for name, addr, _ in servers] == [("sp%d" % i, "127.0.0.1:1800%d" % i) for i in range(1, 5)]
     assert len({rest for _, _, rest in servers}) == 1  # every line made from the template's first
     for setting in ("balance leastconn", "option tcpka", "timeout client 1h", "timeout server 1h", "check inter 500ms",
-                    "on-marked-down shutdown-sessions"):
+                    "on-marked-down shutdown-sessions", "send-proxy-v2", "check-send-proxy"):
         assert setting in out and setting in text
     kept = [line for line in text.splitlines() if not re.match(r"^\s*(bind|server)\s", line)]
     assert [line for line in out.splitlines() if not re.match(r"^\s*(bind|server)\s", line)] == kept
@@ -89,8 +89,8 @@ def test_cluster_demo_passes_every_check_and_ends_everything():
     assert elapsed < scaled(60), "the cluster demo took %.1f s" % elapsed
     summary = out[out.index("=== SUMMARY"):]
     rows = re.findall(r"^  (PASS|FAIL)  (.*)$", summary, re.M)
-    assert len(rows) == 10 and all(result == "PASS" for result, _ in rows), summary
-    assert "10 of 10 checks passed" in summary
+    assert len(rows) == 11 and all(result == "PASS" for result, _ in rows), summary
+    assert "11 of 11 checks passed" in summary
     counts = re.search(r"^demo +\| sources per instance: sp1 (\d+), sp2 (\d+), sp3 (\d+) ", out, re.M)
     assert counts and sum(map(int, counts.groups())) == 30 and all(int(n) for n in counts.groups()), out[:5000]
     after = re.search(r"^demo +\| sources per instance after the move: sp1 (\d+), sp3 (\d+) ", out, re.M)

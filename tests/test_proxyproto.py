@@ -2,14 +2,19 @@
 destination connection begins with a header naming it). The parser is fuzzed; bad headers, untrusted
 senders and sources --allow refuses are closed with one line, and nothing of them reaches a destination."""
 import ipaddress
+import os
 import re
+import shutil
+import socket
+import subprocess
 
+import psutil
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from socketproxy_core import proxyproto
-from support import connect_source, sees_close, wait_for_log, wait_until
+from support import connect_source, free_port, sees_close, wait_for_log, wait_until
 
 V2 = proxyproto.V2_SIGNATURE
 
@@ -136,3 +141,40 @@ def test_a_header_that_never_ends_closes_the_source_within_its_bound(proxy, reco
     wait_for_log(px.log_path, r"closing the source: no whole header within 5\.0 s; nothing of it was forwarded")
     wait_for_log(px.log_path, r"WARNING .*refused 127\.0\.0\.1:\d+: no valid PROXY protocol header")
     assert dest.streams() == []
+
+
+HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.access("/usr/sbin/haproxy", os.X_OK) else None)
+
+
+@pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (make cluster-demo installs it)")
+def test_haproxy_in_front_with_send_proxy_v2_names_the_real_source(proxy, recorder, tmp_path):
+    """HAProxy (mode tcp, send-proxy-v2) in front of the proxy (--accept-proxy 127.0.0.1/32, --send-proxy
+    v1): the destination's connection begins with a header naming the client's own port, not HAProxy's
+    (and the proxy's address it was served on), and so does the proxy's log."""
+    dest = recorder()
+    px = proxy(["127.0.0.1:%d" % dest.port], "--accept-proxy", "127.0.0.1/32", "--send-proxy", "v1")
+    front = free_port()
+    config = tmp_path / "haproxy.cfg"
+    config.write_text("defaults\n    mode tcp\n    timeout connect 3s\n    timeout client 30s\n    timeout server 30s\n"
+                      "frontend in\n    bind 127.0.0.1:%d\n    default_backend out\n"
+                      "backend out\n    server sp 127.0.0.1:%d send-proxy-v2\n" % (front, px.port))
+    haproxy = subprocess.Popen([HAPROXY, "-db", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: listening(front), 20)
+        with socket.create_connection(("127.0.0.1", front)) as client:
+            client_port = client.getsockname()[1]
+            client.sendall(b"through haproxy\n")
+            wait_until(lambda: dest.streams() and dest.streams()[0].endswith(b"through haproxy\n"), 20,
+                       message=lambda: (dest.streams(), px.log()[-2000:]))
+        header = dest.streams()[0].split(b"\r\n")[0]
+        assert header == b"PROXY TCP4 127.0.0.1 127.0.0.1 %d %d" % (client_port, px.port), header
+        wait_for_log(px.log_path, r"src=127\.0\.0\.1:%d \(via 127\.0\.0\.1:\d+\) accepted" % client_port)
+    finally:
+        haproxy.terminate()
+        haproxy.wait(10)
+
+
+def listening(port):
+    """Whether something listens on 127.0.0.1:port (without connecting to it, which would be a source)."""
+    return any(conn.status == psutil.CONN_LISTEN and conn.laddr.port == port
+               for conn in psutil.net_connections(kind="tcp4"))
