@@ -340,13 +340,17 @@ class Cluster(Narration):
         # HAProxy's log of the new connections comes through a pipe: it may lag the receivers' counts
         wait_for(lambda: all(self.placement().get(s) in others for s in moved), 5.0)
         placed = self.placement()
-        strays = [s for s in moved if placed.get(s) not in others]
+        # A source whose reconnection HAProxy logged on the killed instance is a stray; one whose
+        # latest connection is not in HAProxy's log yet (a retry redispatched) is only said.
+        strays = [s for s in moved if placed.get(s) == VICTIM]
+        unlogged = [s for s in moved if s not in placed]
         self.record("%s's %d sources reconnected through HAProxy to %s" % (VICTIM, len(moved), " and ".join(others)),
                     "moved" in when and not strays,
                     "%s serve %d sources (%s) %s%s; HAProxy marked %s down %s" % (
                         " + ".join(others), sum(after.values()), " + ".join(str(after[n]) for n in others),
                         "%.1f s after the kill" % when["moved"] if "moved" in when else "after %.0f s" % MOVE_S,
-                        "; not placed on them in HAProxy's log: " + ", ".join(strays) if strays else "", VICTIM,
+                        ("; placed on %s in HAProxy's log: %s" % (VICTIM, ", ".join(strays)) if strays else "")
+                        + ("; not in HAProxy's log yet: %s" % ", ".join(unlogged) if unlogged else ""), VICTIM,
                         "%.1f s after the kill" % when["down"] if "down" in when else "(no DOWN line)"))
         with self.lock:  # the connections HAProxy made since the kill: to which server, after how many retries
             routed = [m for at, t in self.haproxy_lines if at >= killed_at and (m := HAPROXY_LOG.match(t))]
