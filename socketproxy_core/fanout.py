@@ -24,6 +24,7 @@ SPLICE_F_NONBLOCK = os.SPLICE_F_NONBLOCK
 splice = os.splice
 SLOT_GUESS = 256  # bytes per pipe slot, as the pokes of mirrors count them (see FanOut.fed)
 RESP_CHUNK = 256 * 1024
+TLS_RECORD = 16 * 1024  # the most a TLS record holds
 TURN = struct.Struct("q")  # where a turn begins, in bytes written to a mirror's pipe
 MAX_COMMAND = 64 * 1024 * 1024  # --framing resp: a command is held until whole, up to this size
 
@@ -220,6 +221,16 @@ class FanOut:
         if self.resp_buffer is None:
             self.resp_buffer = memoryview(bytearray(RESP_CHUNK))
         size = self.take_from_source(self.recv_into, self.resp_buffer)
+        # A TLS read returns one record (16 KiB at most): gather what is there into one write per pipe.
+        while size and size < RESP_CHUNK - TLS_RECORD:
+            try:
+                more = self.recv_into(self.resp_buffer[size:])
+            except OSError:  # nothing more now, or a failure the next read meets and ends the source with
+                break
+            if not more:
+                break  # the end: the next read sees it again, once this has gone out
+            size += more
+            self.received += more
         if size:
             self.fan_out(self.resp_buffer[:size].tobytes())
 
