@@ -122,7 +122,12 @@ class Receiver(FanOut, Membership):
         must not begin with one), then the TLS handshake (--tls-cert). Whether the source is served;
         a refused one is closed, said in one line here, and counted by main."""
         proxylog.set_connection("src=%s" % self.peer)
-        self.real_source = self.source.getpeername()[:2]  # (host, port) of the source: a balancer's, or the one it names
+        try:
+            self.real_source = self.source.getpeername()[:2]  # (host, port): a balancer's, or the one it names
+        except OSError:  # it reset its connection before we ran: nothing to serve, nothing to refuse
+            log.info("the source went away before it was served")
+            self.source.close()
+            return False
         try:
             self.read_proxy_header()
         except proxyproto.HeaderError as exc:
@@ -184,8 +189,12 @@ class Receiver(FanOut, Membership):
         self.recv_into = tls.recv_into(self.source) if self.tls_context is not None else self.source.recv_into
         # --send-proxy: the header every destination connection begins with, naming the source (the
         # real one a balancer named) and the address it connected to.
-        self.proxy_header = proxyproto.header(self.config.send_proxy, self.real_source,
-                                              self.source.getsockname()) if self.config.send_proxy else b""
+        self.proxy_header = b""
+        if self.config.send_proxy:
+            try:
+                self.proxy_header = proxyproto.header(self.config.send_proxy, self.real_source, self.source.getsockname())
+            except OSError:
+                pass  # the source is gone already: its group ends at its first read
         self.source.setblocking(False)
         self.source_fd = self.source.fileno()
         # The staging pipe the source is spliced into (non-blocking, as large as a forwarder's).
