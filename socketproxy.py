@@ -81,6 +81,7 @@ from socketproxy_core import tls  # noqa: E402
 from socketproxy_core import upgrade  # noqa: E402
 from socketproxy_core import zerocopy  # noqa: E402
 from socketproxy_core.proxylog import log  # noqa: E402
+from socketproxy_core.sockets import format_address  # noqa: E402
 
 VERSION = "socketproxy " + socketproxy_core.__version__
 BACKLOG = 1024
@@ -221,11 +222,6 @@ def bind_listener(config):
         log.error("cannot listen on %s port %d: %s", config.listen_host, config.listen_port, exc.strerror)
         sys.exit(1)
     return listener
-
-
-def format_peer(address):
-    host, port = address[:2]
-    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
 
 def notify_service_manager(state):
@@ -530,9 +526,9 @@ class Proxy:
         listening socket, to start it again with a reloaded configuration."""
         host, port = self.metrics_sock.getsockname()[:2]
         self.metrics_pid = forking.fork_child(
-            "socketproxy: metrics %s" % format_peer((host, port)), serve_metrics, self.metrics_sock, self.table,
+            "socketproxy: metrics %s" % format_address((host, port)), serve_metrics, self.metrics_sock, self.table,
             self.config, self.lifeline_r, keep=[self.metrics_sock.fileno(), self.lifeline_r], close=[self.listener])
-        log.info("serving metrics at http://%s/metrics", format_peer((host, port)))
+        log.info("serving metrics at http://%s/metrics", format_address((host, port)))
 
     def with_columns(self, config):
         """config with each destination's column in the table (a new name gets the next free one);
@@ -606,7 +602,7 @@ class Proxy:
 
     def admit(self, source, address):
         """Refuse the source, or fork its receiver."""
-        peer = format_peer(address)
+        peer = format_address(address)
         # A balancer of --accept-proxy is let in: its receiver applies --allow to the source it names.
         trusted = self.config.accept_proxy and endpoints.is_allowed(address[0], self.config.accept_proxy)
         if not trusted and not endpoints.is_allowed(address[0], self.config.allow):
@@ -764,7 +760,7 @@ def bind_metrics(config):
         sock.bind((host, port))
         sock.listen(64)
     except OSError as exc:
-        log.error("cannot serve metrics on %s: %s", format_peer((host, port)), exc.strerror or exc)
+        log.error("cannot serve metrics on %s: %s", format_address((host, port)), exc.strerror or exc)
         sys.exit(1)
     return sock
 

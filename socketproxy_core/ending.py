@@ -6,10 +6,9 @@ A mixin of forwarding.Forwarder: the state is the forwarder's, these are its han
 """
 import select
 import socket
-import ssl
 
 from socketproxy_core.proxylog import log
-from socketproxy_core.sockets import reset, unsent_bytes
+from socketproxy_core.sockets import WOULD_BLOCK, reset, unsent_bytes
 from socketproxy_core.stats import STATE_ABANDONED, STATE_CLOSING, STATE_DONE, STATE_DRAINING
 
 DRAINING, CLOSING, DONE, ABANDONED = STATE_DRAINING, STATE_CLOSING, STATE_DONE, STATE_ABANDONED
@@ -93,7 +92,7 @@ class Ending:
         """Read and discard one buffer of replies; whether the destination ended the connection."""
         try:
             got = self.sock.recv_into(self.discard)
-        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        except WOULD_BLOCK:
             return False
         except OSError:
             return True

@@ -37,7 +37,8 @@ from socketproxy_core.loop import Loop
 from socketproxy_core.proxylog import log
 from socketproxy_core.restore import Restore
 from socketproxy_core.retaining import Retainer
-from socketproxy_core.sockets import PROGRESS_POLL_S, Disconnected, Progress, configure, describe, reset, unsent_bytes
+from socketproxy_core.sockets import (PROGRESS_POLL_S, WOULD_BLOCK, Disconnected, Progress, configure, describe, reset,
+                                      unsent_bytes)
 from socketproxy_core.stats import STATE_CONNECTING, STATE_DONE, STATE_DOWN, STATE_UP, ForwarderStats
 from socketproxy_core import zerocopy
 from socketproxy_core.zerocopy import DRAIN_FLAGS, SPLICE_FLAGS, pipe_bytes
@@ -545,7 +546,7 @@ class Forwarder(Ending):
                         self.comparison.compare()
                 if got < len(self.discard):
                     return
-        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        except WOULD_BLOCK:
             return
         except ssl.SSLZeroReturnError:
             raise Disconnected("closed by destination") from None

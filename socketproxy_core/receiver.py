@@ -29,7 +29,7 @@ from socketproxy_core import tls
 from socketproxy_core import proxylog
 from socketproxy_core import stats
 from socketproxy_core.proxylog import log
-from socketproxy_core.sockets import PROGRESS_POLL_S, Progress, unsent_bytes
+from socketproxy_core.sockets import PROGRESS_POLL_S, Progress, format_address, unsent_bytes
 from socketproxy_core.zerocopy import PAGE, pipe_bytes, set_pipe_size
 
 MAIN_EXIT_WAIT_S = 0.5  # after main's end of the lifeline closed: how long we wait for it to be gone
@@ -584,11 +584,6 @@ class Receiver(FanOut, Membership):
         os.killpg(0, signal.SIGKILL)
 
 
-
-
-def format_address(address):
-    host, port = address[:2]
-    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
 
 def run_receiver(source, peer, config, lifeline_fd, table=None, slot=None, dests_fd=None, tls_contexts=(None, None)):

@@ -8,9 +8,8 @@ The stream starts only then, so its accounting (acknowledged bytes on the socket
 byte of the preamble.
 """
 import select
-import ssl
 
-from socketproxy_core.sockets import describe, unsent_bytes
+from socketproxy_core.sockets import WOULD_BLOCK, describe, unsent_bytes
 
 ACK_POLL_S = 0.02
 
@@ -35,7 +34,7 @@ class Restore:
         if event & select.POLLOUT and self.out:
             try:
                 sent = self.sock.send(self.out)
-            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            except WOULD_BLOCK:
                 sent = 0
             except OSError as exc:
                 self.fail(describe(exc))
@@ -52,7 +51,7 @@ class Restore:
         """Read what the destination answered; False once the attempt has failed."""
         try:
             got = self.sock.recv_into(self.discard)
-        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        except WOULD_BLOCK:
             return True
         except OSError as exc:
             self.fail(describe(exc))

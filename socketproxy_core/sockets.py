@@ -4,6 +4,7 @@ import errno
 import fcntl
 import os
 import socket
+import ssl
 import struct
 import termios
 import threading
@@ -32,6 +33,16 @@ def describe(exc):
     if isinstance(exc, OSError) and exc.errno in ERR_REASONS:
         return ERR_REASONS[exc.errno]
     return str(exc) or type(exc).__name__
+
+
+# What a would-block looks like on a plain socket and on a TLS one (tls:// destinations).
+WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+
+def format_address(address):
+    """(host, port) as a log names it: HOST:PORT, [IPv6]:PORT."""
+    host, port = address[:2]
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
 
 def unsent_bytes(sock):

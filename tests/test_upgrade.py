@@ -9,7 +9,10 @@ import sys
 import threading
 import time
 
-from support import ROOT, connect_source, free_port, scaled, scrape, start_proxy, wait_for_log, wait_until
+import pytest
+
+from support import (AS_NOBODY, ROOT, alive, connect_source, free_port, nobody_can_run_the_proxy, scaled, scrape,
+                     start_proxy, tree, wait_for_log, wait_until)
 
 
 class ConnectLoop(threading.Thread):
@@ -117,3 +120,29 @@ def test_a_new_version_that_cannot_start_leaves_the_running_one(recorder, tmp_pa
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(scaled(10)) == 0
     assert re.search(r"INFO \[\d+\] stopped", log_path.read_text())
+
+
+def test_an_upgrade_as_nobody_under_systemds_kind_of_stop(proxy, recorder):
+    """As the unprivileged user a service runs as (the memfds, the exec and the probe need nothing
+    more): a source streams into a 10 kB/s reader across an upgrade; then every process of the tree
+    gets SIGTERM at once, as systemd stops a unit. The source's bytes all reached the reader, main
+    exited 0, nothing is left."""
+    why = nobody_can_run_the_proxy()
+    if why:
+        pytest.skip(why)
+    dest = recorder(read_rate=10_000)
+    px = proxy(["127.0.0.1:%d" % dest.port], "--framing", "line", prefix=AS_NOBODY)
+    data = b"".join(b"line %06d\n" % i for i in range(2000))  # 24 kB: a couple of seconds at 10 kB/s
+    with connect_source(px.port) as source:
+        source.sendall(data[:12000])
+        os.kill(px.pid, signal.SIGUSR2)
+        wait_for_log(px.log_path, r"upgraded in place to socketproxy \S+ \(pid %d\)" % px.pid, timeout=30)
+        source.sendall(data[12000:])
+        wait_until(lambda: dest.total() == len(data), 30, message=lambda: (dest.total(), px.log()[-2000:]))
+        procs = tree(px.pid)
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        assert px.proc.wait(scaled(10)) == 0, px.log()[-3000:]
+    assert b"".join(dest.streams()) == data
+    assert not alive(procs), alive(procs)
+    assert "Traceback" not in px.log()
