@@ -6,7 +6,9 @@ A mixin of forwarding.Forwarder: the state is the forwarder's, these are its han
 """
 import select
 import socket
+import ssl
 
+from socketproxy_core import tls
 from socketproxy_core.proxylog import log
 from socketproxy_core.sockets import WOULD_BLOCK, reset, unsent_bytes
 from socketproxy_core.stats import STATE_ABANDONED, STATE_CLOSING, STATE_DONE, STATE_DRAINING
@@ -76,10 +78,13 @@ class Ending:
         that can discard unread data)."""
         self.progress.stop()
         self.counts.settle(0)
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+        if isinstance(self.sock, ssl.SSLSocket):
+            tls.close_notify(self.sock)
+        else:
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
         self.enter(CLOSING)
         self.loop.watch(self.sock, select.POLLIN, self.socket_closing)
         self.loop.set_timer("linger", CLOSE_LINGER_S, self.closed)

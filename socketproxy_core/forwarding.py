@@ -86,12 +86,12 @@ class Forwarder(Ending):
         self.retainer = None
         # Retaining (--buffer or --framing): what is sent stays in a shadow pipe until acknowledged,
         # and what arrives while down is kept in the backlog, both resent on the next connection.
-        # A tls:// destination is written through TLS: no shadow pipe (tee needs a pipe), nothing kept.
+        # A tls:// destination is written through TLS, from memory (tls.Plaintext).
         self.tls_context = tls_context if dest.tls else None
-        self.tls_out = b""  # tls://: read from the pipe, not yet taken by TLS
-        if (config.buffer > 0 or self.framed or config.session_preamble) and not self.primary and not dest.tls:
+        self.plaintext = tls.Plaintext()  # tls:// without retaining: read from the pipe, not yet taken by TLS
+        if (config.buffer > 0 or self.framed or config.session_preamble) and not self.primary:
             # the primary is never retried
-            self.retainer = Retainer(pipe_fd, config, self.counts, self.devnull_fd)
+            self.retainer = Retainer(pipe_fd, config, self.counts, self.devnull_fd, through_tls=dest.tls)
         # --framing resp: the destination's replies are read as RESP (error replies counted, the
         # session's preamble checked on a new connection).
         self.replies = sessions.RespReplies() if config.framing == "resp" else None
@@ -435,26 +435,22 @@ class Forwarder(Ending):
     def pump_tls(self):
         """tls://: read the pipe into memory and hand it to TLS, as much as the socket takes."""
         while True:
-            if not self.tls_out:
+            if not self.plaintext:
                 try:
-                    data = os.read(self.pipe_fd, SPLICE_CHUNK)
+                    if not self.plaintext.read(self.pipe_fd, SPLICE_CHUNK):
+                        self.end_of_pipe()
+                        self.start_draining()
+                        return
                 except BlockingIOError:
                     break
-                if not data:
-                    self.end_of_pipe()
-                    self.start_draining()
-                    return
-                self.tls_out = memoryview(data)
             try:
-                sent = self.sock.send(self.tls_out)
-            except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+                self.counts.handed(self.plaintext.send(self.sock))
+            except WOULD_BLOCK:
                 self.wait_for_destination("socket")
                 return
             except OSError as exc:
                 self.lose(describe(exc))
                 return
-            self.counts.handed(sent)
-            self.tls_out = self.tls_out[sent:]
         self.data_flows()
 
     def pump_retained(self):
@@ -573,8 +569,7 @@ class Forwarder(Ending):
                         "a cut record whole%s), %d bytes in the backlog; reconnecting in %.1f s", self.dest,
                         reason, unacknowledged, again, less, len(self.backlog), self.backoff.delay_s)
         else:
-            lost = self.counts.settle(reset(self.sock)) + len(self.tls_out)
-            self.tls_out = b""
+            lost = self.counts.settle(reset(self.sock)) + self.plaintext.clear()
             self.counts.drop(lost)
             log.warning("disconnected from %s: %s; %d unsent bytes dropped; reconnecting in %.1f s",
                         self.dest, reason, lost, self.backoff.delay_s)

@@ -3,9 +3,14 @@ arrives while the destination is down is kept, and both are resent on the next c
 
 A connection's stream is the replayed backlog, then the pipe. The backlog is sent from memory and
 kept until acknowledged; the pipe is tee'd into a shadow pipe, then spliced to the socket, so the
-healthy path copies nothing through Python. Acknowledged bytes leave the shadow (all but KEEP_ACKED
+healthy path copies nothing through Python (a tls:// destination: read from the pipe into memory and
+handed to TLS, the shadow as for any other). Acknowledged bytes leave the shadow (all but KEEP_ACKED
 when line-framed, so a cut record can be resent whole). `ahead` bytes were tee'd but not yet taken
 by the socket: they sit both at the head of the pipe and at the tail of the shadow.
+
+Through TLS, the destination acknowledges ciphertext: the send queue's bytes are taken as plaintext
+not yet acknowledged. Records are larger than what they carry (22 to 29 bytes per 16 KiB), so a cut
+connection resends a little more than was lost, never less.
 
 Nothing here waits: step() says what the connection waits for, and the forwarder's loop watches it.
 """
@@ -14,9 +19,10 @@ import socket
 
 from socketproxy_core import framing
 from socketproxy_core import sessions
+from socketproxy_core import tls
 from socketproxy_core import zerocopy
 from socketproxy_core.backlog import Backlog
-from socketproxy_core.sockets import Disconnected, describe, reset, unsent_bytes
+from socketproxy_core.sockets import WOULD_BLOCK, Disconnected, describe, reset, unsent_bytes
 from socketproxy_core.zerocopy import DRAIN_FLAGS, SPLICE_FLAGS, pipe_bytes, pipe_hung_up, tee
 
 SPLICE_CHUNK = 1 << 20
@@ -30,8 +36,10 @@ KEEP_READS = 16  # ... this many times a call at most
 class Retainer:
     """The shadow pipe, the replay and the backlog of one forwarder; its counts go to counts."""
 
-    def __init__(self, pipe_fd, config, counts, devnull_fd):
+    def __init__(self, pipe_fd, config, counts, devnull_fd, through_tls=False):
         self.pipe_fd = pipe_fd
+        # tls://: the tee'd bytes are read out of the pipe for TLS, and wait here until it takes them
+        self.plaintext = tls.Plaintext() if through_tls else None
         self.config = config
         self.counts = counts
         self.devnull_fd = devnull_fd
@@ -115,7 +123,7 @@ class Retainer:
             return "turn"
         try:
             sent = sock.send(memoryview(self.replay)[counts.conn_sent:end])
-        except BlockingIOError:
+        except WOULD_BLOCK:
             return "socket"
         except OSError as exc:
             raise Disconnected(describe(exc)) from None
@@ -129,7 +137,7 @@ class Retainer:
         sock_fd = sock.fileno()
         drained = False  # the last tee took less than it asked for: the pipe was empty after it
         while True:
-            if not self.ahead:
+            if not self.ahead and not self.plaintext:
                 if drained:
                     return "pipe"  # poll says when more comes (or the end): no tee just to see EAGAIN
                 if self.replay or self.shadow_len * 2 > self.shadow_capacity:  # not at every chunk: an ioctl
@@ -163,15 +171,25 @@ class Retainer:
                 self.ahead = teed
                 drained = teed < asked
             try:
-                moved = os.splice(self.pipe_fd, sock_fd, self.ahead, flags=SPLICE_FLAGS)
-            except BlockingIOError:
+                moved = self.send_ahead(sock, sock_fd)
+            except WOULD_BLOCK:
                 return "socket"
             except OSError as exc:
                 raise Disconnected(describe(exc)) from None
-            self.ahead -= moved
             self.counts.handed(moved)
-            if self.ahead:
+            if self.ahead or self.plaintext:
                 return "socket"
+
+    def send_ahead(self, sock, sock_fd):
+        """Hand the tee'd bytes to the socket: spliced, or through TLS from memory; how many it took."""
+        if self.plaintext is None:
+            moved = os.splice(self.pipe_fd, sock_fd, self.ahead, flags=SPLICE_FLAGS)
+            self.ahead -= moved
+            return moved
+        if not self.plaintext:  # out of the pipe (still in the shadow), into TLS's hands
+            self.plaintext.read_exactly(self.pipe_fd, self.ahead)
+            self.ahead = 0
+        return self.plaintext.send(sock)
 
     def release_acknowledged(self, sock, final=False):
         """Let go of what the destination has acknowledged: the replayed backlog, then the shadow's
@@ -250,6 +268,8 @@ class Retainer:
         pipe); empties the shadow."""
         data = bytearray(self.replay)
         self.replay = bytearray()
+        if self.plaintext is not None:
+            self.plaintext.clear()  # read out of the pipe, still in the shadow
         while self.shadow_len:
             chunk = os.read(self.shadow_r, self.shadow_len)
             self.shadow_len -= len(chunk)

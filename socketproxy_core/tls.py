@@ -5,6 +5,7 @@ each receiver does its own source's handshake, within TLS_HANDSHAKE_S, before an
 so nothing of a source that does not complete it reaches a destination. A decrypted stream cannot be
 spliced: the receiver reads it into memory and writes it to the pipes from there (fanout.fan_out).
 """
+import os
 import select
 import socket
 import ssl
@@ -96,6 +97,55 @@ def client_context(config):
         except (OSError, ssl.SSLError) as exc:
             raise UsageError("cannot use --tls-dest-cert %s: %s" % (config.tls_dest_cert, reason(exc))) from None
     return context
+
+
+class Plaintext:
+    """A tls:// destination's bytes read from the pipe and not yet taken by TLS. A TLS write that
+    would block must be retried with the same bytes, so they wait here (one read of the pipe at
+    most); they count as handed to the destination only once TLS has taken them."""
+
+    def __init__(self):
+        self.pending = memoryview(b"")
+
+    def __len__(self):
+        return len(self.pending)
+
+    def read(self, pipe_fd, count):
+        """Read up to count bytes of the pipe (BlockingIOError when it is empty); 0 at its end."""
+        self.pending = memoryview(os.read(pipe_fd, count))
+        return len(self.pending)
+
+    def read_exactly(self, pipe_fd, count):
+        """Read count bytes the pipe is known to hold (the retaining path's tee'd bytes)."""
+        data = bytearray()
+        while len(data) < count:
+            data += os.read(pipe_fd, count - len(data))
+        self.pending = memoryview(data)
+
+    def send(self, tls_sock):
+        """Hand what waits to TLS; raises WOULD_BLOCK (nothing taken) or OSError."""
+        sent = tls_sock.send(self.pending)
+        self.pending = self.pending[sent:]
+        return sent
+
+    def clear(self):
+        """The connection is gone: returns how many bytes were never taken."""
+        count = len(self.pending)
+        self.pending = memoryview(b"")
+        return count
+
+
+def close_notify(tls_sock):
+    """Our close_notify, then our FIN: the destination sees a clean TLS end, not a truncation. The
+    TLS object stays (unless the destination's close_notify has come) to read what it still sends."""
+    try:
+        tls_sock.unwrap()
+    except (ssl.SSLError, OSError):
+        pass  # non-blocking: ours is sent, theirs not read yet (SSLWantReadError), or the socket failed
+    try:
+        socket.socket.shutdown(tls_sock, socket.SHUT_WR)
+    except OSError:
+        pass
 
 
 class ClientHandshake:

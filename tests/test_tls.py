@@ -7,6 +7,7 @@ import os
 import re
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -115,15 +116,16 @@ def test_a_bad_certificate_file_is_one_line_and_exit_1(tmp_path):
 
 class TLSDestination:
     """A destination speaking TLS with a certificate for 127.0.0.1 (issued by ca), recording what each
-    connection delivers after its handshake; handshakes that fail are counted."""
+    connection delivers after its handshake, and how it ended ("close_notify", "eof" without one,
+    "reset"); handshakes that fail are counted."""
 
-    def __init__(self, ca, name="127.0.0.1"):
+    def __init__(self, ca, name="127.0.0.1", port=0):
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ca.issue_cert(name).configure_cert(self.context)
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.context.options &= ~ssl.OP_IGNORE_UNEXPECTED_EOF  # an end without close_notify is told apart
+        self.listener = socket.create_server(("127.0.0.1", port))
         self.port = self.listener.getsockname()[1]
-        self.streams, self.failed = [], []
-        self.threads = []
+        self.streams, self.ends, self.failed, self.conns = [], [], [], []
         self.accepting = threading.Thread(target=self.accept, daemon=True)
         self.accepting.start()
 
@@ -133,32 +135,48 @@ class TLSDestination:
                 conn, _ = self.listener.accept()
             except OSError:
                 return
-            thread = threading.Thread(target=self.serve, args=(conn,), daemon=True)
-            thread.start()
-            self.threads.append(thread)
+            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
 
     def serve(self, conn):
         conn.settimeout(30)
         try:
-            tls_conn = self.context.wrap_socket(conn, server_side=True)
+            tls_conn = self.context.wrap_socket(conn, server_side=True, suppress_ragged_eofs=False)
         except (ssl.SSLError, OSError) as exc:
             self.failed.append(repr(exc))
             conn.close()
             return
+        self.conns.append(tls_conn)
         data = bytearray()
         self.streams.append(data)
         try:
             while True:
                 chunk = tls_conn.recv(65536)
                 if not chunk:
+                    self.ends.append("close_notify")
                     break
                 data += chunk
-        except (ssl.SSLError, OSError):
-            pass
+        except ssl.SSLError as exc:
+            self.ends.append("eof" if "UNEXPECTED_EOF" in str(exc) else "reset")
+        except OSError:
+            self.ends.append("reset")
         tls_conn.close()
 
     def stop(self):
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread (close alone would not)
+        except OSError:
+            pass
         self.listener.close()
+
+    def kill(self):
+        """Go down as a killed server does: no more accepts, every connection reset."""
+        self.stop()
+        for conn in self.conns:
+            try:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                socket.socket.shutdown(conn, socket.SHUT_RDWR)  # its reader wakes, and closes it: a reset
+            except OSError:
+                pass
 
 
 def test_a_tls_destination_gets_the_stream_encrypted_and_verified(proxy, recorder, pki):
@@ -175,8 +193,49 @@ def test_a_tls_destination_gets_the_stream_encrypted_and_verified(proxy, recorde
         assert bytes(secure.streams[0]) == data and plain.streams() == [data]
         wait_for_log(px.log_path, r"dst=tls://127\.0\.0\.1:%d forwarder done: sent %d bytes, dropped 0 bytes"
                      % (secure.port, len(data)))
+        wait_until(lambda: secure.ends == ["close_notify"], 20, message=lambda: secure.ends)  # a clean TLS end
     finally:
         secure.stop()
+
+
+def test_a_tls_destination_restarted_resumes_at_a_record_boundary_with_nothing_lost(proxy, recorder, pki):
+    """--framing line --buffer through TLS: a destination killed mid-stream and started again on the
+    same port gets, on its new connection, every record from right after the last one it read, whole
+    and in order; what TLS was handed but the kernel had not delivered is resent, never lost."""
+    from test_records import Lines, records
+    ca, files = pki
+    steady = recorder()
+    flaky = TLSDestination(ca)
+    port = flaky.port
+    px = proxy(["127.0.0.1:%d" % steady.port, "tls://127.0.0.1:%d" % port], "--tls-ca", files["ca.pem"],
+               "--framing", "line", "--buffer", "4M", "--retry-interval", "0.5")
+    source = Lines(px.port)
+    back = None
+    try:
+        wait_until(lambda: flaky.streams and len(flaky.streams[0]) > 9000, 20, message=lambda: px.log()[-2000:])
+        flaky.kill()
+        wait_for_log(px.log_path, r"disconnected from tls://127.0.0.1:%d" % port)
+        sent_during_outage = source.count
+        wait_until(lambda: source.count > sent_during_outage + 200)
+        back = TLSDestination(ca, port=port)
+        wait_until(lambda: back.streams and len(back.streams[0]) > 9000, 20, message=lambda: px.log()[-2000:])
+    finally:
+        source.stop()
+    try:
+        wait_until(lambda: back.ends == ["close_notify"], 20, message=lambda: (back.ends, px.log()[-2000:]))
+        wait_until(lambda: steady.closed_count() == 1)
+        assert records(steady.streams()[0]) == list(range(source.count))
+        old = records(bytes(flaky.streams[0]))
+        new = records(bytes(back.streams[0]))
+        assert old == list(range(len(old)))
+        assert new == list(range(new[0], source.count)), "gap or reorder after the restart"
+        assert old[-1] - 300 < new[0] <= old[-1] + 1, "lost records: the new stream starts at %d, the old one ended " \
+            "at %d" % (new[0], old[-1])
+        wait_for_log(px.log_path, r"dst=tls://127.0.0.1:%d forwarder done: sent \d+ bytes, dropped 0 bytes "
+                     r"\(0 records\)" % port)
+    finally:
+        flaky.stop()
+        back.stop()
 
 
 @pytest.mark.parametrize("problem", ["another CA", "another name"])
