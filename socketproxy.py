@@ -189,7 +189,7 @@ def check_config(path):
     try:
         config = load_config({**docopt.docopt(__doc__, argv=["--config", path]), "--config": path}, set())
         tls.server_context(config)  # its certificates and keys are read as a start would
-        tls.client_context(config)
+        tls.client_contexts(config)
     except endpoints.UsageError as exc:
         sys.stderr.write("socketproxy: error: %s\n" % exc)
         sys.exit(1)
@@ -552,7 +552,7 @@ class Proxy:
         notify_service_manager("RELOADING=1\nMONOTONIC_USEC=%d" % (time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000))
         try:
             config = self.with_columns(plan_pipes(kept_at_start(self.config, self.reload_config()), quiet=True))
-            tls_contexts = tls.server_context(config), tls.client_context(config)  # renewed files are read again
+            tls_contexts = tls.server_context(config), tls.client_contexts(config)  # renewed files are read again
         except endpoints.UsageError as exc:
             log.error("reload failed: %s; kept the running configuration", exc)
             notify_service_manager("READY=1")
@@ -792,7 +792,7 @@ def main(argv=None):
     inherited = upgrade.adopt()
     proxylog.setup(config.log_level)
     try:
-        tls_contexts = tls.server_context(config), tls.client_context(config)
+        tls_contexts = tls.server_context(config), tls.client_contexts(config)
     except endpoints.UsageError as exc:
         log.error("%s", exc)
         return 1

@@ -10,7 +10,7 @@
 
 Keys are the long options with "_" for "-"; `destinations` is a list of "HOST:PORT" strings or tables
 with an `address` and per-destination overrides of buffer, send_timeout, connect_timeout and
-retry_interval. An option given on the command line wins over the file (the file is read again at
+retry_interval (and, for a tls:// destination, tls_ca, tls_dest_cert and tls_dest_key). An option given on the command line wins over the file (the file is read again at
 every reload, the command line is not); destinations come from one place, the file or the command line.
 """
 try:
@@ -37,7 +37,11 @@ DEST_OPTIONS = {
     "send_timeout": lambda text: endpoints.parse_seconds(text, "send_timeout", minimum=0.001),
     "connect_timeout": lambda text: endpoints.parse_seconds(text, "connect_timeout", minimum=0.001),
     "retry_interval": lambda text: endpoints.parse_seconds(text, "retry_interval", minimum=0.1),
+    "tls_ca": lambda text: text,  # tls:// destinations only: files read when main makes their contexts
+    "tls_dest_cert": lambda text: text,
+    "tls_dest_key": lambda text: text,
 }
+TLS_DEST_OPTIONS = ("tls_ca", "tls_dest_cert", "tls_dest_key")
 
 
 def read(path):
@@ -100,7 +104,14 @@ def read_destinations(path, value):
                 overrides.append((key, DEST_OPTIONS[key](str(setting))))
             except UsageError as exc:
                 raise FileError("%s: destination %s: %s" % (path, item["address"], exc)) from None
-        dests.append(endpoints.with_options(parse_dest(path, item["address"]), tuple(overrides)))
+        dest = parse_dest(path, item["address"])
+        keys = dict(overrides)
+        if not dest.tls and any(key in keys for key in TLS_DEST_OPTIONS):
+            raise FileError("%s: destination %s: tls_ca, tls_dest_cert and tls_dest_key are for tls://HOST:PORT "
+                            "destinations" % (path, item["address"]))
+        if "tls_dest_key" in keys and "tls_dest_cert" not in keys:
+            raise FileError("%s: destination %s: tls_dest_key needs tls_dest_cert" % (path, item["address"]))
+        dests.append(endpoints.with_options(dest, tuple(overrides)))
     return tuple(dests)
 
 

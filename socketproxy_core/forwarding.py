@@ -87,6 +87,8 @@ class Forwarder(Ending):
         # Retaining (--buffer or --framing): what is sent stays in a shadow pipe until acknowledged,
         # and what arrives while down is kept in the backlog, both resent on the next connection.
         # A tls:// destination is written through TLS, from memory (tls.Plaintext).
+        if dest.tls and tls_context is None:
+            raise ValueError("a tls:// destination needs its TLS context")  # never a plaintext fallback
         self.tls_context = tls_context if dest.tls else None
         self.plaintext = tls.Plaintext()  # tls:// without retaining: read from the pipe, not yet taken by TLS
         if (config.buffer > 0 or self.framed or config.session_preamble) and not self.primary:

@@ -282,9 +282,10 @@ class Receiver(FanOut, Membership):
                                         lambda text: setproctitle.setproctitle("%s | %s" % (title, text)))
         source = self.source if self.config.primary and index == 0 else None
         config = endpoints.for_destination(self.config, dest)  # --config's settings for this destination
+        tls_context = tls.context_for(self.tls_client, config) if dest.tls else None
         return forwarding.run_forwarder(read_fd, dest, config, receiver_pid, self.rows, index, counters, source,
                                        self.requests_link if source else None, poke_fd, turns_fd, evidence, joined,
-                                       self.proxy_header, self.tls_client)
+                                       self.proxy_header, tls_context)
 
     def publish(self):
         """Our counters to the shared table, and a title with our forwarders' states: on a timer,

@@ -10,6 +10,7 @@ import select
 import socket
 import ssl
 
+from socketproxy_core import endpoints
 from socketproxy_core.endpoints import UsageError
 
 TLS_HANDSHAKE_S = 5.0  # a source that has not finished its handshake by then is closed (slowloris)
@@ -80,22 +81,44 @@ def recv_into(tls_sock):
 
 # -- tls:// destinations ---------------------------------------------------------------------------
 
-def client_context(config):
-    """The context of tls:// destinations (None when there is none): their certificate and name are
-    verified, against --tls-ca or the system's CAs; --tls-dest-cert is offered when one is asked for.
-    Made in main, once (loading the system's CAs takes milliseconds: not in every forwarder)."""
-    if not any(dest.tls for dest in config.dests):
-        return None
+def client_contexts(config):
+    """The contexts of tls:// destinations, one per distinct (--tls-ca, --tls-dest-cert, --tls-dest-key),
+    a destination's own settings in the config file over the command line's: {settings: context}.
+    Made in main, once (loading the system's CAs takes milliseconds: not in every forwarder); a bad
+    file raises UsageError naming it."""
+    contexts = {}
+    for dest in config.dests:
+        if dest.tls:
+            settings = client_settings(endpoints.for_destination(config, dest))
+            if settings not in contexts:
+                contexts[settings] = client_context(*settings)
+    return contexts
+
+
+def client_settings(config):
+    return config.tls_ca, config.tls_dest_cert, config.tls_dest_key
+
+
+def context_for(contexts, config):
+    """A forwarder's context (config: its destination's): main's, or made here for a destination
+    that a reload added with settings main had no context for when this group was forked."""
+    settings = client_settings(config)
+    return (contexts or {}).get(settings) or client_context(*settings)
+
+
+def client_context(ca, dest_cert, dest_key):
+    """Their certificate and name are verified, against ca or the system's CAs; dest_cert is offered
+    when one is asked for."""
     try:
-        context = ssl.create_default_context(cafile=config.tls_ca or None)
+        context = ssl.create_default_context(cafile=ca or None)
     except (OSError, ssl.SSLError) as exc:
-        raise UsageError("cannot use --tls-ca %s: %s" % (config.tls_ca, reason(exc))) from None
+        raise UsageError("cannot use --tls-ca %s: %s" % (ca, reason(exc))) from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if config.tls_dest_cert:
+    if dest_cert:
         try:
-            context.load_cert_chain(config.tls_dest_cert, config.tls_dest_key or None)
+            context.load_cert_chain(dest_cert, dest_key or None)
         except (OSError, ssl.SSLError) as exc:
-            raise UsageError("cannot use --tls-dest-cert %s: %s" % (config.tls_dest_cert, reason(exc))) from None
+            raise UsageError("cannot use --tls-dest-cert %s: %s" % (dest_cert, reason(exc))) from None
     return context
 
 

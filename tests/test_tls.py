@@ -4,6 +4,7 @@ signed by that CA. Certificates are made here, with trustme; none is committed. 
 counted by reason and forwards nothing."""
 import datetime
 import os
+import signal
 import re
 import socket
 import ssl
@@ -300,3 +301,85 @@ def test_truncated_and_random_records_reach_no_destination_and_crash_nothing(pro
     with tls_client(px.port, ca) as sock:
         sock.sendall(b"still served\n")
         wait_until(lambda: dest.streams() == [b"still served\n"], 20)
+
+
+def write_config(path, port, destinations, extra=""):
+    path.write_text("listen_port = %d\n%sdestinations = [\n%s]\n" % (port, extra, "".join(
+        "    %s,\n" % item for item in destinations)))
+
+
+def test_each_tls_destination_has_its_own_ca_and_client_certificate_in_the_config_file(proxy, pki, tmp_path):
+    """Two tls:// destinations, each verified against its own CA from the config file (no --tls-ca),
+    one of them asking for a client certificate (tls_dest_cert); a third names a CA that did not issue
+    its certificate: it is refused (a failed connect), the other two get the stream."""
+    ca, files = pki
+    other_ca = trustme.CA()
+    other_ca_file = tmp_path / "other-ca.pem"
+    other_ca.cert_pem.write_to_path(str(other_ca_file))
+    first = TLSDestination(ca)
+    second = TLSDestination(other_ca)
+    second.context.verify_mode = ssl.CERT_REQUIRED  # mutual TLS: only a client certificate of ca passes
+    ca.configure_trust(second.context)
+    wrong = TLSDestination(other_ca)
+    port = free_port()
+    path = tmp_path / "proxy.toml"
+    write_config(path, port, [
+        '{ address = "tls://127.0.0.1:%d", tls_ca = "%s" }' % (first.port, files["ca.pem"]),
+        '{ address = "tls://127.0.0.1:%d", tls_ca = "%s", tls_dest_cert = "%s" }' % (
+            second.port, other_ca_file, files["client.pem"]),
+        '{ address = "tls://127.0.0.1:%d", tls_ca = "%s" }' % (wrong.port, files["ca.pem"])],
+        'retry_interval = 0.5\n')
+    try:
+        px = proxy([], "--config", str(path), listen_port=port)
+        data = b"for each its own CA\n" * 1000
+        with connect_source(px.port) as sock:
+            sock.sendall(data)
+            wait_until(lambda: [bytes(s) for s in first.streams] == [data] and
+                       [bytes(s) for s in second.streams] == [data], 20,
+                       message=lambda: (first.failed, second.failed, px.log()[-2000:]))
+            wait_for_log(px.log_path, r"WARNING .*cannot connect to tls://127\.0\.0\.1:%d: TLS: unable to get local "
+                         r"issuer certificate" % wrong.port)
+        assert wrong.streams == []
+    finally:
+        for dest in (first, second, wrong):
+            dest.stop()
+
+
+def test_a_bad_per_destination_tls_setting_is_one_line(tmp_path):
+    path = tmp_path / "proxy.toml"
+    write_config(path, free_port(), ['{ address = "127.0.0.1:9", tls_ca = "/etc/ssl/certs/ca-certificates.crt" }'])
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "socketproxy.py"), "--check-config", str(path)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert "destination 127.0.0.1:9: tls_ca, tls_dest_cert and tls_dest_key are for tls://HOST:PORT" in done.stderr
+    write_config(path, free_port(), ['{ address = "tls://127.0.0.1:9", tls_ca = "%s" }' % (tmp_path / "missing.pem")])
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "socketproxy.py"), "--check-config", str(path)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert "cannot use --tls-ca %s" % (tmp_path / "missing.pem") in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_tls_destination_added_by_a_reload_to_a_live_group_speaks_tls(proxy, recorder, pki, tmp_path):
+    """A group forked before any tls:// destination existed joins one a reload adds: its forwarder makes
+    the context from the destination's settings, and the destination gets TLS, never plaintext."""
+    ca, files = pki
+    plain = recorder()
+    secure = TLSDestination(ca)
+    port = free_port()
+    path = tmp_path / "proxy.toml"
+    write_config(path, port, ['"127.0.0.1:%d"' % plain.port], 'tls_ca = "%s"\n' % files["ca.pem"])
+    try:
+        px = proxy([], "--config", str(path), listen_port=port)
+        with connect_source(px.port) as sock:
+            sock.sendall(b"before\n")
+            wait_until(lambda: plain.total() == 7, 20)
+            write_config(path, port, ['"127.0.0.1:%d"' % plain.port, '"tls://127.0.0.1:%d"' % secure.port],
+                         'tls_ca = "%s"\n' % files["ca.pem"])
+            os.kill(px.pid, signal.SIGHUP)
+            wait_for_log(px.log_path, r"connected to tls://127\.0\.0\.1:%d" % secure.port)
+            sock.sendall(b"after\n")
+            wait_until(lambda: [bytes(s) for s in secure.streams] == [b"after\n"], 20,
+                       message=lambda: (secure.streams, secure.failed, px.log()[-2000:]))
+        assert secure.failed == []
+    finally:
+        secure.stop()
