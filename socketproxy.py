@@ -766,21 +766,20 @@ def bind_metrics(config):
 
 
 def plan_pipes(config, quiet=False):
-    """The config with a pipe size that fits --max-connections sources in the user's pipe budget."""
+    """The config with a pipe size that fits --max-connections sources in the user's pipe budget:
+    a quarter of it at the start, busy groups growing into the rest (pipesizes.py); with --primary,
+    whose mirrors pace themselves by their pipes' size, all of it, fixed."""
     budget = zerocopy.pipe_budget()
     # A staging pipe, one pipe per forwarder, and, retaining, a shadow pipe per forwarder.
-    pipes = 1 + sum(2 if retains(endpoints.for_destination(config, dest)) else 1 for dest in config.dests)
-    size = zerocopy.plan_pipe_size(config.max_connections, pipes, budget)
+    pipes = 1 + sum(2 if endpoints.retains(endpoints.for_destination(config, dest)) else 1 for dest in config.dests)
+    growing = budget is not None and not config.primary
+    size = zerocopy.plan_pipe_size(config.max_connections * (4 if growing else 1), pipes, budget)
     if budget is not None and not quiet:
-        log.info("pipes of %d KiB: %d sources x %d pipes fit in %d%% of this user's pipe budget of %d MiB "
-                 "(fs.pipe-user-pages-soft)", size // 1024, config.max_connections, pipes,
-                 zerocopy.PIPE_BUDGET_SHARE * 100, budget >> 20)
-    return dataclasses.replace(config, pipe_size=size)
-
-
-def retains(config):
-    """Whether a forwarder with this config keeps a shadow pipe (see retaining.py)."""
-    return config.buffer > 0 or config.framing != "none" or config.session_preamble > 0
+        log.info("pipes of %d KiB%s: %d sources x %d pipes fit in %d%% of this user's pipe budget of %d MiB "
+                 "(fs.pipe-user-pages-soft)", size // 1024, ", growing while busy" if growing else "",
+                 config.max_connections, pipes, zerocopy.PIPE_BUDGET_SHARE * 100, budget >> 20)
+    share = int(budget * zerocopy.PIPE_BUDGET_SHARE) if growing else 0
+    return dataclasses.replace(config, pipe_size=size, pipe_share=share, pipes_per_source=pipes)
 
 
 def main(argv=None):

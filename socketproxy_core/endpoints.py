@@ -35,6 +35,11 @@ def with_options(dest, options):
     return dataclasses.replace(dest, options=options)
 
 
+def retains(config):
+    """Whether a forwarder with this config keeps a shadow pipe (see retaining.py)."""
+    return config.buffer > 0 or config.framing != "none" or config.session_preamble > 0
+
+
 def for_destination(config, dest):
     """The Config a forwarder to dest runs with: the destination's own settings over the others."""
     return dataclasses.replace(config, **dict(dest.options)) if dest.options else config
@@ -57,6 +62,8 @@ class Config:
     framing: str = "none"  # none (a byte stream), line (records end with a newline) or resp (Redis commands)
     buffer: int = 0  # bytes kept per destination of each source while it is down
     pipe_size: int = 1 << 20  # each pipe of a group, planned by main for the user's pipe budget
+    pipe_share: int = 0  # under a pipe budget: bytes of pipes the tree may hold, busy groups' pipes growing (pipesizes.py)
+    pipes_per_source: int = 0  # pipes a group holds: its staging pipe, a pipe per forwarder, a shadow per retaining one
     metrics: tuple = None  # (host, port) to serve Prometheus metrics on; None = off
     primary: bool = False  # the first destination is the source's session; its replies go back
     mirror_policy: str = "drop"  # with primary: a mirror that cannot keep up loses data (drop) or holds (wait)

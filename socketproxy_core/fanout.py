@@ -103,6 +103,7 @@ class FanOut:
         size = self.take_from_source(splice, self.source_fd, self.stage_w, CHUNK, None, None, SPLICE_FLAGS)
         if not size:
             return
+        self.pipe_sizes.read_size(size)
         turn_starts = self.mark_turn(size) if self.turns else False
         self.chunk_len = size
         if self.handed_fd is not None:

@@ -675,6 +675,8 @@ class Forwarder(Ending):
                         "session without framing cannot go on after a gap; the rest of it is dropped", self.dest)
         if self.comparison is not None and self.comparison.active and (self.counts.dropped or self.receiver_drops()[0]):
             self.comparison.stop("commands were dropped for it")
+        if self.retainer is not None:
+            self.retainer.follow_input(self.sock if self.state == UP else None)
         changed = self.stats.publish(self, os.getpid())
         self.loop.set_timer("publish", TITLE_PERIOD_S if changed else IDLE_TITLE_PERIOD_S, self.publish)
 

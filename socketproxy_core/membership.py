@@ -110,6 +110,7 @@ class Membership:
         for table in (self.pipes, self.pokes, self.turns):
             table.pop(fd, None)
         self.droppable.discard(fd)
+        self.pipe_sizes.remove(fd)
         os.close(fd)
         self.leaving.add(self.pid_of[index])
         log.info("destination %s removed by a reload: its forwarder delivers what it holds and ends",

@@ -19,6 +19,7 @@ from socketproxy_core import endpoints
 from socketproxy_core import forking
 from socketproxy_core.fanout import FanOut
 from socketproxy_core.membership import Membership
+from socketproxy_core.pipesizes import PipeSizes
 from socketproxy_core import forwarding
 from socketproxy_core import framing
 from socketproxy_core import loop
@@ -86,6 +87,7 @@ class Receiver(FanOut, Membership):
             table, slot = stats.Table(1, len(config.dests)), 0
         self.table, self.slot = table, slot
         self.rows = stats.GroupRows(table, slot, config.columns)
+        self.pipe_sizes = PipeSizes(config, table, self.rows)
         self.pipes_closed = False
         self.drops = [[0, 0] for _ in config.dests]
         self.droppable = set()  # the write fds of mirrors that must never hold the source
@@ -199,7 +201,7 @@ class Receiver(FanOut, Membership):
         self.source_fd = self.source.fileno()
         # The staging pipe the source is spliced into (non-blocking, as large as a forwarder's).
         self.stage_r, self.stage_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        set_pipe_size(self.stage_w, self.config.pipe_size)
+        self.pipe_sizes.add(self.stage_w, set_pipe_size(self.stage_w, self.config.pipe_size), stage=True)
         self.source.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         for option, value in KEEPALIVE:
             self.source.setsockopt(socket.IPPROTO_TCP, option, value)
@@ -238,6 +240,7 @@ class Receiver(FanOut, Membership):
         """Fork one forwarder fed by a new pipe; the receiver keeps the write end only."""
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         size = set_pipe_size(write_fd, self.config.pipe_size)
+        self.pipe_sizes.add(write_fd, size, 2 if endpoints.retains(endpoints.for_destination(self.config, dest)) else 1)
         is_primary = self.config.primary and index == 0
         title = "socketproxy: forwarder %s -> %s%s" % (self.peer, dest, " (primary)" if is_primary else "")
         # A forwarder must not hold the source (else killing us would not close it) nor any
@@ -291,6 +294,7 @@ class Receiver(FanOut, Membership):
         """Our counters to the shared table, and a title with our forwarders' states: on a timer,
         every second (every IDLE_TITLE_PERIOD_S once nothing changed), and only when something changed."""
         self.loop.set_timer("publish", self.title_period, self.publish)
+        self.pipe_sizes.shrink_if_idle()
         now = time.monotonic()
         if now - self.checked_at >= TICK_S:  # a backstop only: pidfds report a forwarder's death at once
             self.checked_at = now
@@ -514,6 +518,7 @@ class Receiver(FanOut, Membership):
         self.write_row()
         for fd in self.pipes:
             self.loop.unwatch(fd)
+            self.pipe_sizes.remove(fd)
             os.close(fd)
         self.pipes.clear()
         self.pipe_fds = []

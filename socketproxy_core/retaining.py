@@ -14,6 +14,7 @@ connection resends a little more than was lost, never less.
 
 Nothing here waits: step() says what the connection waits for, and the forwarder's loop watches it.
 """
+import fcntl
 import os
 import socket
 
@@ -85,6 +86,25 @@ class Retainer:
         self.release_scan = framing.scanner(self.config.framing)
         self.replay_end = len(self.replay)
 
+    def follow_input(self, sock=None):
+        """Under a pipe budget, the shadow takes its input pipe's size, which the receiver grows and
+        shrinks with demand (pipesizes.py): larger at once, smaller once what it holds is
+        acknowledged (sock: the connection, when up). Whether it grew."""
+        if self.shadow_w is None or not self.config.pipe_share:
+            return False
+        wanted = zerocopy.pipe_capacity(self.pipe_fd)
+        if wanted < self.shadow_capacity and self.shadow_len and sock is not None:
+            self.release_acknowledged(sock, final=True)
+        if wanted == self.shadow_capacity or (wanted < self.shadow_capacity and self.shadow_len):
+            return False
+        try:
+            fcntl.fcntl(self.shadow_w, zerocopy.F_SETPIPE_SZ, wanted)
+        except OSError:
+            return False  # the user's budget is spent: the shadow stays as it is
+        grew = wanted > self.shadow_capacity
+        self.shadow_capacity = zerocopy.pipe_capacity(self.shadow_w)
+        return grew
+
     def skipping(self):
         """Framed, when the start of the record in progress was dropped: the pipe is read up to that
         record's end (skip()) before the connection's stream begins."""
@@ -144,6 +164,8 @@ class Retainer:
                     self.release_acknowledged(sock)
                 room = self.shadow_capacity - self.shadow_len
                 if room <= 0:
+                    if self.follow_input():
+                        continue
                     if self.spill():
                         continue
                     return "acks"  # everything retained is unacknowledged: wait for the destination

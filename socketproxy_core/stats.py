@@ -119,6 +119,16 @@ class Table:
 
     # -- main's side ------------------------------------------------------------------------------
 
+    def pipe_bytes_in_use(self):
+        """(bytes of pipes every live group holds, how many groups hold some), from their receivers' rows."""
+        total = groups = 0
+        for slot in range(self.slots):
+            held = self.receiver_row(slot).read()[RCV_PIPE_BYTES]
+            if held:
+                total += held
+                groups += 1
+        return total, groups
+
     def allocate(self):
         """A free slot for a new source, None when every slot is in use."""
         return self.free.pop() if self.free else None
@@ -250,7 +260,7 @@ FWD_BACKLOG = FWD_SINCE + 1
 FWD_SESSION_END = FWD_BACKLOG + 1  # --primary: how the session ended (primary.ENDED_*), 0 while it goes on
 FWD_REPLIES = FWD_SESSION_END + 1  # --primary: how often the primary's replies were passed on (see note_replies)
 # A receiver row's fields (after seq).
-RCV_PID, RCV_RECEIVED, RCV_PRIMARY_WRITTEN, RCV_PIPES_CLOSED, RCV_REFUSED = range(5)
+RCV_PID, RCV_RECEIVED, RCV_PRIMARY_WRITTEN, RCV_PIPES_CLOSED, RCV_REFUSED, RCV_PIPE_BYTES = range(6)
 
 
 class GroupRows:
@@ -260,9 +270,17 @@ class GroupRows:
         self.table = table
         self.slot = slot
         self.columns = columns or range(table.dests)  # destination index -> its column in the table
+        self.pid, self.counters, self.pipe_bytes = 0, (0, 0, 0), 0  # what our receiver row holds
 
     def write_receiver(self, pid, received, primary_written, pipes_closed):
-        self.table.receiver_row(self.slot).write(pid, received, primary_written, int(pipes_closed))
+        self.pid = pid
+        self.counters = (received, primary_written, int(pipes_closed))
+        self.table.receiver_row(self.slot).write(pid, *self.counters, 0, self.pipe_bytes)
+
+    def write_pipe_bytes(self, pipe_bytes):
+        """The bytes of the group's pipes, for other groups' growth (pipesizes.py)."""
+        self.pipe_bytes = pipe_bytes
+        self.table.receiver_row(self.slot).write(self.pid, *self.counters, 0, pipe_bytes)
 
     def write_refused(self, pid, why):
         """The receiver closed its source before serving it (stats.REFUSED_*): main counts it."""

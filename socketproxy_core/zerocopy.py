@@ -78,6 +78,11 @@ def set_pipe_size(fd, size):
     return got
 
 
+def pipe_capacity(fd):
+    """The size of a pipe (either end)."""
+    return fcntl.fcntl(fd, F_GETPIPE_SZ)
+
+
 def pipe_hung_up(fd):
     """Whether a pipe is at its end: its writers all gone (POLLHUP) and nothing left in it (no POLLIN,
     since bytes may have arrived, their writer gone, after the caller found the pipe empty)."""

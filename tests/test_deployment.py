@@ -1,4 +1,5 @@
 """Deployment: an unprivileged user, systemd's stop and notify, dual-stack names, slow readers, signals."""
+import fcntl
 import json
 import os
 import re
@@ -96,7 +97,7 @@ def test_fifty_sources_as_nobody_all_stream_alike(proxy):
     sinks = [CountingSink(), CountingSink()]
     try:
         px = proxy(["127.0.0.1:%d" % sink.port for sink in sinks], prefix=AS_NOBODY)
-        wait_for_log(px.log_path, r"pipes of \d+ KiB: 256 sources x 5 pipes fit")
+        wait_for_log(px.log_path, r"pipes of \d+ KiB, growing while busy: 256 sources x 5 pipes fit")
         assert psutil.Process(px.pid).uids().effective == 65534
         block = os.urandom(1 << 20)
         blocks = 160
@@ -133,6 +134,90 @@ def test_fifty_sources_as_nobody_all_stream_alike(proxy):
             assert sink.summary() == sorted(expected)
         assert last_rate >= first_rate / 2, "first %.0f MB/s, 50th %.0f MB/s" % (first_rate / 1e6, last_rate / 1e6)
         assert "kernel refused a pipe" not in px.log()
+    finally:
+        for sink in sinks:
+            sink.stop()
+
+
+def pipe_sizes(pid):
+    """The sizes of the pipes a process holds, an entry per descriptor (root opens them through /proc;
+    F_GETPIPE_SZ). A receiver holds its staging pipe's two ends and a pipe per forwarder, a retaining
+    forwarder its input pipe and its shadow's two ends; both hold signal pipes of the kernel's
+    default size (64 KiB) besides."""
+    sizes = []
+    for name in os.listdir("/proc/%d/fd" % pid):
+        path = "/proc/%d/fd/%s" % (pid, name)
+        try:
+            if not os.readlink(path).startswith("pipe:"):
+                continue
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            sizes.append(fcntl.fcntl(fd, 1032))
+        finally:
+            os.close(fd)
+    return sizes
+
+
+def test_as_nobody_a_busy_sources_pipes_grow_and_shrink_back_when_it_idles(proxy):
+    """As nobody, pipes start small (a quarter of the budget's share for --max-connections sources); the
+    pipes of a source that streams grow, its forwarders' shadow pipes with them, while 20 idle sources
+    keep small ones and a source that connects meanwhile gets its pipes; once the stream pauses,
+    they shrink back. Every byte arrives."""
+    why = nobody_can_run_the_proxy()
+    if why:
+        pytest.skip(why)
+    sinks = [CountingSink(), CountingSink()]
+    try:
+        px = proxy(["127.0.0.1:%d" % sink.port for sink in sinks], prefix=AS_NOBODY)
+        base = int(wait_for_log(px.log_path, r"pipes of (\d+) KiB, growing while busy")[0].group(1)) * 1024
+        assert base < 64 * 1024  # told apart from the signal pipes below
+
+        def grown(pid, count):
+            return min(sorted(pipe_sizes(pid))[-count:]) >= 8 * base
+
+        def small(pid, count):
+            sizes = pipe_sizes(pid)
+            return sizes.count(base) == count and max(sizes) <= 64 * 1024
+        idle = [connect_source(px.port) for _ in range(20)]
+        wait_until(lambda: len(by_role(px.pid, "forwarder")) == 40, 60)
+        busy = connect_source(px.port)
+        wait_until(lambda: len(by_role(px.pid, "receiver")) == 21, 30)
+        receiver = next(proc for proc in by_role(px.pid, "receiver")
+                        if ":%d " % busy.getsockname()[1] in " ".join(proc.cmdline()))
+        block = os.urandom(1 << 20)
+        stop = threading.Event()
+        sent = [0]
+
+        def stream():
+            while not stop.is_set():
+                busy.sendall(block)
+                sent[0] += len(block)
+        sender = threading.Thread(target=stream, daemon=True)
+        sender.start()
+        try:
+            wait_until(lambda: grown(receiver.pid, 4), 60, message=lambda: (pipe_sizes(receiver.pid), base))
+            forwarder = receiver.children()[0]
+            wait_until(lambda: grown(forwarder.pid, 3), 30, message=lambda: (pipe_sizes(forwarder.pid), [(n, os.readlink("/proc/%d/fd/%s" % (forwarder.pid, n))) for n in os.listdir("/proc/%d/fd" % forwarder.pid)], forwarder.cmdline()))
+            newcomer = connect_source(px.port)
+            newcomer.sendall(b"a newcomer\n")
+            wait_until(lambda: len(by_role(px.pid, "receiver")) == 22, 30)
+            fresh = next(proc for proc in by_role(px.pid, "receiver")
+                         if ":%d " % newcomer.getsockname()[1] in " ".join(proc.cmdline()))
+            assert small(fresh.pid, 4), pipe_sizes(fresh.pid)
+            others = [proc for proc in by_role(px.pid, "receiver") if proc.pid not in (receiver.pid, fresh.pid)]
+            assert all(small(proc.pid, 4) for proc in others)
+        finally:
+            stop.set()
+            sender.join(60)
+        wait_until(lambda: all(sink.total() == sent[0] + len(b"a newcomer\n") for sink in sinks), 60)
+        wait_until(lambda: small(receiver.pid, 4), 60, message=lambda: pipe_sizes(receiver.pid))
+        wait_until(lambda: small(forwarder.pid, 3), 30, message=lambda: pipe_sizes(forwarder.pid))
+        for sock in [busy, newcomer] + idle:
+            sock.close()
+        wait_until(lambda: all(sink.closed_count() == 22 for sink in sinks), 60)
+        assert "kernel refused a pipe" not in px.log() and not errors_in(px.log())
     finally:
         for sink in sinks:
             sink.stop()

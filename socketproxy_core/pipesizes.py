@@ -1,0 +1,93 @@
+"""Pipes that follow demand, within an unprivileged user's pipe budget (fs.pipe-user-pages-soft).
+
+Main plans a small base size (zerocopy.plan_pipe_size) so that --max-connections sources fit a
+quarter of the budget's share. A group whose source fills its staging pipe at a read is busy: its
+pipes double (F_SETPIPE_SZ), up to PIPE_SIZE_MAX, as long as every group's pipes (each receiver
+publishes its total in its row of the shared table) plus base-size pipes for every slot not in use
+stay within the share: a new source always gets its pipes. A group idle for SHRINK_AFTER_S gives
+its pipes back down to the base size (an empty pipe can shrink; one holding data waits).
+
+A retaining forwarder's shadow pipe follows the size of its input pipe (retaining.Retainer), so such
+a pipe counts twice here. Root is not under a budget: its pipes have PIPE_SIZE_MAX from the start.
+"""
+import fcntl
+import time
+
+from socketproxy_core.proxylog import log
+from socketproxy_core.zerocopy import F_GETPIPE_SZ, F_SETPIPE_SZ, PIPE_SIZE_MAX, pipe_bytes
+
+SHRINK_AFTER_S = 10.0
+
+
+class PipeSizes:
+    """One receiver's pipes and their sizes; grow() at a busy read, shrink_if_idle() on a timer."""
+
+    def __init__(self, config, table, rows):
+        self.base = config.pipe_size
+        self.share = config.pipe_share  # bytes of pipes the whole tree may hold; 0 = no budget
+        self.per_source = config.pipes_per_source
+        self.slots = config.max_connections
+        self.table, self.rows = table, rows
+        self.weight = {}  # write fd -> pipes it stands for (2: a retaining forwarder's, its shadow follows)
+        self.capacity = {}  # write fd -> its size now
+        self.stage_fd = None
+        self.refused = False  # the kernel refused to grow a pipe: not asked again until a shrink
+        self.busy_at = 0.0
+
+    def add(self, fd, capacity, weight=1, stage=False):
+        self.capacity[fd] = capacity
+        self.weight[fd] = weight
+        if stage:
+            self.stage_fd = fd
+
+    def remove(self, fd):
+        self.capacity.pop(fd, None)
+        self.weight.pop(fd, None)
+
+    def total(self):
+        """The bytes our pipes hold in the budget (published in our row)."""
+        return sum(size * self.weight[fd] for fd, size in self.capacity.items())
+
+    def stage_capacity(self):
+        return self.capacity.get(self.stage_fd, self.base)
+
+    def read_size(self, moved):
+        """A read of the source moved this much into the staging pipe: a full pipe's worth grows
+        every pipe of the group, where the budget allows."""
+        if not self.share or moved < self.stage_capacity():
+            return
+        self.busy_at = time.monotonic()
+        if self.refused or self.stage_capacity() >= PIPE_SIZE_MAX:
+            return
+        extra = self.total()  # doubling every pipe adds as much as they hold now
+        in_use, groups = self.table.pipe_bytes_in_use()
+        reserve = max(0, self.slots - groups) * self.per_source * self.base
+        if in_use + extra + reserve > self.share:
+            return
+        for fd in list(self.capacity):
+            if not self.resize(fd, min(self.capacity[fd] * 2, PIPE_SIZE_MAX)):
+                self.refused = True
+                break
+        self.rows.write_pipe_bytes(self.total())
+
+    def shrink_if_idle(self):
+        """Back to the base size once the source has not filled a pipe for SHRINK_AFTER_S."""
+        if not self.share or time.monotonic() - self.busy_at < SHRINK_AFTER_S:
+            return
+        shrunk = False
+        for fd, size in list(self.capacity.items()):
+            if size > self.base and not pipe_bytes(fd):
+                shrunk |= self.resize(fd, self.base)
+        if shrunk:
+            self.refused = False
+            self.rows.write_pipe_bytes(self.total())
+
+    def resize(self, fd, size):
+        """Whether the pipe has the new size (the kernel may refuse: the user's budget is spent)."""
+        try:
+            fcntl.fcntl(fd, F_SETPIPE_SZ, size)
+        except OSError as exc:
+            log.debug("pipe not resized to %d KiB: %s", size // 1024, exc.strerror)
+            return False
+        self.capacity[fd] = fcntl.fcntl(fd, F_GETPIPE_SZ)
+        return True
