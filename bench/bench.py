@@ -5,9 +5,10 @@ Usage:
 
   --quick       sizes x 0.02 and one round: a smoke test of every figure in well under a minute
   --scale X     multiply every size and count by X (also BENCH_SCALE=X); default 1
-  --rounds N    rounds of the repeated figures (throughput, connections, latency, unprivileged);
-                default 3
-  --only FIGS   comma-separated subset of: thr,conn,lat,mem,scale,unprivileged (default: all)
+  --rounds N    rounds of the repeated figures (throughput, connections, latency, unprivileged,
+                tls); default 3
+  --only FIGS   comma-separated subset of: thr,resp,conn,lat,mem,scale,unprivileged,redis,tls
+                (default: all)
   --no-crc      sinks skip the crc32 (byte count and the byte-by-byte compare remain)
   --json PATH   where to write the results; default bench/results.json
 
@@ -52,6 +53,32 @@ rounds interleaved as above: requests per second of SET and of INCR; a trial who
 non-zero or prints an error line is an error. Targets: --primary D=1 >= socat; informational: through
 --primary with a shadow >= 0.7x direct, per test.
 
+Figure "tls" (trustme makes its certificates once per run: a CA, and a certificate for 127.0.0.1 with
+its key, in the bench's temporary directory, removed at its end; without trustme the figure is skipped,
+without socat or stunnel their rows, each with one line saying why): what TLS costs, one stream of a
+quarter of the throughput size (256 MiB x scale, at least 4 MiB), MB/s per destination stream, every
+byte checked at every sink on the plaintext (peers.py sink --tls-cert, bulk --tls-ca). Two parts, each
+with its rounds interleaved as above:
+
+  tls-source  the source speaks TLS to the relay, which writes plaintext to D plain sinks:
+              socat OPENSSL-LISTEN:P,fork,reuseaddr,cert=SERVER,verify=0 TCP:SINK       (D = 1)
+              stunnel: accept=P, connect=SINK, cert=SERVER, foreground=yes, pid=        (D = 1)
+              socat+tee with OPENSSL-LISTEN:P,...,cert=SERVER,verify=0 EXEC:script      (D = 2)
+              socketproxy --tls-cert SERVER DEST...                                     (D = 1, 2)
+  tls-dest    a plain source; the relay speaks TLS to D TLS sinks, verifying them against the CA:
+              socat TCP-LISTEN:P,... OPENSSL:SINK,cafile=CA                             (D = 1)
+              stunnel client=yes, CAfile=CA, verifyChain=yes, checkIP=127.0.0.1         (D = 1)
+              socat+tee, its script's socats being socat -u - OPENSSL:SINK,cafile=CA    (D = 2)
+              socketproxy --tls-ca CA tls://127.0.0.1:SINK...                           (D = 1, 2)
+  direct-tls  in both parts, the baseline: the source speaks TLS to TLS sinks itself (D = 2: every
+              chunk written to two TLS sockets), what TLS costs without a relay.
+
+Ratios: x direct-tls (same D), x socat (socat at D=1, socat+tee at D=2). A TLS stream cannot be
+spliced: the proxy reads a TLS source's plaintext into memory before its pipes, and a tls://
+forwarder reads its pipe into memory to encrypt it, copies the plain rows do not make. kTLS (the
+kernel encrypts and decrypts the socket: Python 3.12's ssl.OP_ENABLE_KTLS, with OpenSSL built with
+it and the tls module loaded) is the way to regain splice.
+
 The bench raises its own RLIMIT_NOFILE soft limit to the hard limit before it starts anything, so
 every process it starts (the proxy included) inherits the raised limit. It makes itself a child
 subreaper, so orphans of the systems it starts are reaped here, and kills every process it started
@@ -86,7 +113,7 @@ PEERS = os.path.join(HERE, "peers.py")
 GIB = 1 << 30
 MIB = 1 << 20
 WINDOW_BYTES = 1 << 20
-FIGURES = ("thr", "resp", "conn", "lat", "mem", "scale", "unprivileged", "redis")
+FIGURES = ("thr", "resp", "conn", "lat", "mem", "scale", "unprivileged", "redis", "tls")
 BACKLOG = 1024  # socat's default listen backlog (5) drops SYNs at concurrency 8: 1 s retransmits
 
 
@@ -347,15 +374,20 @@ class Direct(System):
 
 
 class Socat(System):
-    def __init__(self, bufsize=None):
+    """listen: the listening address type and options after the common ones (OPENSSL-LISTEN, cert=...);
+    dest: the destination address for a port (OPENSSL:127.0.0.1:%d,cafile=...)."""
+
+    def __init__(self, bufsize=None, listen=("TCP-LISTEN", ""), dest="TCP:127.0.0.1:%d"):
         self.bufsize = bufsize
         self.key = "socat-b256k" if bufsize else "socat"
+        self.listen, self.dest = listen, dest
 
     def start(self, ports, extra=()):
         assert len(ports) == 1
         port = free_port()
         argv = ["socat"] + (["-b", str(self.bufsize)] if self.bufsize else []) + [
-            "TCP-LISTEN:%d,fork,reuseaddr,bind=127.0.0.1,backlog=%d" % (port, BACKLOG), "TCP:127.0.0.1:%d" % ports[0]]
+            "%s:%d,fork,reuseaddr,bind=127.0.0.1,backlog=%d%s" % (self.listen[0], port, BACKLOG, self.listen[1]),
+            self.dest % ports[0]]
         self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
         self.wait_listening(port)
         return ["127.0.0.1:%d" % port]
@@ -364,18 +396,20 @@ class Socat(System):
 class SocatTee(System):
     key = "socat+tee"
 
-    def __init__(self, tmpdir):
+    def __init__(self, tmpdir, listen=("TCP-LISTEN", ""), dest="TCP:127.0.0.1:%d"):
         self.tmpdir = tmpdir
+        self.listen, self.dest = listen, dest  # as Socat's
 
     def start(self, ports, extra=()):
         assert len(ports) >= 2
         port = free_port()
         script = os.path.join(self.tmpdir, "tee-%d.sh" % port)
-        subs = " ".join(">(socat -u - TCP:127.0.0.1:%d)" % p for p in ports[:-1])
+        subs = " ".join(">(socat -u - %s)" % (self.dest % p) for p in ports[:-1])
         with open(script, "w") as f:
-            f.write("#!/bin/bash\ntee %s | socat -u - TCP:127.0.0.1:%d\n" % (subs, ports[-1]))
+            f.write("#!/bin/bash\ntee %s | socat -u - %s\n" % (subs, self.dest % ports[-1]))
         os.chmod(script, 0o755)
-        argv = ["socat", "TCP-LISTEN:%d,fork,reuseaddr,bind=127.0.0.1,backlog=%d" % (port, BACKLOG),
+        argv = ["socat", "%s:%d,fork,reuseaddr,bind=127.0.0.1,backlog=%d%s" % (self.listen[0], port, BACKLOG,
+                                                                               self.listen[1]),
                 "EXEC:%s" % script]
         self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
         self.wait_listening(port)
@@ -407,6 +441,7 @@ class SocketProxy(System):
     key = "socketproxy"
     prefix = []  # what runs the proxy (setpriv for nobody)
     log_level = "warning"
+    dest = "127.0.0.1:%d"  # a destination for a port (tls://127.0.0.1:%d)
 
     def __init__(self, tmpdir):
         self.log_path = os.path.join(tmpdir, "socketproxy.log")
@@ -416,7 +451,7 @@ class SocketProxy(System):
         level = [] if "--log-level" in extra else ["--log-level", self.log_level]
         argv = self.prefix + [sys.executable, os.path.join(ROOT, "socketproxy.py"), "--listen-host", "127.0.0.1",
                               "--listen-port", str(port)] + level + list(extra) + [
-                                  "127.0.0.1:%d" % p for p in ports]
+                                  self.dest % p for p in ports]
         self.log_start = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
         with open(self.log_path, "a") as err:
             self.popen = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stderr=err)
@@ -466,12 +501,13 @@ class SocketProxy(System):
 
 
 class SocketProxyWith(SocketProxy):
-    """The proxy with fixed options (the record and backlog rows)."""
+    """The proxy with fixed options (the record and backlog rows), destinations as dest says."""
 
-    def __init__(self, tmpdir, key, options):
+    def __init__(self, tmpdir, key, options, dest=None):
         super().__init__(tmpdir)
         self.key = key
         self.options = list(options)
+        self.dest = dest or self.dest
 
     def start(self, ports, extra=()):
         return super().start(ports, self.options + list(extra))
@@ -489,6 +525,63 @@ class SocketProxyNobody(SocketProxy):
         if uid != pwd.getpwnam("nobody").pw_uid:
             raise BenchError("%s runs as uid %d, not nobody" % (self.key, uid))
         return addrs
+
+
+class DirectTLS(Direct):
+    """The source speaks TLS to TLS sinks itself (the tls figure's baseline)."""
+    key = "direct-tls"
+
+
+class Stunnel(System):
+    """stunnel as a TLS server for the sources (client=False) or a TLS client of the destination."""
+    key = "stunnel"
+
+    def __init__(self, tmpdir, binary, certs, client):
+        self.tmpdir, self.binary, self.certs, self.client = tmpdir, binary, certs, client
+        self.log_path = os.path.join(tmpdir, "stunnel.log")
+
+    def start(self, ports, extra=()):
+        assert len(ports) == 1
+        port = free_port()
+        conf = os.path.join(self.tmpdir, "stunnel-%d.conf" % port)
+        lines = ["foreground = yes", "pid =", "syslog = no", "[bench]", "accept = 127.0.0.1:%d" % port,
+                 "connect = 127.0.0.1:%d" % ports[0]]
+        if self.client:
+            lines += ["client = yes", "CAfile = %s" % self.certs["ca"], "verifyChain = yes", "checkIP = 127.0.0.1"]
+        else:
+            lines += ["cert = %s" % self.certs["server"]]
+        with open(conf, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        self.log_start = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
+        with open(self.log_path, "a") as err:
+            self.popen = subprocess.Popen([self.binary, conf], stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+        self.wait_listening(port)
+        return ["127.0.0.1:%d" % port]
+
+    def stderr_tail(self):
+        try:
+            with open(self.log_path) as f:
+                f.seek(self.log_start)
+                lines = f.read().splitlines()
+        except OSError:
+            return ""
+        return (": " + " | ".join(lines[-3:])) if lines else ""
+
+
+def make_certs(tmpdir):
+    """A CA and a certificate for 127.0.0.1 issued by it, as PEM files in tmpdir: {"ca", "server"} (the
+    server file holds the key and the chain); None when trustme is not installed."""
+    try:
+        import trustme
+    except ImportError:
+        return None
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    certs = {"ca": os.path.join(tmpdir, "tls-ca.pem"), "server": os.path.join(tmpdir, "tls-server.pem")}
+    ca.cert_pem.write_to_path(certs["ca"])
+    server.private_key_and_cert_chain_pem.write_to_path(certs["server"])
+    os.chmod(certs["server"], 0o600)  # it holds the key (stunnel warns otherwise)
+    return certs
 
 
 # -- figures ------------------------------------------------------------------------------------
@@ -510,15 +603,15 @@ def run_trial(system, fn, *args):
     return res
 
 
-def trial_throughput(system, dests, size):
+def trial_throughput(system, dests, size, sink_extra=(), source_extra=()):
     timeout = 30 + size * dests / 20e6
-    sinks, ports = start_sinks(dests, "stream", 1, size, timeout)
+    sinks, ports = start_sinks(dests, "stream", 1, size, timeout, sink_extra)
     addrs = system.start(ports)
     sampler = None
     if system.popen is not None:
         sampler = CpuSampler(system.popen.pid)
         sampler.start()
-    source = Peer("source", ["bulk", "--addrs", ",".join(addrs), "--size", size])
+    source = Peer("source", ["bulk", "--addrs", ",".join(addrs), "--size", size] + list(source_extra))
     try:
         results = [s.result(timeout + 5) for s in sinks]
         src = source.result(10)
@@ -534,6 +627,15 @@ def trial_throughput(system, dests, size):
         out["cpu_s"] = system.cpu_seconds()
         out["cpu_s_by_role"] = cpu_roles
     return out
+
+
+def trial_tls(system, dests, size, part, certs):
+    """trial_throughput with TLS on one side of the relay: part "source" (the source speaks TLS to the
+    system, the sinks are plain) or "dest" (a plain source, TLS sinks); direct-tls both."""
+    direct = isinstance(system, DirectTLS)
+    return trial_throughput(system, dests, size,
+                            ["--tls-cert", certs["server"]] if part == "dest" or direct else [],
+                            ["--tls-ca", certs["ca"]] if part == "source" or direct else [])
 
 
 def resp_block(value_size):
@@ -1050,6 +1152,30 @@ def print_report(out, summary, targets, params):
                 fmt(paired_ratio(red, key, "direct D=1", "set_ops"), "%.2f"),
                 fmt(paired_ratio(red, key, "direct D=1", "incr_ops"), "%.2f"),
                 "  ERRORS: %s" % s["errors"] if s["errors"] else ""))
+    for fig, what in (("tls-source", "the source speaks TLS to the relay, which writes plaintext to D plain sinks"),
+                      ("tls-dest", "a plain source, the relay speaks TLS to D TLS sinks and verifies them")):
+        trials = out.get(fig, {})
+        if not trials:
+            continue
+        print("\nTLS %s: one stream, %d MiB, %s;\n  MB/s per destination stream (every byte checked, on the "
+              "plaintext)" % ({"tls-source": "sources", "tls-dest": "destinations"}[fig], params["tls_bytes"] // MIB,
+                                what))
+        print("  %-18s %3s %9s %12s %9s %9s %6s" % ("system", "D", "MB/s", "x direct-tls", "x socat", "CPU s/GB",
+                                                  "sink%"))
+        for key in trials:
+            system, d = key.split(" D=")
+            s = summary[fig][key]
+            cpu = s.get("cpu_s")
+            gb = params["tls_bytes"] * int(d) / 1e9
+            print("  %-18s %3s %9s %12s %9s %9s %6s%s" % (
+                system, d, fmt(s.get("mbps")), fmt(paired_ratio(trials, key, "direct-tls D=%s" % d, "mbps"), "%.2f"),
+                fmt(paired_ratio(trials, key, ("socat D=1" if d == "1" else "socat+tee D=%s" % d), "mbps"), "%.2f"),
+                fmt(cpu / gb if cpu else None, "%.2f"), fmt(s.get("sink_busy") and 100 * s["sink_busy"]),
+                "  ERRORS: %s" % s["errors"] if s["errors"] else ""))
+        print("  (x socat: against socat at D=1, socat+tee at D=2; CPU s/GB and sink% as in the throughput table)")
+    for what in ("tls", "stunnel"):
+        if params.get(what + "_skipped"):
+            print("\n(%s skipped: %s)" % ("tls figure" if what == "tls" else "stunnel rows", params[what + "_skipped"]))
     if params.get("redis_skipped"):
         print("\n(redis figure skipped: %s)" % params["redis_skipped"])
     if params.get("nobody_skipped"):
@@ -1096,7 +1222,7 @@ def main():
         "lat_count": max(200, int(2000 * scale)), "mem_sources": max(5, int(100 * scale)),
         "scale_sources": max(10, int(1000 * scale)), "scale_duration": max(0.5, 10 * scale),
         "unpriv_bytes": max(64 * MIB, int(GIB * scale)), "resp_bytes": max(8 * MIB, int(GIB * scale / 4)),
-        "redis_requests": max(2000, int(100000 * scale)),
+        "redis_requests": max(2000, int(100000 * scale)), "tls_bytes": max(4 * MIB, int(GIB * scale / 4)),
     }
     missing_redis = [tool for tool in ("redis-server", "redis-benchmark") if not shutil.which(tool)]
     if "redis" in only and missing_redis:
@@ -1109,6 +1235,14 @@ def main():
     if have_socat:
         params["socat_version"] = subprocess.run(["socat", "-V"], capture_output=True, text=True).stdout.splitlines()[1].strip()
     tmpdir = tempfile.mkdtemp(prefix="socketproxy-bench-")
+    certs = make_certs(tmpdir) if "tls" in only else None
+    stunnel = shutil.which("stunnel4") or shutil.which("stunnel")
+    if "tls" in only and not certs:
+        params["tls_skipped"] = "trustme is not installed (it makes the certificates; pip install trustme)"
+        print("tls figure skipped: %s" % params["tls_skipped"])
+    elif "tls" in only and not stunnel:
+        params["stunnel_skipped"] = "stunnel is not installed (apt-get install stunnel4)"
+        print("stunnel rows skipped: %s" % params["stunnel_skipped"])
     direct, proxy, nobody = Direct(), SocketProxy(tmpdir), SocketProxyNobody(tmpdir)
     # The default keeps a --buffer 4M backlog (a tee per chunk); buffer0 is the plain byte stream.
     buffer0 = SocketProxyWith(tmpdir, "socketproxy-buffer0", ["--buffer", "0"])
@@ -1153,6 +1287,23 @@ def main():
             run_figure("unprivileged", combos, rounds, trial_unprivileged, lambda d: (params["unpriv_bytes"],),
                        lambda r: "1st %.0f MB/s, 50th %.0f MB/s, 50th/1st %.2f, pipes %s KiB" % (
                            r["first_mbps"], r["last_mbps"], r["ratio"], r.get("pipe_kib", "-")), out)
+        if certs:
+            direct_tls = DirectTLS()
+            server = ",cert=%s,verify=0" % certs["server"]
+            verified = "OPENSSL:127.0.0.1:%%d,cafile=%s" % certs["ca"]
+            proxy_src = SocketProxyWith(tmpdir, "socketproxy", ["--tls-cert", certs["server"]])
+            proxy_dst = SocketProxyWith(tmpdir, "socketproxy", ["--tls-ca", certs["ca"]], dest="tls://127.0.0.1:%d")
+            parts = {
+                "source": [(direct_tls, 1), (Socat(listen=("OPENSSL-LISTEN", server)), 1),
+                           (Stunnel(tmpdir, stunnel, certs, client=False), 1), (proxy_src, 1),
+                           (direct_tls, 2), (SocatTee(tmpdir, listen=("OPENSSL-LISTEN", server)), 2), (proxy_src, 2)],
+                "dest": [(direct_tls, 1), (Socat(dest=verified), 1), (Stunnel(tmpdir, stunnel, certs, client=True), 1),
+                         (proxy_dst, 1), (direct_tls, 2), (SocatTee(tmpdir, dest=verified), 2), (proxy_dst, 2)]}
+            for part, combos in parts.items():
+                combos = [c for c in combos if (have_socat or not isinstance(c[0], (Socat, SocatTee)))
+                          and (stunnel or not isinstance(c[0], Stunnel))]
+                run_figure("tls-" + part, combos, rounds, trial_tls, lambda d: (params["tls_bytes"], part, certs),
+                           lambda r: "%.0f MB/s" % r["mbps"], out)
         if "redis" in only and not missing_redis:
             primary = SocketProxyWith(tmpdir, "socketproxy-primary", ["--primary"])
             run_figure("redis", available([(direct, 1), (socat, 1), (primary, 1), (primary, 2)]), rounds, trial_redis,

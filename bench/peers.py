@@ -1,7 +1,8 @@
 """Sinks and sources for bench/bench.py: each runs as its own process, stdlib only.
 
     peers.py sink   --mode stream|latency --expect N --size S --timeout SEC [--no-crc] [--sizes ID:S,...]
-    peers.py bulk   --addrs H:P,... --size S [--ident I]
+                    [--tls-cert PEM]
+    peers.py bulk   --addrs H:P,... --size S [--ident I] [--tls-ca PEM]
     peers.py conns  --addrs H:P,... --count N --concurrency C --size S
     peers.py latency --addrs H:P,... --count M --rate HZ --warmup SEC
     peers.py hold   --addrs H:P,... --count N --messages K --size S --duration SEC
@@ -16,6 +17,12 @@ end the sink also reports as it happens by a line "eof ID T" (T in ns): so one s
 differing sizes and times some of them (bench.py's unprivileged figure). bulk --ident I sends stream
 number I (default 0); hold's streams are numbered 0 to --count - 1.
 
+TLS (bench.py's tls figure): sink --tls-cert PEM (certificate chain and key) makes the sink a TLS
+server: each accepted connection's handshake is done there and then (blocking, 10 s at most; a
+connection that fails it is closed and listed in "bad"), and the checks below run on the plaintext.
+bulk --tls-ca PEM speaks TLS to every address, verifying its certificate against that CA and for
+127.0.0.1, and ends each stream with a close_notify (tls_close).
+
 Stream content (mode stream): stream number i of S bytes is 8 bytes little-endian i, then the
 pattern PAT from offset 8 on, PAT repeated with a prime period so no chunking lines up with it.
 Sinks compare every received byte with the expected byte (memcmp through bytearray.startswith),
@@ -27,6 +34,7 @@ import json
 import random
 import select
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -96,6 +104,24 @@ def connect(addr, nodelay=False):
     return sock
 
 
+def tls_close(sock):
+    """Send close_notify and close, not waiting for the peer's (as most clients do). What the peer
+    sent (TLS 1.3 session tickets) is read first: closing with unread bytes would reset the
+    connection and discard what the kernel has not sent yet."""
+    sock.setblocking(False)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            sock.unwrap()  # sends close_notify, then reads what is there up to the peer's
+        except ssl.SSLWantWriteError:
+            select.select([], [sock], [], 1)
+            continue
+        except (OSError, ValueError):  # SSLWantReadError: ours is sent, nothing more to read now
+            pass
+        break
+    sock.close()
+
+
 # -- sink ---------------------------------------------------------------------------------------
 
 class StreamState:
@@ -133,6 +159,11 @@ def run_sink(args):
     conns = {}
     latency = args.mode == "latency"
     use_crc = not args.no_crc
+    tls = None
+    if args.tls_cert:
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(args.tls_cert)
+        tls.num_tickets = 0  # the relays never read from their destination
     size = args.size
     sizes = {int(i): int(n) for i, n in (item.split(":") for item in args.sizes.split(",") if item)}
     accepted = done = good = total = 0
@@ -217,6 +248,15 @@ def run_sink(args):
                         sock, _ = listener.accept()
                     except BlockingIOError:
                         break
+                    if tls:
+                        try:
+                            sock.settimeout(10)
+                            sock = tls.wrap_socket(sock, server_side=True)
+                        except OSError as exc:  # no stream (the relay may connect again); said if it ends bad
+                            sock.close()
+                            if len(bad) < 5:
+                                bad.append({"error": "TLS handshake: %s" % exc})
+                            continue
                     sock.setblocking(False)
                     conns[sock.fileno()] = StreamState(sock)
                     epoll.register(sock.fileno(), select.EPOLLIN)
@@ -232,7 +272,7 @@ def run_sink(args):
             while True:
                 try:
                     n = st.sock.recv_into(buf)
-                except BlockingIOError:
+                except (BlockingIOError, ssl.SSLWantReadError):
                     break
                 except OSError as exc:
                     st.bad_at = st.bad_at if st.bad_at >= 0 else -3
@@ -243,7 +283,7 @@ def run_sink(args):
                     finish(st)
                     break
                 consume(st, n)
-                if n < WINDOW:
+                if n < WINDOW and not tls:  # TLS reads a record at a time: read on to SSLWantReadError
                     break
     result = {"complete": done, "good": good, "bytes": total, "accepted": accepted,
               "t_first_accept": t_first_accept, "t_first_eof": t_first_eof, "t_last_eof": t_last_eof,
@@ -271,6 +311,9 @@ def run_bulk(args):
     first = stream_bytes(args.ident, min(args.size, WINDOW))
     t0, cpu0 = now_ns(), cpu_s()
     socks = [connect(a) for a in addrs]
+    if args.tls_ca:
+        tls = ssl.create_default_context(cafile=args.tls_ca)
+        socks = [tls.wrap_socket(s, server_hostname="127.0.0.1") for s in socks]
     size = args.size
     for s in socks:
         s.sendall(first)
@@ -283,7 +326,10 @@ def run_bulk(args):
         pos += n
     t_sent = now_ns()
     for s in socks:
-        s.close()
+        if args.tls_ca:
+            tls_close(s)
+        else:
+            s.close()
     out("result " + json.dumps({"t0": t0, "t_sent": t_sent,
                                 "busy": (cpu_s() - cpu0) / max(1e-9, (t_sent - t0) / 1e9)}))
 
@@ -392,6 +438,8 @@ def main():
     parser.add_argument("--warmup", type=float, default=0.2)
     parser.add_argument("--messages", type=int, default=1)
     parser.add_argument("--duration", type=float, default=0)
+    parser.add_argument("--tls-cert", default="")
+    parser.add_argument("--tls-ca", default="")
     args = parser.parse_args()
     {"sink": run_sink, "bulk": run_bulk, "conns": run_conns, "latency": run_latency,
      "hold": run_hold}[args.role](args)
