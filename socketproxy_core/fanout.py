@@ -228,16 +228,17 @@ class FanOut:
                 more = self.recv_into(self.resp_buffer[size:])
             except OSError:  # nothing more now, or a failure the next read meets and ends the source with
                 break
-            if not more:
-                break  # the end: the next read sees it again, once this has gone out
+            if not more:  # the end (close_notify): read again once this has gone out, though poll
+                self.tls_ended = True  # will not say so (the source may wait for our close_notify)
+                break
             size += more
             self.received += more
         if size:
             self.fan_out(self.resp_buffer[:size].tobytes())
 
     def read_pending_tls(self):
-        """After a chunk went out: the TLS source may hold decrypted bytes poll cannot see."""
-        if self.tls_context is not None and self.source.fileno() >= 0 and self.source.pending():
+        """After a chunk went out: the TLS source may hold decrypted bytes, or its end, that poll cannot see."""
+        if self.tls_context is not None and self.source.fileno() >= 0 and (self.tls_ended or self.source.pending()):
             self.loop.set_timer("tls pending", 0, lambda: self.source_ready(0))
 
     def fan_out(self, data, records=0):

@@ -55,6 +55,7 @@ class Receiver(FanOut, Membership):
         # main's TLS contexts: the sources' (--tls-cert; the handshake is ours, admit) and the tls://
         # destinations' (their forwarders' handshakes)
         self.tls_context, self.tls_client = tls_contexts
+        self.tls_ended = False  # a TLS source sent its close_notify
         self.dests_fd = dests_fd  # main's list of destinations, read again at SIGHUP (membership.py)
         self.left = set()  # destination indices a reload removed from this group
         self.leaving = set()  # the pids of their forwarders: their exit does not end the group
@@ -479,6 +480,8 @@ class Receiver(FanOut, Membership):
         """The source is done: close the pipes, so every forwarder flushes and exits."""
         self.end_reason = reason
         self.loop.unwatch(self.source_fd)
+        if self.tls_context is not None and self.source.fileno() >= 0:
+            tls.close_notify(self.source)  # a TLS source's end is answered with ours, as TLS asks
         self.source.close()
         if self.state in (READING, HELD):
             self.state = ENDED

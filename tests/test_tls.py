@@ -53,6 +53,27 @@ def test_a_tls_source_is_decrypted_for_every_destination(proxy, recorder, pki):
     assert d1.streams() == d2.streams() == [data]
 
 
+def test_a_tls_source_that_waits_for_our_close_notify_gets_it_and_the_destinations_their_end(proxy, recorder, pki):
+    """A client that ends with close_notify and waits for the proxy's (a blocking unwrap, as a careful
+    TLS client does, its TCP connection still open) gets it at once, and every destination gets the
+    whole stream and its end."""
+    ca, files = pki
+    d1, d2 = recorder(), recorder()
+    px = proxy(["127.0.0.1:%d" % d1.port, "127.0.0.1:%d" % d2.port], "--tls-cert", files["server.pem"])
+    data = bytes(range(256)) * 400
+    sock = tls_client(px.port, ca)
+    try:
+        sock.sendall(data)
+        sock.settimeout(5)
+        plain = sock.unwrap()  # sends ours, then waits for the proxy's close_notify
+        plain.close()
+    finally:
+        sock.close()
+    wait_until(lambda: d1.closed_count() == d2.closed_count() == 1, 20, message=lambda: px.log()[-2000:])
+    assert d1.streams() == d2.streams() == [data]
+    wait_for_log(px.log_path, r"group ended: source closed; received %d bytes" % len(data))
+
+
 def test_mutual_tls_names_the_client_and_refuses_the_rest(proxy, recorder, pki, tmp_path):
     """--tls-client-ca: a client with a certificate of that CA is served, its subject in the log; no
     certificate, another CA's, an expired one, plaintext and a handshake never finished are closed, each
