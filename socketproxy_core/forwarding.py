@@ -97,6 +97,7 @@ class Forwarder(Ending):
         # --framing resp: the destination's replies are read as RESP (error replies counted, the
         # session's preamble checked on a new connection).
         self.replies = sessions.RespReplies() if config.framing == "resp" else None
+        self.handshake = None  # a tls:// connection's handshake in progress (tls.ClientHandshake)
         self.restoring = None  # a new connection whose session is being restored (restore.Restore)
         self.restore_error = None  # the last failed restore's reason, logged as a warning once
         self.cut_noted = False  # the receiver cut our byte stream (--mirror-policy drop), and we said so
@@ -116,6 +117,7 @@ class Forwarder(Ending):
         self.sock = None
         self.blocked = False  # UP: the socket is full and data waits
         self.pipe_eof = False
+        self.holding = False  # the first attempt holds the source rather than drop (start_attempt)
         self.connected_at = 0.0
         self.outage_started = 0.0
         self.last_down_log = 0.0
@@ -166,9 +168,10 @@ class Forwarder(Ending):
 
     def start_attempt(self, first=False):
         """One connection attempt within --connect-timeout. While it runs the pipe is drained into
-        the backlog or dropped (the source must not stall), except on the very first one without a
-        backlog (--buffer 0): data sent the moment a source connects waits in the pipe for it, for
-        at most --send-timeout (the primary's, for the whole attempt)."""
+        the backlog or dropped (the source must not stall), except on the very first one: data sent
+        the moment a source connects waits for it, in the backlog as long as that has room, then in
+        the pipe (holding the source), for at most --send-timeout (the primary's, for the whole
+        attempt). A destination that connects within that loses nothing of the stream's start."""
         self.attempts += 1
         now = time.monotonic()
         deadline = now + self.config.connect_timeout
@@ -176,15 +179,23 @@ class Forwarder(Ending):
             self.enter(CONNECTING)
         if self.primary:
             hold_until = deadline
-        elif first and (not self.config.buffer or self.retainer is None):  # with a backlog, what comes waits in it
+        elif first:
             hold_until = now + self.config.send_timeout
         else:
             hold_until = now
         if hold_until > now:
-            self.loop.set_deadline("hold", hold_until, self.drain_while_down)
+            self.loop.set_deadline("hold", hold_until, self.end_hold)
+            if self.config.buffer and self.retainer is not None:
+                self.holding = True  # into the backlog while it has room (drain)
+                self.drain_while_down()
         else:
             self.drain_while_down()
         self.connector.start(deadline)
+
+    def end_hold(self):
+        """The first attempt held the source --send-timeout: from now on the pipe is drained."""
+        self.holding = False
+        self.drain_while_down()
 
     def drain_while_down(self):
         """Watch the pipe and drain it (or keep it) until a connection is made."""
@@ -195,8 +206,11 @@ class Forwarder(Ending):
         self.drain()
         if not self.pipe_eof:
             return
-        if (self.connector.active or self.restoring is not None) and len(self.backlog):
+        if (self.connector.active or self.handshake is not None or self.restoring is not None) and len(self.backlog):
             return  # a backlog to deliver: the attempt goes on
+        if self.handshake is not None:  # nothing left to deliver: the connection is not needed
+            self.handshake.abort()
+            self.handshake = None
         if self.restoring is not None:  # nothing left to resume: the new connection is not needed
             self.restoring.finish()
             reset(self.restoring.sock)
@@ -206,9 +220,14 @@ class Forwarder(Ending):
         self.finish_down()
 
     def drain(self):
-        """Discard what the pipe holds now, counting it (retaining: keep it); notes pipe EOF."""
+        """Discard what the pipe holds now, counting it (retaining: keep it); notes pipe EOF. While the
+        first attempt holds, only what the backlog has room for is kept, and the pipe fills."""
         if self.retainer is not None:
-            if not self.retainer.drain_to_backlog():
+            room = self.config.buffer - len(self.backlog) if self.holding else None
+            if room is not None and room <= 0:
+                self.loop.unwatch(self.pipe_fd)  # the pipe fills: the source is held (end_hold ends it)
+                return
+            if not self.retainer.drain_to_backlog(room):
                 self.end_of_pipe()
             return
         self.drain_dropping()
@@ -229,6 +248,7 @@ class Forwarder(Ending):
 
     def attempt_failed(self, reason):
         self.loop.cancel("hold")
+        self.holding = False
         self.note_failure(reason)
         if self.primary:
             self.session.unreachable()
@@ -274,11 +294,11 @@ class Forwarder(Ending):
     def connected(self, sock, host):
         """A connection is made: it starts with the PROXY protocol header (--send-proxy), and the
         session is restored on it first when something of it was delivered on an earlier one; the pipe
-        goes on draining into the backlog meanwhile."""
-        self.loop.cancel("hold")
+        goes on draining into the backlog meanwhile (the first attempt's hold goes on too)."""
         if self.tls_context is not None and not isinstance(sock, ssl.SSLSocket):
-            tls.ClientHandshake(self.loop, sock, self.tls_context, self.dest.host, self.config.connect_timeout,
-                                lambda tls_sock: self.connected(tls_sock, host), self.attempt_failed)
+            self.handshake = tls.ClientHandshake(self.loop, sock, self.tls_context, self.dest.host,
+                                                 self.config.connect_timeout, lambda tls_sock: self.handshaken(tls_sock, host),
+                                                 self.handshake_failed)
             return
         memory = self.retainer.memory if self.retainer is not None else None
         preamble = memory.preamble() if memory is not None else None
@@ -293,6 +313,14 @@ class Forwarder(Ending):
             return
         self.up(sock, host)
 
+    def handshaken(self, tls_sock, host):
+        self.handshake = None
+        self.connected(tls_sock, host)
+
+    def handshake_failed(self, reason):
+        self.handshake = None
+        self.attempt_failed(reason)
+
     def restore_failed(self, sock, reason):
         """The session could not be restored on the new connection: a failed attempt."""
         self.restoring = None
@@ -306,6 +334,8 @@ class Forwarder(Ending):
 
     def up(self, sock, host, restored=None):
         """CONNECTING or DOWN -> UP: the stream starts (or resumes) on the connection."""
+        self.loop.cancel("hold")  # the first attempt's hold lasts through the handshake and the restore
+        self.holding = False
         if not self.resumable and (self.counts.dropped or self.receiver_drops()[0]):
             self.loop.unwatch(self.pipe_fd)
             self.sock = sock

@@ -353,19 +353,23 @@ class Retainer:
         self.backlog.add(chunk)
         self.counts.drop_kept(self.backlog.dropped - before)
 
-    def drain_to_backlog(self):
-        """Move what the pipe holds now into the backlog (the newest --buffer bytes stay); False at
-        the pipe's end."""
+    def drain_to_backlog(self, limit=None):
+        """Move what the pipe holds now (at most limit bytes) into the backlog (the newest --buffer
+        bytes stay); False at the pipe's end."""
         if self.keep_buffer is None:
             self.keep_buffer = memoryview(bytearray(KEEP_READ))
         for _ in range(KEEP_READS):  # then back to the loop
+            if limit is not None and limit <= 0:
+                return True
             try:
-                size = os.readv(self.pipe_fd, [self.keep_buffer])
+                size = os.readv(self.pipe_fd, [self.keep_buffer if limit is None else self.keep_buffer[:limit]])
             except BlockingIOError:
                 return True
             if not size:
                 return False
             self.keep(self.keep_buffer[:size])
+            if limit is not None:
+                limit -= size
             if size < KEEP_READ:
                 return True
         return True

@@ -201,9 +201,13 @@ class ClientHandshake:
         self.done(self.sock)
 
     def fail(self, why):
+        self.abort()
+        self.failed(why)
+
+    def abort(self):
+        """Give the handshake up, saying nothing."""
         self.finish()
         self.sock.close()
-        self.failed(why)
 
     def finish(self):
         self.loop.unwatch(self.sock)

@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import trustme
@@ -141,7 +142,8 @@ class TLSDestination:
     connection delivers after its handshake, and how it ended ("close_notify", "eof" without one,
     "reset"); handshakes that fail are counted."""
 
-    def __init__(self, ca, name="127.0.0.1", port=0):
+    def __init__(self, ca, name="127.0.0.1", port=0, handshake_delay=0.0):
+        self.handshake_delay = handshake_delay  # seconds between accept and the handshake (a slow server)
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ca.issue_cert(name).configure_cert(self.context)
         self.context.options &= ~ssl.OP_IGNORE_UNEXPECTED_EOF  # an end without close_notify is told apart
@@ -161,6 +163,7 @@ class TLSDestination:
 
     def serve(self, conn):
         conn.settimeout(30)
+        time.sleep(self.handshake_delay)
         try:
             tls_conn = self.context.wrap_socket(conn, server_side=True, suppress_ragged_eofs=False)
         except (ssl.SSLError, OSError) as exc:
@@ -218,6 +221,30 @@ def test_a_tls_destination_gets_the_stream_encrypted_and_verified(proxy, recorde
         wait_until(lambda: secure.ends == ["close_notify"], 20, message=lambda: secure.ends)  # a clean TLS end
     finally:
         secure.stop()
+
+
+@pytest.mark.parametrize("buffer, size", [("1M", 8 << 20), ("0", 8 << 20), ("1M", 100_000)])
+def test_a_slow_first_handshake_holds_the_source_and_loses_nothing_of_the_start(proxy, recorder, pki, buffer, size):
+    """A tls:// destination that takes a second to begin its handshake, while the source sends 8 MiB the
+    moment it connects: more than --buffer, so the first attempt keeps what the backlog holds, then
+    holds the source (within --send-timeout) instead of dropping the stream's start; or 100 kB and
+    closes, during the handshake. Both destinations get every byte."""
+    ca, files = pki
+    plain = recorder()
+    slow = TLSDestination(ca, handshake_delay=1.0)
+    try:
+        px = proxy(["127.0.0.1:%d" % plain.port, "tls://127.0.0.1:%d" % slow.port], "--tls-ca", files["ca.pem"],
+                   "--buffer", buffer)
+        data = os.urandom(size)
+        with connect_source(px.port) as sock:
+            sock.sendall(data)
+        wait_until(lambda: slow.ends == ["close_notify"] and plain.closed_count() == 1, 30,
+                   message=lambda: (slow.ends, [len(s) for s in slow.streams], px.log()[-2000:]))
+        assert bytes(slow.streams[0]) == data and plain.streams() == [data]
+        wait_for_log(px.log_path, r"dst=tls://127.0.0.1:%d forwarder done: sent %d bytes, dropped 0 bytes"
+                     % (slow.port, len(data)))
+    finally:
+        slow.stop()
 
 
 def test_a_tls_destination_restarted_resumes_at_a_record_boundary_with_nothing_lost(proxy, recorder, pki):
