@@ -718,7 +718,7 @@ def describe_changes(old, new):
         if str(dest) in overrides and overrides[str(dest)] != dest.options:
             parts.append("%s's settings %s" % (dest, ", ".join("%s=%s" % item for item in dest.options) or "default"))
     for field in dataclasses.fields(new):
-        if field.name in ("dests", "columns", "pipe_size"):
+        if field.name in ("dests", "columns", "pipe_size", "pipe_share", "pipes_per_source"):
             continue
         before, after = getattr(old, field.name), getattr(new, field.name)
         if before != after:
