@@ -970,6 +970,9 @@ def summarize(out, scale_n=1000):
         for d, limit in ((1, 0.75), (2, 0.5), (4, 0.3)):
             target("throughput D=%d: socketproxy >= %.2fx direct per stream" % (d, limit),
                    paired_ratio(thr, "socketproxy D=%d" % d, "direct D=%d" % d, "mbps"), limit)
+        for d in (1, 2):
+            target("throughput D=%d: socketproxy as nobody >= 0.9x as root (pipes follow demand)" % d,
+                   paired_ratio(thr, "socketproxy-nobody D=%d" % d, "socketproxy D=%d" % d, "mbps"), 0.9)
         target("throughput D=1: socketproxy >= socat -b 262144",
                paired_ratio(thr, "socketproxy D=1", "socat-b256k D=1", "mbps"), 1.0)
         target("throughput D=2: socketproxy >= 5x socat+tee",
@@ -1006,6 +1009,11 @@ def summarize(out, scale_n=1000):
             "PASS" if not errors and value >= 0.5 else "FAIL")
         targets.append({"target": "unprivileged %s: 50th/1st MB/s >= 0.5, every byte" % key,
                         "value": value, "limit": 0.5, "verdict": verdict, "unit": "x", "errors": errors})
+    unpriv = out.get("unprivileged", {})
+    if "socketproxy-nobody D=2" in unpriv and "socketproxy D=2" in unpriv:
+        for field, which in (("first_mbps", "1st"), ("last_mbps", "50th")):
+            target("unprivileged: nobody's %s stream >= 0.9x root's (pipes follow demand)" % which,
+                   paired_ratio(unpriv, "socketproxy-nobody D=2", "socketproxy D=2", field), 0.9)
     red = out.get("redis", {})
     if red:
         for test, field in (("SET", "set_ops"), ("INCR", "incr_ops")):
@@ -1123,20 +1131,23 @@ def print_report(out, summary, targets, params):
         print("\nUnprivileged: D=2, --max-connections 256; a 1st source streams %d MiB, %d more send 1 KiB "
               "and stay,\n  then a 50th streams %d MiB; MB/s per destination stream" % (
                   params["unpriv_bytes"] // MIB, 48, params["unpriv_bytes"] // MIB))
-        print("  %-18s %3s %6s %9s %9s %9s %8s  %s" % ("system", "D", "pipes", "1st MB/s", "50th MB/s",
-                                                      "50th/1st", "refused", "every byte"))
+        print("  %-18s %3s %6s %9s %9s %9s %7s %8s  %s" % ("system", "D", "pipes", "1st MB/s", "50th MB/s",
+                                                           "50th/1st", "x root", "refused", "every byte"))
         for key, runs in unpriv.items():
             system, d = key.split(" D=")
             s = summary["unprivileged"][key]
             good = [t for t in runs if "error" not in t]
-            print("  %-18s %3s %6s %9s %9s %9s %8s  %s%s" % (
+            vs_root = [paired_ratio(unpriv, key, "socketproxy D=%s" % d, field) for field in ("first_mbps", "last_mbps")]
+            print("  %-18s %3s %6s %9s %9s %9s %7s %8s  %s%s" % (
                 system, d, fmt(s.get("pipe_kib")), fmt(s.get("first_mbps")),
                 fmt(s.get("last_mbps")), fmt(s.get("ratio"), "%.2f"),
+                "/".join(fmt(v, "%.2f") for v in vs_root) if system != "socketproxy" else "",
                 "yes" if any(t.get("pipe_refused") for t in runs) else "no",
                 "yes, %d streams x %s destinations checked" % (good[0]["streams"], d) if good else "-",
                 "  ERRORS: %s" % s["errors"] if s["errors"] else ""))
         print("  (pipes: KiB per pipe as the proxy logged at start; - = none logged: no pipe budget (root), 1 MiB;\n"
-              "   refused: the proxy logged a pipe size the kernel refused; target 50th/1st >= 0.5)")
+              "   x root: the 1st/50th stream's MB/s against root's in the same round; refused: the proxy logged a\n"
+              "   pipe size the kernel refused; target 50th/1st >= 0.5)")
     red = out.get("redis", {})
     if red:
         print("\nRedis: redis-benchmark -t set,incr -n %d -c %d -q, requests per second; D=2: socketproxy.py "

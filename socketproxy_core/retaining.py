@@ -103,6 +103,8 @@ class Retainer:
             return False  # the user's budget is spent: the shadow stays as it is
         grew = wanted > self.shadow_capacity
         self.shadow_capacity = zerocopy.pipe_capacity(self.shadow_w)
+        if grew and sock is not None:  # the socket must still fill before the shadow does (begin)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, max(self.shadow_capacity // 4, MIN_SNDBUF))
         return grew
 
     def skipping(self):
@@ -164,7 +166,7 @@ class Retainer:
                     self.release_acknowledged(sock)
                 room = self.shadow_capacity - self.shadow_len
                 if room <= 0:
-                    if self.follow_input():
+                    if self.follow_input(sock):
                         continue
                     if self.spill():
                         continue
