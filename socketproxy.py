@@ -489,7 +489,7 @@ class Proxy:
         """A receiver that closed its source before serving it (TLS, the PROXY protocol, --allow on the
         source a balancer named): counted by reason, logged once per burst as main's own refusals are."""
         if why == stats.REFUSED_TLS:
-            self.refusals.refused(peer, "no TLS handshake (see the receiver's line)")
+            self.refusals.refused(peer, "TLS refused (see the receiver's line)")
             self.count(refused_tls=1)
         elif why == stats.REFUSED_PROXY:
             self.refusals.refused(peer, "no valid PROXY protocol header (see the receiver's line)")
