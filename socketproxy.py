@@ -51,8 +51,6 @@ Options:
   --version               show the version
 """
 import collections
-import ctypes
-import dataclasses
 import encodings.idna  # noqa: F401  getaddrinfo in forwarders needs it: import once, before fork
 import errno
 import os
@@ -79,7 +77,10 @@ from socketproxy_core import receiver  # noqa: E402
 from socketproxy_core import stats  # noqa: E402
 from socketproxy_core import tls  # noqa: E402
 from socketproxy_core import upgrade  # noqa: E402
-from socketproxy_core import zerocopy  # noqa: E402
+from socketproxy_core.pipesizes import plan_pipes  # noqa: E402
+from socketproxy_core.reloading import Reloading, table_columns, title_base  # noqa: E402
+from socketproxy_core.service import become_subreaper, notify_service_manager  # noqa: E402
+from socketproxy_core.upgrade import Upgrading  # noqa: E402
 from socketproxy_core.proxylog import log  # noqa: E402
 from socketproxy_core.sockets import format_address  # noqa: E402
 
@@ -88,7 +89,6 @@ BACKLOG = 1024
 STOP_TERM_S = 2.0  # receivers get this long after SIGTERM (they flush for at most 1 s) ...
 STOP_KILL_S = 0.8  # ... then SIGKILL to their groups and this long to be collected
 ACCEPT_PAUSE_S = 0.1  # out of descriptors: pause, then accept again
-PR_SET_CHILD_SUBREAPER = 36
 TRANSIENT_ACCEPT_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM, signal.SIGUSR2)
 TITLE_PERIOD_S = 1.0  # the title is refreshed this often at most (SIGALRM when one is due)
@@ -198,15 +198,6 @@ def check_config(path):
     sys.exit(0)
 
 
-def become_subreaper():
-    """Adopt the forwarders of a receiver that died, so they are reaped here, never left as zombies."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-
-
 def bind_listener(config):
     """The listening socket, or exit 1 with one line when the address is in use or not permitted."""
     family = socket.AF_INET6 if ":" in config.listen_host else socket.AF_INET
@@ -222,21 +213,6 @@ def bind_listener(config):
         log.error("cannot listen on %s port %d: %s", config.listen_host, config.listen_port, exc.strerror)
         sys.exit(1)
     return listener
-
-
-def notify_service_manager(state):
-    """Tell systemd (Type=notify) our state, when it asked by setting NOTIFY_SOCKET."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):  # an abstract socket
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.connect(address)
-            sock.sendall(state.encode())
-    except OSError as exc:
-        log.warning("cannot notify the service manager (%s) of %s: %s", address, state, exc.strerror or exc)
 
 
 class RefusalLog:
@@ -268,7 +244,7 @@ class RefusalLog:
             self.window_end = time.monotonic() + REFUSAL_SUMMARY_S
 
 
-class Proxy:
+class Proxy(Reloading, Upgrading):
     """The parent process: accept loop, one receiver per source, reaping, orderly stop.
 
     Signal handlers only record the signal; the wake-up pipe (signal.set_wakeup_fd) makes the
@@ -291,7 +267,7 @@ class Proxy:
         self.counters = dict.fromkeys(("accepted", "refused_allow", "refused_full", "group_kills", "refused_tls",
                                        "refused_proxy"), 0)
         if inherited:
-            self.adopt(inherited)
+            self.take_over(inherited)
         else:
             # Slots for twice --max-connections: a slot is reused only once its whole group is gone.
             # A destination keeps its column of the table for the life of the process (its counters
@@ -309,72 +285,6 @@ class Proxy:
         self.refusals = RefusalLog()
         self.poller = select.poll()
         self.accept_paused_until = None  # out of descriptors: accepting again then
-
-    def adopt(self, state):
-        """After an upgrade in place: the image before's listener (given to the constructor), table,
-        lifeline, children and counters."""
-        slots, columns, table_fd = state["table"]
-        self.table = stats.Table(slots, columns, fd=table_fd)
-        self.table.free = state["free"]
-        self.table.retiring = {int(slot): pgid for slot, pgid in state["retiring"].items()}
-        self.lifeline_r, self.lifeline_w = state["lifeline"]
-        self.dests_fd = state["dests_fd"]
-        self.receivers = {int(pid): peer for pid, peer in state["receivers"].items()}
-        self.slots = {int(pid): slot for pid, slot in state["slots"].items()}
-        self.column_of = state["column_of"]
-        self.counters = state["counters"]
-        self.metrics_pid = state["metrics_pid"]  # the old image's: ended and started again by serve
-
-    def start_upgrade(self):
-        """SIGUSR2: probe the installed command (upgrade.py); the loop reads its word, then execs."""
-        if self.probe is not None:
-            log.info("SIGUSR2: an upgrade is under way already")
-            return
-        log.info("upgrade in place (SIGUSR2): checking that %s starts", " ".join(upgrade.command()[1:2]))
-        try:
-            proc, fd = upgrade.start_probe(self.table.dests, self.column_of)
-        except OSError as exc:
-            log.error("upgrade failed: cannot run the new version (%s); kept running this one", exc.strerror or exc)
-            return
-        self.probe = (proc, fd, bytearray())
-        self.poller.register(fd, select.POLLIN)
-
-    def probe_said(self):
-        """The probe's output: once it ends, exec the new version, or keep this one and say why."""
-        proc, fd, output = self.probe
-        try:
-            chunk = os.read(fd, 65536)
-        except BlockingIOError:
-            return
-        if chunk:
-            output += chunk
-            return
-        self.poller.unregister(fd)
-        os.close(fd)
-        self.probe = None
-        passed, why = upgrade.probe_passed(output)
-        if not passed:
-            log.error("upgrade failed: the new version does not start (%s); kept running this one", why)
-            return
-        self.exec_new_version()
-
-    def exec_new_version(self):
-        """Hand everything over to the new image (this process, exec'd) and become it."""
-        state = {"table": [self.table.slots, self.table.dests, self.table.fd], "free": self.table.free,
-                 "retiring": self.table.retiring, "lifeline": [self.lifeline_r, self.lifeline_w],
-                 "dests_fd": self.dests_fd, "receivers": self.receivers, "slots": self.slots,
-                 "column_of": self.column_of, "counters": self.counters, "metrics_pid": self.metrics_pid,
-                 "listener": self.listener.fileno(),
-                 "metrics": self.metrics_sock.fileno() if self.metrics_sock is not None else None}
-        fds = [self.table.fd, self.lifeline_r, self.lifeline_w, self.dests_fd, self.listener.fileno()] + (
-            [self.metrics_sock.fileno()] if self.metrics_sock is not None else [])
-        log.info("upgrading in place: %d sources keep their groups (and their code); exec %s",
-                 len(self.receivers), " ".join(upgrade.command()[1:]))
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        try:
-            upgrade.exec_new(state, fds)
-        except OSError as exc:
-            log.error("upgrade failed: exec: %s; kept running this one", exc.strerror or exc)
 
     def record_signal(self, signum, _frame):
         self.signals.add(signum)
@@ -530,55 +440,6 @@ class Proxy:
             self.config, self.lifeline_r, keep=[self.metrics_sock.fileno(), self.lifeline_r], close=[self.listener])
         log.info("serving metrics at http://%s/metrics", format_address((host, port)))
 
-    def with_columns(self, config):
-        """config with each destination's column in the table (a new name gets the next free one);
-        raises UsageError when the table has no column left."""
-        columns = []
-        for name in endpoints.mention_names(config.dests):
-            if name not in self.column_of:
-                if len(self.column_of) == self.table.dests:
-                    raise endpoints.UsageError("more than %d destinations named since the start (each keeps its "
-                                               "counters): restart to add %s" % (self.table.dests, name))
-                self.column_of[name] = len(self.column_of)
-            columns.append(self.column_of[name])
-        return dataclasses.replace(config, columns=tuple(columns))
-
-    def reload(self):
-        """SIGHUP: read --config's file again. New sources get the new configuration; a file that does
-        not parse or validate changes nothing."""
-        if self.reload_config is None:
-            log.info("SIGHUP ignored: no --config file to read again; serving %d sources", len(self.receivers))
-            return
-        notify_service_manager("RELOADING=1\nMONOTONIC_USEC=%d" % (time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000))
-        try:
-            config = self.with_columns(plan_pipes(kept_at_start(self.config, self.reload_config()), quiet=True))
-            tls_contexts = tls.server_context(config), tls.client_contexts(config)  # renewed files are read again
-        except endpoints.UsageError as exc:
-            log.error("reload failed: %s; kept the running configuration", exc)
-            notify_service_manager("READY=1")
-            return
-        changes = describe_changes(self.config, config)
-        dests_changed = config.columns != self.config.columns
-        self.config = config
-        self.tls_context, self.tls_client = tls_contexts
-        proxylog.set_level(config.log_level)
-        self.title_base = title_base(config)
-        self.title_shown = None
-        self.update_title()
-        log.info("reloaded the configuration: %s", changes or "nothing changed")
-        if dests_changed:  # every live group joins the destinations added and leaves those removed
-            membership.write_list(self.dests_fd, config)
-            for pid in self.receivers:
-                try:
-                    os.kill(pid, signal.SIGHUP)
-                except ProcessLookupError:
-                    pass
-        if self.metrics_pid is not None:  # it labels the destinations: started again with the new list
-            old, self.metrics_pid = self.metrics_pid, None
-            os.kill(old, signal.SIGKILL)
-            self.start_metrics()
-        notify_service_manager("READY=1\nSTATUS=listening on port %d" % config.listen_port)
-
     def kill_group(self, pgid, sig=signal.SIGKILL):
         try:
             os.killpg(pgid, sig)
@@ -677,61 +538,6 @@ class Proxy:
             self.reap()
 
 
-def table_columns(config):
-    """Destinations the shared table holds over the life of the process (and of its upgrades): room
-    for those reloads add."""
-    return max(RELOAD_COLUMNS, 2 * len(config.dests))
-
-
-def title_base(config):
-    return "socketproxy: main %s:%d -> %s" % (config.listen_host, config.listen_port,
-                                              " ".join(str(d) for d in config.dests))
-
-
-# What a reload cannot change: the listening socket, the metrics socket and the table's size are made
-# once, at the start (a restart, or an upgrade in place, changes them).
-FIXED_AT_START = ("listen_host", "listen_port", "metrics", "max_connections")
-RELOAD_COLUMNS = 16  # the table holds this many destinations at least (added by reloads)
-
-
-def kept_at_start(running, config):
-    """config with the settings a reload cannot change put back as they run, each one said."""
-    for name in FIXED_AT_START:
-        if getattr(config, name) != getattr(running, name):
-            log.warning("reload: %s changed from %s to %s: not applied until a restart", name,
-                        getattr(running, name), getattr(config, name))
-    return dataclasses.replace(config, **{name: getattr(running, name) for name in FIXED_AT_START})
-
-
-def describe_changes(old, new):
-    """What a reload changed, in one line: destinations added and removed, then each setting."""
-    parts = []
-    old_names, new_names = endpoints.mention_names(old.dests), endpoints.mention_names(new.dests)
-    added = [name for name in new_names if name not in old_names]
-    removed = [name for name in old_names if name not in new_names]
-    if added:
-        parts.append("destinations added: %s" % " ".join(added))
-    if removed:
-        parts.append("destinations removed: %s" % " ".join(removed))
-    overrides = {str(d): d.options for d in old.dests}
-    for dest in new.dests:
-        if str(dest) in overrides and overrides[str(dest)] != dest.options:
-            parts.append("%s's settings %s" % (dest, ", ".join("%s=%s" % item for item in dest.options) or "default"))
-    for field in dataclasses.fields(new):
-        if field.name in ("dests", "columns", "pipe_size", "pipe_share", "pipes_per_source"):
-            continue
-        before, after = getattr(old, field.name), getattr(new, field.name)
-        if before != after:
-            parts.append("%s %s -> %s" % (field.name, show(before), show(after)))
-    return "; ".join(parts)
-
-
-def show(value):
-    if isinstance(value, tuple):
-        return " ".join(str(item) for item in value) or "all"
-    return str(value)
-
-
 def serve_metrics(*args):
     """Body of the metrics process: prometheus-client is loaded there only, not in main (nor so in
     every receiver and forwarder main forks)."""
@@ -763,23 +569,6 @@ def bind_metrics(config):
         log.error("cannot serve metrics on %s: %s", format_address((host, port)), exc.strerror or exc)
         sys.exit(1)
     return sock
-
-
-def plan_pipes(config, quiet=False):
-    """The config with a pipe size that fits --max-connections sources in the user's pipe budget:
-    a quarter of it at the start, busy groups growing into the rest (pipesizes.py); with --primary,
-    whose mirrors pace themselves by their pipes' size, all of it, fixed."""
-    budget = zerocopy.pipe_budget()
-    # A staging pipe, one pipe per forwarder, and, retaining, a shadow pipe per forwarder.
-    pipes = 1 + sum(2 if endpoints.retains(endpoints.for_destination(config, dest)) else 1 for dest in config.dests)
-    growing = budget is not None and not config.primary
-    size = zerocopy.plan_pipe_size(config.max_connections * (4 if growing else 1), pipes, budget)
-    if budget is not None and not quiet:
-        log.info("pipes of %d KiB%s: %d sources x %d pipes fit in %d%% of this user's pipe budget of %d MiB "
-                 "(fs.pipe-user-pages-soft)", size // 1024, ", growing while busy" if growing else "",
-                 config.max_connections, pipes, zerocopy.PIPE_BUDGET_SHARE * 100, budget >> 20)
-    share = int(budget * zerocopy.PIPE_BUDGET_SHARE) if growing else 0
-    return dataclasses.replace(config, pipe_size=size, pipe_share=share, pipes_per_source=pipes)
 
 
 def main(argv=None):

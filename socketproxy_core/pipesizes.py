@@ -10,9 +10,12 @@ its pipes back down to the base size (an empty pipe can shrink; one holding data
 A retaining forwarder's shadow pipe follows the size of its input pipe (retaining.Retainer), so such
 a pipe counts twice here. Root is not under a budget: its pipes have PIPE_SIZE_MAX from the start.
 """
+import dataclasses
 import fcntl
 import time
 
+from socketproxy_core import endpoints
+from socketproxy_core import zerocopy
 from socketproxy_core.proxylog import log
 from socketproxy_core.zerocopy import F_GETPIPE_SZ, F_SETPIPE_SZ, PIPE_SIZE_MAX, pipe_bytes
 
@@ -91,3 +94,20 @@ class PipeSizes:
             return False
         self.capacity[fd] = fcntl.fcntl(fd, F_GETPIPE_SZ)
         return True
+
+
+def plan_pipes(config, quiet=False):
+    """The config with a pipe size that fits --max-connections sources in the user's pipe budget:
+    a quarter of it at the start, busy groups growing into the rest (pipesizes.py); with --primary,
+    whose mirrors pace themselves by their pipes' size, all of it, fixed."""
+    budget = zerocopy.pipe_budget()
+    # A staging pipe, one pipe per forwarder, and, retaining, a shadow pipe per forwarder.
+    pipes = 1 + sum(2 if endpoints.retains(endpoints.for_destination(config, dest)) else 1 for dest in config.dests)
+    growing = budget is not None and not config.primary
+    size = zerocopy.plan_pipe_size(config.max_connections * (4 if growing else 1), pipes, budget)
+    if budget is not None and not quiet:
+        log.info("pipes of %d KiB%s: %d sources x %d pipes fit in %d%% of this user's pipe budget of %d MiB "
+                 "(fs.pipe-user-pages-soft)", size // 1024, ", growing while busy" if growing else "",
+                 config.max_connections, pipes, zerocopy.PIPE_BUDGET_SHARE * 100, budget >> 20)
+    share = int(budget * zerocopy.PIPE_BUDGET_SHARE) if growing else 0
+    return dataclasses.replace(config, pipe_size=size, pipe_share=share, pipes_per_source=pipes)
