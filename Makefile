@@ -72,7 +72,8 @@ service-check: $(STAMP)
 # Servers some tests run against (tests/test_resp_redis.py needs redis-server; tests/test_mirror_servers.py and
 # make mirror-demo need redis-server and redis-benchmark, nginx, ab (apache2-utils) and curl;
 # tests/test_postgres_mirror.py needs postgresql-15: postgres and initdb in /usr/lib/postgresql/15/bin, psql,
-# pg_isready and pgbench); without them those tests are skipped. nginx lives in /usr/sbin, which a user's PATH
+# pg_isready and pgbench; tests/test_proxyproto.py and tests/test_cluster_demo.py need haproxy); without them
+# those tests are skipped. nginx lives in /usr/sbin, which a user's PATH
 # may lack.
 servers:
 	@{ command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1 && command -v redis-benchmark >/dev/null 2>&1; } || { command -v apt-get >/dev/null 2>&1 && \
@@ -83,6 +84,10 @@ servers:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx apache2-utils curl) >/dev/null 2>&1 && \
 	  echo "servers: installed nginx, apache2-utils (ab) and curl"; } || \
 	  echo "servers: could not install nginx, apache2-utils (ab) and curl: the tests that need them are skipped"
+	@{ command -v haproxy >/dev/null 2>&1 || test -x /usr/sbin/haproxy; } || { command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy) >/dev/null 2>&1 && \
+	  echo "servers: installed haproxy"; } || \
+	  echo "servers: could not install haproxy: the tests that put it in front of the proxy are skipped"
 	@{ test -x /usr/lib/postgresql/15/bin/postgres && test -x /usr/lib/postgresql/15/bin/initdb && command -v psql >/dev/null 2>&1 && command -v pgbench >/dev/null 2>&1; } || { command -v apt-get >/dev/null 2>&1 && \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 postgresql-client-15) >/dev/null 2>&1 && \
 	  echo "servers: installed postgresql-15 and postgresql-client-15"; } || \

@@ -146,7 +146,7 @@ def test_a_header_that_never_ends_closes_the_source_within_its_bound(proxy, reco
 HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.access("/usr/sbin/haproxy", os.X_OK) else None)
 
 
-@pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (make cluster-demo installs it)")
+@pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (make servers installs it)")
 def test_haproxy_in_front_with_send_proxy_v2_names_the_real_source(proxy, recorder, tmp_path):
     """HAProxy (mode tcp, send-proxy-v2) in front of the proxy (--accept-proxy 127.0.0.1/32, --send-proxy
     v1): the destination's connection begins with a header naming the client's own port, not HAProxy's
