@@ -77,6 +77,7 @@ from socketproxy_core import receiver  # noqa: E402
 from socketproxy_core import stats  # noqa: E402
 from socketproxy_core import tls  # noqa: E402
 from socketproxy_core import upgrade  # noqa: E402
+from socketproxy_core import zerocopy  # noqa: E402
 from socketproxy_core.pipesizes import plan_pipes  # noqa: E402
 from socketproxy_core.reloading import Reloading, table_columns, title_base  # noqa: E402
 from socketproxy_core.service import become_subreaper, notify_service_manager  # noqa: E402
@@ -280,7 +281,7 @@ class Proxy(Reloading, Upgrading):
         membership.write_list(self.dests_fd, config)
         self.title_base = title_base(config)
         self.title_shown, self.title_at = None, 0.0
-        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.wake_r, self.wake_w = zerocopy.small_pipe()
         self.signals = set()  # signal numbers received and not yet handled
         self.refusals = RefusalLog()
         self.poller = select.poll()

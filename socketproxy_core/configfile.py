@@ -111,6 +111,8 @@ def read_destinations(path, value):
                             "destinations" % (path, item["address"]))
         if "tls_dest_key" in keys and "tls_dest_cert" not in keys:
             raise FileError("%s: destination %s: tls_dest_key needs tls_dest_cert" % (path, item["address"]))
+        if "tls_dest_cert" in keys and "tls_dest_key" not in keys:
+            overrides.append(("tls_dest_key", ""))  # its key is in its own file, not --tls-dest-key's
         dests.append(endpoints.with_options(dest, tuple(overrides)))
     return tuple(dests)
 

@@ -191,6 +191,7 @@ class FanOut:
         size = self.take_from_source(self.recv_into, self.resp_buffer)
         if not size:
             return
+        self.pipe_sizes.read_size(size)
         chunk = self.resp_buffer[:size].tobytes()
         before = self.commands.copy()
         try:
@@ -234,6 +235,7 @@ class FanOut:
             size += more
             self.received += more
         if size:
+            self.pipe_sizes.read_size(size)
             self.fan_out(self.resp_buffer[:size].tobytes())
 
     def read_pending_tls(self):

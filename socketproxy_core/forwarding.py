@@ -299,6 +299,7 @@ class Forwarder(Ending):
             self.handshake = tls.ClientHandshake(self.loop, sock, self.tls_context, self.dest.host,
                                                  self.config.connect_timeout, lambda tls_sock: self.handshaken(tls_sock, host),
                                                  self.handshake_failed)
+            self.handshake.start()
             return
         memory = self.retainer.memory if self.retainer is not None else None
         preamble = memory.preamble() if memory is not None else None
@@ -660,7 +661,7 @@ class Forwarder(Ending):
         process at once, as systemd does, is the same orderly stop as one that signals main alone);
         this forwarder goes on until its pipe ends. SIGHUP is ignored. The handlers only record: the
         wake-up pipe tells the loop, which acts."""
-        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        wake_r, wake_w = zerocopy.small_pipe()
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: None)

@@ -28,6 +28,7 @@ from socketproxy_core import primary
 from socketproxy_core import proxyproto
 from socketproxy_core import tls
 from socketproxy_core import proxylog
+from socketproxy_core import zerocopy
 from socketproxy_core import stats
 from socketproxy_core.proxylog import log
 from socketproxy_core.sockets import PROGRESS_POLL_S, Progress, format_address, unsent_bytes
@@ -202,11 +203,12 @@ class Receiver(FanOut, Membership):
         self.source_fd = self.source.fileno()
         # The staging pipe the source is spliced into (non-blocking, as large as a forwarder's).
         self.stage_r, self.stage_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.pipe_sizes.source_fd = self.source_fd
         self.pipe_sizes.add(self.stage_w, set_pipe_size(self.stage_w, self.config.pipe_size), stage=True)
         self.source.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         for option, value in KEEPALIVE:
             self.source.setsockopt(socket.IPPROTO_TCP, option, value)
-        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        wake_r, wake_w = zerocopy.small_pipe()
         self.wake_fd = wake_r
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -240,8 +242,7 @@ class Receiver(FanOut, Membership):
     def spawn_forwarder(self, index, dest, joined=False):
         """Fork one forwarder fed by a new pipe; the receiver keeps the write end only."""
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-        size = set_pipe_size(write_fd, self.config.pipe_size)
-        self.pipe_sizes.add(write_fd, size, 2 if endpoints.retains(endpoints.for_destination(self.config, dest)) else 1)
+        size = set_pipe_size(write_fd, self.pipe_sizes.size_for_new())
         is_primary = self.config.primary and index == 0
         title = "socketproxy: forwarder %s -> %s%s" % (self.peer, dest, " (primary)" if is_primary else "")
         # A forwarder must not hold the source (else killing us would not close it) nor any
@@ -263,8 +264,16 @@ class Receiver(FanOut, Membership):
         elif self.config.primary and not is_primary and size >= mirrors.MIRROR_BATCH_MIN_PIPE:
             poke_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             keep.append(poke_fd)
-        pid = forking.fork_child(title, self.run_forwarder, read_fd, index, dest, title, os.getpid(), poke_fd,
-                                 turns_r, evidence, joined, keep=keep, close=[] if is_primary else [self.source])
+        try:
+            pid = forking.fork_child(title, self.run_forwarder, read_fd, index, dest, title, os.getpid(), poke_fd,
+                                     turns_r, evidence, joined, keep=keep, close=[] if is_primary else [self.source])
+        except OSError:
+            for fd in (read_fd, write_fd) + ((turns_r, turns_w) if turns_r is not None else ()):
+                os.close(fd)
+            if poke_fd is not None:
+                os.close(poke_fd)
+            raise
+        self.pipe_sizes.add(write_fd, size, 2 if endpoints.retains(endpoints.for_destination(self.config, dest)) else 1)
         self.pid_of[index] = pid
         if poke_fd is not None:
             self.pokes[write_fd] = [poke_fd, 0, size // PAGE // mirrors.MIRROR_POKE_SHARE]

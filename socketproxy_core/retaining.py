@@ -344,6 +344,7 @@ class Retainer:
         head = self.cut_head if self.head_known else b""
         data = bytearray(head) + self.retained_bytes()
         scan = self.backlog.scanner() if self.head_known else self.release_scan.copy()
+        count = min(count, len(data))  # through TLS, count is ciphertext: a little more than it carries
         scan.scan(data, 0, len(data) - count)
         return scan.scan(data, len(data) - count)[0]
 

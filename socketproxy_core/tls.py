@@ -163,8 +163,9 @@ def close_notify(tls_sock):
     TLS object stays (unless the destination's close_notify has come) to read what it still sends."""
     try:
         tls_sock.unwrap()
-    except (ssl.SSLError, OSError):
-        pass  # non-blocking: ours is sent, theirs not read yet (SSLWantReadError), or the socket failed
+    except (ssl.SSLError, OSError, ValueError):
+        pass  # non-blocking: ours is sent, theirs not read yet (SSLWantReadError); the socket failed; or
+        # the TLS object is gone already (a shutdown of the socket drops it: ValueError)
     try:
         socket.socket.shutdown(tls_sock, socket.SHUT_WR)
     except OSError:
@@ -179,7 +180,11 @@ class ClientHandshake:
     def __init__(self, loop, sock, context, hostname, timeout, done, failed):
         self.loop, self.done, self.failed = loop, done, failed
         self.sock = context.wrap_socket(sock, server_hostname=hostname, do_handshake_on_connect=False)
-        loop.set_timer("handshake", timeout, lambda: self.fail("no TLS handshake within %.1f s" % timeout))
+        self.timeout = timeout
+
+    def start(self):
+        """Begin (apart from the constructor, so the caller holds it before done or failed can run)."""
+        self.loop.set_timer("handshake", self.timeout, lambda: self.fail("no TLS handshake within %.1f s" % self.timeout))
         self.step(0)
 
     def step(self, _event):

@@ -60,6 +60,13 @@ def run_probe(config):
     every process runs, check that the destinations fit the inherited table; say so."""
     importlib.import_module("socketproxy_core.metrics")  # the metrics process's, imported lazily otherwise
     from socketproxy_core import endpoints
+    from socketproxy_core import tls
+    try:
+        tls.server_context(config)  # the certificate files, read as the new image's start will
+        tls.client_contexts(config)
+    except endpoints.UsageError as exc:
+        print(exc, flush=True)
+        sys.exit(1)
     table = json.loads(os.environ[PROBE_ENV])
     names = set(table["names"]) | set(endpoints.mention_names(config.dests))
     if len(names) > table["columns"]:

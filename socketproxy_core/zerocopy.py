@@ -78,6 +78,17 @@ def set_pipe_size(fd, size):
     return got
 
 
+def small_pipe():
+    """A non-blocking pipe of one page, for wake-ups: the kernel's default (16 pages) would count
+    against an unprivileged user's pipe budget for nothing."""
+    read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(write_fd, F_SETPIPE_SZ, PAGE)
+    except OSError:
+        pass
+    return read_fd, write_fd
+
+
 def pipe_capacity(fd):
     """The size of a pipe (either end)."""
     return fcntl.fcntl(fd, F_GETPIPE_SZ)

@@ -1,13 +1,12 @@
 """--config FILE (TOML) and --check-config FILE: the command line's settings in a file, validated by the
 same rules; one line naming the bad key and value, never a traceback."""
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
-from support import ROOT, connect_source, wait_for_log, wait_until
+from support import ROOT, connect_source, wait_until
 
 PROXY = [sys.executable, os.path.join(ROOT, "socketproxy.py")]
 
@@ -88,3 +87,17 @@ def test_the_file_serves_and_the_command_line_wins(proxy, recorder, tmp_path):
         wait_until(lambda: one.streams() == [b"not resp at all\r\n"] and two.streams() == [b"not resp at all\r\n"],
                    message=lambda: (one.streams(), two.streams(), px.log()[-2000:]))
     assert "not valid RESP" not in px.log()
+
+
+def test_a_destinations_own_client_certificate_does_not_take_the_global_key(tmp_path):
+    """tls_dest_cert in a destination's table, its key in the same file: the command line's
+    --tls-dest-key (another certificate's key) is not paired with it."""
+    from socketproxy_core import configfile, endpoints
+    path = tmp_path / "proxy.toml"
+    path.write_text('listen_port = 8000\ntls_dest_cert = "/etc/global.pem"\ntls_dest_key = "/etc/global.key"\n'
+                    'destinations = [{ address = "tls://127.0.0.1:9000", tls_dest_cert = "/etc/own.pem" }]\n')
+    options, dests = configfile.read(str(path))
+    base = endpoints.Config(listen_host="127.0.0.1", listen_port=8000, dests=dests,
+                            tls_dest_cert="/etc/global.pem", tls_dest_key="/etc/global.key")
+    config = endpoints.for_destination(base, dests[0])
+    assert (config.tls_dest_cert, config.tls_dest_key) == ("/etc/own.pem", "")

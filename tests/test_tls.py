@@ -75,6 +75,20 @@ def test_a_tls_source_that_waits_for_our_close_notify_gets_it_and_the_destinatio
     wait_for_log(px.log_path, r"group ended: source closed; received %d bytes" % len(data))
 
 
+def test_an_idle_tls_source_is_closed_by_idle_timeout_and_its_group_ends_cleanly(proxy, recorder, pki):
+    """--idle-timeout on a TLS source: its receiver closes it (its socket shut down first) and exits 0,
+    its forwarder delivers what came before; nothing is killed, no traceback."""
+    ca, files = pki
+    dest = recorder()
+    px = proxy(["127.0.0.1:%d" % dest.port], "--tls-cert", files["server.pem"], "--idle-timeout", "1")
+    with tls_client(px.port, ca) as sock:
+        sock.sendall(b"then silence\n")
+        wait_for_log(px.log_path, r"group ended: .*idle", timeout=20)
+    wait_until(lambda: dest.streams() == [b"then silence\n"] and dest.closed_count() == 1, 20)
+    wait_for_log(px.log_path, r"receiver \d+ for 127\.0\.0\.1:\d+ ended: exit status 0")
+    assert "Traceback" not in px.log() and "killed" not in px.log(), px.log()[-2000:]
+
+
 def test_mutual_tls_names_the_client_and_refuses_the_rest(proxy, recorder, pki, tmp_path):
     """--tls-client-ca: a client with a certificate of that CA is served, its subject in the log; no
     certificate, another CA's, an expired one, plaintext and a handshake never finished are closed, each

@@ -5,7 +5,6 @@ import re
 import shutil
 import signal
 import socket
-import sys
 import threading
 import time
 
@@ -120,6 +119,33 @@ def test_a_new_version_that_cannot_start_leaves_the_running_one(recorder, tmp_pa
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(scaled(10)) == 0
     assert re.search(r"INFO \[\d+\] stopped", log_path.read_text())
+
+
+def test_an_upgrade_with_a_certificate_file_that_no_longer_loads_leaves_the_running_one(recorder, tmp_path):
+    """--tls-cert's file replaced by a broken one: the probe reads it as the new image would, and the
+    upgrade fails with the reason; the running image goes on serving TLS sources."""
+    import ssl
+    import trustme
+    ca = trustme.CA()
+    cert = tmp_path / "server.pem"
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(cert))
+    dest = recorder()
+    proc, port, log_path = start_proxy(tmp_path, ["127.0.0.1:%d" % dest.port], "--tls-cert", str(cert))
+    try:
+        cert.write_text("not a certificate any more\n")
+        os.kill(proc.pid, signal.SIGUSR2)
+        wait_for_log(log_path, r"ERROR .*upgrade failed: the new version does not start \(cannot use --tls-cert %s"
+                     % re.escape(str(cert)), timeout=30)
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        with context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
+                                 server_hostname="127.0.0.1") as sock:
+            sock.sendall(b"still served\n")
+            wait_until(lambda: dest.streams()[-1:] == [b"still served\n"], 20)
+        assert proc.poll() is None
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(scaled(10)) == 0
 
 
 def test_an_upgrade_as_nobody_under_systemds_kind_of_stop(proxy, recorder):
