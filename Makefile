@@ -43,6 +43,9 @@ bench: $(STAMP)
 	@command -v socat >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
 	  (apt-get update -qq && apt-get install -y -qq socat) >/dev/null 2>&1 && echo "bench: installed socat for the comparison"; } || \
 	  echo "bench: socat is not installed and could not be installed: its rows are skipped"
+	@{ command -v stunnel4 || command -v stunnel; } >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && apt-get install -y -qq stunnel4) >/dev/null 2>&1 && echo "bench: installed stunnel4 for the TLS comparison"; } || \
+	  echo "bench: stunnel is not installed and could not be installed: its TLS rows are skipped"
 	$(PY) bench/bench.py
 	$(PY) bench/memory.py
 
