@@ -16,6 +16,7 @@ import psutil
 import setproctitle
 
 from socketproxy_core import endpoints
+from socketproxy_core.admission import Admission
 from socketproxy_core import forking
 from socketproxy_core.fanout import FanOut
 from socketproxy_core.membership import Membership
@@ -31,7 +32,7 @@ from socketproxy_core import proxylog
 from socketproxy_core import zerocopy
 from socketproxy_core import stats
 from socketproxy_core.proxylog import log
-from socketproxy_core.sockets import PROGRESS_POLL_S, Progress, format_address, unsent_bytes
+from socketproxy_core.sockets import PROGRESS_POLL_S, Progress, unsent_bytes
 from socketproxy_core.zerocopy import PAGE, pipe_bytes, set_pipe_size
 
 MAIN_EXIT_WAIT_S = 0.5  # after main's end of the lifeline closed: how long we wait for it to be gone
@@ -41,14 +42,12 @@ READING, HELD, STOPPING, ENDED, KILLING, DONE = "reading", "held", "stopping", "
 KILL_WAIT_S = 2.0  # after SIGKILL to forwarders that did not finish: how long we wait to collect them
 TITLE_PERIOD_S = 1.0  # the title and the shared counters are refreshed this often at most ...
 IDLE_TITLE_PERIOD_S = TICK_S  # ... and this often once a refresh found nothing changed (an idle group sleeps)
-PROXY_HEADER_S = 5.0  # --accept-proxy: a balancer's header must be whole within this
-PROXY_PEEK_S = 0.2  # --accept-proxy: how long another source's first bytes are waited for, to refuse a header
 KEEPALIVE = ((socket.TCP_KEEPIDLE, 60), (socket.TCP_KEEPINTVL, 10), (socket.TCP_KEEPCNT, 6))
 
 
 
 
-class Receiver(FanOut, Membership):
+class Receiver(Admission, FanOut, Membership):
     """Fans one source out to the forwarders of its group."""
 
     def __init__(self, source, peer, config, lifeline_fd, table=None, slot=None, dests_fd=None, tls_contexts=(None, None)):
@@ -118,69 +117,6 @@ class Receiver(FanOut, Membership):
         self.pokes = {}
         self.turns = {}  # a mirror's write fd -> [its turns pipe, bytes written to it] (mirrors.Turns)
         self.replies_seen = 0  # the primary's replies counter when the current turn began
-
-    def admit(self):
-        """Before any forwarder exists (so nothing of a refused source reaches a destination):
-        --accept-proxy (a balancer's source begins with a PROXY protocol header naming the real
-        source, which --allow is applied to and which names this group from then on; any other source
-        must not begin with one), then the TLS handshake (--tls-cert). Whether the source is served;
-        a refused one is closed, said in one line here, and counted by main."""
-        proxylog.set_connection("src=%s" % self.peer)
-        try:
-            self.real_source = self.source.getpeername()[:2]  # (host, port): a balancer's, or the one it names
-        except OSError:  # it reset its connection before we ran: nothing to serve, nothing to refuse
-            log.info("the source went away before it was served")
-            self.source.close()
-            return False
-        try:
-            self.read_proxy_header()
-        except proxyproto.HeaderError as exc:
-            return self.refuse(stats.REFUSED_PROXY, str(exc))
-        if self.real_source[0] != self.source.getpeername()[0] and not endpoints.is_allowed(
-                self.real_source[0], self.config.allow):
-            return self.refuse(stats.REFUSED_ALLOW, "the source it names is not in --allow")
-        if self.tls_context is not None:
-            try:
-                self.source = tls.handshake(self.source, self.tls_context)
-            except tls.HandshakeError as exc:
-                return self.refuse(stats.REFUSED_TLS, str(exc))
-            subject = tls.subject(self.source)
-            if subject:
-                self.rename("%s [%s]" % (self.peer, subject))
-        self.source.settimeout(None)
-        return True
-
-    def read_proxy_header(self):
-        """--accept-proxy: read a trusted balancer's header (the source it names becomes ours); refuse
-        one from any other address. Raises proxyproto.HeaderError."""
-        config = self.config
-        if not config.accept_proxy:
-            return
-        if endpoints.is_allowed(self.real_source[0], config.accept_proxy):
-            _, named = proxyproto.read_header(self.source, PROXY_HEADER_S)
-            if named is not None:
-                self.real_source = named
-                self.rename("%s (via %s)" % (format_address(named), self.peer))
-            return
-        self.source.settimeout(PROXY_PEEK_S)
-        try:
-            start = self.source.recv(len(proxyproto.V2_SIGNATURE), socket.MSG_PEEK)
-        except (socket.timeout, OSError):
-            start = b""
-        if len(start) >= 5 and (proxyproto.V1_PREFIX.startswith(start[:6]) or proxyproto.V2_SIGNATURE.startswith(start)):
-            raise proxyproto.HeaderError("a PROXY protocol header from an address not in --accept-proxy")
-
-    def rename(self, peer):
-        """The source as the log and the title name it from now on."""
-        self.peer = peer
-        proxylog.set_connection("src=%s" % peer)
-        setproctitle.setproctitle("socketproxy: receiver %s" % peer)
-
-    def refuse(self, why, text):
-        log.info("closing the source: %s; nothing of it was forwarded", text)
-        self.rows.write_refused(os.getpid(), why)
-        self.source.close()
-        return False
 
     def start(self):
         """Own process group, keepalive on the source, wake-up pipe for signals, forwarders."""
