@@ -334,6 +334,16 @@ class System:
     def stderr_tail(self):
         return ""
 
+    def log_tail(self):
+        """The last lines of the log file the system writes to (log_path, from log_start on)."""
+        try:
+            with open(self.log_path) as f:
+                f.seek(self.log_start)
+                lines = f.read().splitlines()
+        except OSError:
+            return ""
+        return (": " + " | ".join(lines[-3:])) if lines else ""
+
     def wait_idle(self, timeout=3.0):
         """Wait until the tree is back to its root process; True when it is."""
         deadline = time.monotonic() + timeout
@@ -458,14 +468,7 @@ class SocketProxy(System):
         self.wait_listening(port)
         return ["127.0.0.1:%d" % port]
 
-    def stderr_tail(self):
-        try:
-            with open(self.log_path) as f:
-                f.seek(self.log_start)
-                lines = f.read().splitlines()
-        except OSError:
-            return ""
-        return (": " + " | ".join(lines[-3:])) if lines else ""
+    stderr_tail = System.log_tail
 
     def log_summary(self):
         """Warnings and errors the proxy logged during the trial; the pipe size it logged at start
@@ -558,14 +561,7 @@ class Stunnel(System):
         self.wait_listening(port)
         return ["127.0.0.1:%d" % port]
 
-    def stderr_tail(self):
-        try:
-            with open(self.log_path) as f:
-                f.seek(self.log_start)
-                lines = f.read().splitlines()
-        except OSError:
-            return ""
-        return (": " + " | ".join(lines[-3:])) if lines else ""
+    stderr_tail = System.log_tail
 
 
 def make_certs(tmpdir):

@@ -15,6 +15,7 @@ import struct
 import time
 
 from socketproxy_core import framing
+from socketproxy_core import tls
 from socketproxy_core.proxylog import log
 from socketproxy_core.sockets import describe
 from socketproxy_core.zerocopy import SPLICE_FLAGS, pipe_bytes, tee
@@ -24,7 +25,6 @@ SPLICE_F_NONBLOCK = os.SPLICE_F_NONBLOCK
 splice = os.splice
 SLOT_GUESS = 256  # bytes per pipe slot, as the pokes of mirrors count them (see FanOut.fed)
 RESP_CHUNK = 256 * 1024
-TLS_RECORD = 16 * 1024  # the most a TLS record holds
 TURN = struct.Struct("q")  # where a turn begins, in bytes written to a mirror's pipe
 MAX_COMMAND = 64 * 1024 * 1024  # --framing resp: a command is held until whole, up to this size
 
@@ -224,7 +224,7 @@ class FanOut:
             self.resp_buffer = memoryview(bytearray(RESP_CHUNK))
         size = self.take_from_source(self.recv_into, self.resp_buffer)
         # A TLS read returns one record (16 KiB at most): gather what is there into one write per pipe.
-        while size and size < RESP_CHUNK - TLS_RECORD:
+        while size and size < RESP_CHUNK - tls.RECORD:
             try:
                 more = self.recv_into(self.resp_buffer[size:])
             except OSError:  # nothing more now, or a failure the next read meets and ends the source with

@@ -17,7 +17,7 @@ import time
 from socketproxy_core import endpoints
 from socketproxy_core import zerocopy
 from socketproxy_core.proxylog import log
-from socketproxy_core.zerocopy import F_GETPIPE_SZ, F_SETPIPE_SZ, PIPE_SIZE_MAX, pipe_bytes
+from socketproxy_core.zerocopy import F_GETPIPE_SZ, F_SETPIPE_SZ, PAGE, PIPE_SIZE_MAX, pipe_bytes
 
 SHRINK_AFTER_S = 10.0
 DENIED_S = 1.0  # after a refused growth, the next try waits this long (it reads every group's row)
@@ -71,8 +71,8 @@ class PipeSizes:
         if not self.share:
             return
         if moved < self.capacity.get(self.stage_fd, self.base) and not (
-                self.source_fd is not None and pipe_bytes(self.source_fd)):
-            return
+                moved >= PAGE and self.source_fd is not None and pipe_bytes(self.source_fd)):
+            return  # (a read under a page is a message, not a stream: no ioctl for it)
         now = time.monotonic()
         self.busy_at = now
         if now < self.denied_until:

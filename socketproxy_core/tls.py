@@ -14,6 +14,7 @@ from socketproxy_core import endpoints
 from socketproxy_core.endpoints import UsageError
 
 TLS_HANDSHAKE_S = 5.0  # a source that has not finished its handshake by then is closed (slowloris)
+RECORD = 16 * 1024  # the most a TLS record holds
 
 
 def server_context(config):
@@ -125,7 +126,9 @@ def client_context(ca, dest_cert, dest_key):
 class Plaintext:
     """A tls:// destination's bytes read from the pipe and not yet taken by TLS. A TLS write that
     would block must be retried with the same bytes, so they wait here (one read of the pipe at
-    most); they count as handed to the destination only once TLS has taken them."""
+    most); they count as handed to the destination only once TLS has taken them, a record at a
+    time (a write is all or nothing: a larger one would count nothing until all of it was taken,
+    and a slow destination's progress would not show)."""
 
     def __init__(self):
         self.pending = memoryview(b"")
@@ -147,7 +150,7 @@ class Plaintext:
 
     def send(self, tls_sock):
         """Hand what waits to TLS; raises WOULD_BLOCK (nothing taken) or OSError."""
-        sent = tls_sock.send(self.pending)
+        sent = tls_sock.send(self.pending[:RECORD])
         self.pending = self.pending[sent:]
         return sent
 

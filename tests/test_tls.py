@@ -156,12 +156,18 @@ class TLSDestination:
     connection delivers after its handshake, and how it ended ("close_notify", "eof" without one,
     "reset"); handshakes that fail are counted."""
 
-    def __init__(self, ca, name="127.0.0.1", port=0, handshake_delay=0.0):
+    def __init__(self, ca, name="127.0.0.1", port=0, handshake_delay=0.0, read_rate=None):
         self.handshake_delay = handshake_delay  # seconds between accept and the handshake (a slow server)
+        self.read_rate = read_rate  # bytes per second, None = as fast as it can
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ca.issue_cert(name).configure_cert(self.context)
         self.context.options &= ~ssl.OP_IGNORE_UNEXPECTED_EOF  # an end without close_notify is told apart
-        self.listener = socket.create_server(("127.0.0.1", port))
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if read_rate:  # inherited by accepted connections: a small window holds little unread data
+            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        self.listener.bind(("127.0.0.1", port))
+        self.listener.listen(64)
         self.port = self.listener.getsockname()[1]
         self.streams, self.ends, self.failed, self.conns = [], [], [], []
         self.accepting = threading.Thread(target=self.accept, daemon=True)
@@ -189,11 +195,13 @@ class TLSDestination:
         self.streams.append(data)
         try:
             while True:
-                chunk = tls_conn.recv(65536)
+                chunk = tls_conn.recv(int(self.read_rate * 0.05) if self.read_rate else 65536)
                 if not chunk:
                     self.ends.append("close_notify")
                     break
                 data += chunk
+                if self.read_rate:
+                    time.sleep(len(chunk) / self.read_rate)
         except ssl.SSLError as exc:
             self.ends.append("eof" if "UNEXPECTED_EOF" in str(exc) else "reset")
         except OSError:
@@ -235,6 +243,31 @@ def test_a_tls_destination_gets_the_stream_encrypted_and_verified(proxy, recorde
         wait_until(lambda: secure.ends == ["close_notify"], 20, message=lambda: secure.ends)  # a clean TLS end
     finally:
         secure.stop()
+
+
+@pytest.mark.parametrize("buffer", ["4M", "0"])
+def test_a_slow_tls_destination_that_makes_progress_is_never_dropped(proxy, recorder, pki, buffer):
+    """A tls:// destination reading 200 kB/s through a small window, sent 1.2 MB (over twice what the
+    socket buffers hold): TLS writes that would block are retried with the same bytes, progress is
+    the ciphertext acknowledged, so --send-timeout (2 s) never fires; it gets every byte, and so does a
+    fast plain destination."""
+    ca, files = pki
+    fast = recorder()
+    slow = TLSDestination(ca, read_rate=200_000)
+    try:
+        px = proxy(["127.0.0.1:%d" % fast.port, "tls://127.0.0.1:%d" % slow.port], "--tls-ca", files["ca.pem"],
+                   "--send-timeout", "2", "--buffer", buffer)
+        data = os.urandom(1_200_000)
+        with connect_source(px.port) as sock:
+            sock.sendall(data)
+        wait_until(lambda: slow.ends == ["close_notify"], 40,
+                   message=lambda: ([len(s) for s in slow.streams], slow.ends, px.log()[-2000:]))
+        assert bytes(slow.streams[0]) == data and fast.streams() == [data]
+        assert "send timeout" not in px.log() and "no progress" not in px.log()
+        wait_for_log(px.log_path, r"dst=tls://127.0.0.1:%d forwarder done: sent %d bytes, dropped 0 bytes"
+                     % (slow.port, len(data)))
+    finally:
+        slow.stop()
 
 
 @pytest.mark.parametrize("buffer, size", [("1M", 8 << 20), ("0", 8 << 20), ("1M", 100_000)])
