@@ -204,8 +204,8 @@ class Retainer:
             except OSError as exc:
                 raise Disconnected(describe(exc)) from None
             self.counts.handed(moved)
-            if self.ahead or self.plaintext:
-                return "socket"
+            if self.ahead and self.plaintext is None:
+                return "socket"  # splice moved what the socket had room for (TLS: on to the next record)
 
     def send_ahead(self, sock, sock_fd):
         """Hand the tee'd bytes to the socket: spliced, or through TLS from memory; how many it took."""
