@@ -45,6 +45,9 @@ Options:
   --tls-ca FILE           verify tls://HOST:PORT destinations against this CA, not the system's
   --tls-dest-cert FILE    a client certificate (PEM) for tls:// destinations that ask for one
   --tls-dest-key FILE     its key, when not in the --tls-dest-cert file
+  --spare-groups N        groups (a receiver and its forwarders) kept forked ahead of their sources; a
+                          group whose source ended cleanly serves the next one; 0 = every group is
+                          forked for its source and ends with it [default: 0]
   --session-preamble N    with --framing line or none: the source's first N lines (bytes without framing)
                           are sent again first on every new connection to a destination [default: 0]
   -h --help               show this help
@@ -79,6 +82,7 @@ from socketproxy_core import tls  # noqa: E402
 from socketproxy_core import upgrade  # noqa: E402
 from socketproxy_core import zerocopy  # noqa: E402
 from socketproxy_core.pipesizes import plan_pipes  # noqa: E402
+from socketproxy_core.pool import Pool  # noqa: E402
 from socketproxy_core.reloading import Reloading, table_columns, title_base  # noqa: E402
 from socketproxy_core.service import become_subreaper, notify_service_manager  # noqa: E402
 from socketproxy_core.upgrade import Upgrading  # noqa: E402
@@ -245,7 +249,7 @@ class RefusalLog:
             self.window_end = time.monotonic() + REFUSAL_SUMMARY_S
 
 
-class Proxy(Reloading, Upgrading):
+class Proxy(Reloading, Upgrading, Pool):
     """The parent process: accept loop, one receiver per source, reaping, orderly stop.
 
     Signal handlers only record the signal; the wake-up pipe (signal.set_wakeup_fd) makes the
@@ -286,6 +290,7 @@ class Proxy(Reloading, Upgrading):
         self.refusals = RefusalLog()
         self.poller = select.poll()
         self.accept_paused_until = None  # out of descriptors: accepting again then
+        self.init_pool()
 
     def record_signal(self, signum, _frame):
         self.signals.add(signum)
@@ -298,6 +303,7 @@ class Proxy(Reloading, Upgrading):
             signal.signal(sig, self.record_signal)
         self.poller.register(self.wake_r, select.POLLIN)
         self.poller.register(listener_fd, select.POLLIN)
+        self.listener_watched = True
 
     def serve(self):
         """Accept until SIGTERM/SIGINT; returns the signal's name."""
@@ -317,11 +323,12 @@ class Proxy(Reloading, Upgrading):
         if self.metrics_sock is not None:
             self.start_metrics()
         self.update_title()
+        self.fill_spares()
         while True:
-            timeout_s = self.refusals.timeout_s()
+            timeouts = [self.refusals.timeout_s(), self.refill_timeout_s(), self.grace_timeout_s()]
             if self.accept_paused_until is not None:
-                paused_s = max(0.0, self.accept_paused_until - time.monotonic())
-                timeout_s = paused_s if timeout_s is None else min(timeout_s, paused_s)
+                timeouts.append(max(0.0, self.accept_paused_until - time.monotonic()))
+            timeout_s = min((t for t in timeouts if t is not None), default=None)
             events = self.poller.poll(None if timeout_s is None else timeout_s * 1000)
             self.resume_accepting()
             stop = self.handle_signals()
@@ -329,9 +336,14 @@ class Proxy(Reloading, Upgrading):
                 return stop
             if self.probe is not None and any(fd == self.probe[1] for fd, _ in events):
                 self.probe_said()
+            for fd, _ in events:
+                if fd in self.control_pid:
+                    self.group_said(fd)
+            self.end_grace()
             if any(fd == self.listener.fileno() for fd, _ in events):
                 self.accept_some()
             self.refusals.flush()
+            self.refill()
 
     def handle_signals(self):
         """Act on the signals recorded since the last call; the name of a stop signal, if any."""
@@ -356,6 +368,8 @@ class Proxy(Reloading, Upgrading):
     def accept_some(self):
         """Accept the sources waiting now (a bounded batch, so signals are seen between batches)."""
         for _ in range(ACCEPT_BATCH):
+            if self.wait_for_group():
+                return
             try:
                 source, address = self.listener.accept()
             except BlockingIOError:
@@ -383,7 +397,10 @@ class Proxy(Reloading, Upgrading):
                 continue
             peer = self.receivers.pop(pid, None)
             if peer is None:
-                continue  # an orphaned forwarder we adopted: reaped, nothing more to do
+                if pid in self.controls:
+                    self.spare_ended(pid, *forking.decode_exit(status))
+                continue  # else an orphaned forwarder we adopted, or a spare we let go: nothing more to do
+            self.forget_group(pid)
             slot = self.slots.pop(pid)
             self.count_refusal(peer, self.table.receiver_row(slot).read()[stats.RCV_REFUSED])
             self.table.retire(slot, pid)
@@ -452,15 +469,26 @@ class Proxy(Reloading, Upgrading):
         loop accepts again; signals and reaping go on meanwhile."""
         if exc.errno in TRANSIENT_ACCEPT_ERRORS:
             log.warning("accept failed: %s; pausing %.1f s", exc.strerror, ACCEPT_PAUSE_S)
-            self.poller.unregister(self.listener.fileno())
             self.accept_paused_until = time.monotonic() + ACCEPT_PAUSE_S
+            self.update_listener()
         else:
             log.warning("accept failed: %s", exc.strerror)
 
     def resume_accepting(self):
         if self.accept_paused_until is not None and time.monotonic() >= self.accept_paused_until:
             self.accept_paused_until = None
-            self.poller.register(self.listener.fileno(), select.POLLIN)
+            self.update_listener()
+
+    def update_listener(self):
+        """Watch the listener unless accepting is paused (out of descriptors) or sources are left in
+        its queue a moment for a spare group (pool.Pool.wait_for_group)."""
+        wanted = self.accept_paused_until is None and self.grace_until is None
+        if wanted != self.listener_watched:
+            self.listener_watched = wanted
+            if wanted:
+                self.poller.register(self.listener.fileno(), select.POLLIN)
+            else:
+                self.poller.unregister(self.listener.fileno())
 
     def admit(self, source, address):
         """Refuse the source, or fork its receiver."""
@@ -477,31 +505,43 @@ class Proxy(Reloading, Upgrading):
             self.count(refused_full=1)
             return
         source.setblocking(True)
+        pid = self.hand_to_spare(source, peer, slot) if self.config.spare_groups else None
         try:
-            pid = forking.fork_child("socketproxy: receiver %s" % peer, receiver.run_receiver,
-                                     source, peer, self.config, self.lifeline_r, self.table, slot, self.dests_fd,
-                                     (self.tls_context, self.tls_client),
-                                     keep=[source.fileno(), self.lifeline_r] + (
-                                         [self.dests_fd] if self.dests_fd is not None else []),
-                                     close=[self.listener])
+            if pid is not None:
+                pass
+            elif self.config.spare_groups:
+                pid = self.fork_group((source, peer, slot))
+            else:
+                pid = forking.fork_child("socketproxy: receiver %s" % peer, receiver.run_receiver,
+                                         source, peer, self.config, self.lifeline_r, self.table, slot, self.dests_fd,
+                                         (self.tls_context, self.tls_client),
+                                         keep=[source.fileno(), self.lifeline_r] + (
+                                             [self.dests_fd] if self.dests_fd is not None else []),
+                                         close=[self.listener])
+                self.own_group(pid)
         except OSError as exc:
             self.table.free.append(slot)
             log.error("cannot start a receiver for %s: %s", peer, exc.strerror)
             return
-        try:
-            os.setpgid(pid, pid)
-        except OSError:
-            pass  # it already did, or it is already gone (reaped by the loop, which knows it now)
         self.receivers[pid] = peer
         self.slots[pid] = slot
         self.count(accepted=1)
         self.update_title()
 
+    def own_group(self, pid):
+        """A receiver just forked leads its own process group."""
+        try:
+            os.setpgid(pid, pid)
+        except OSError:
+            pass  # it already did, or it is already gone (reaped by the loop, which knows it now)
+
     def shutdown(self, why):
         """Stop accepting, end every group (bounded), collect every process of the tree."""
         notify_service_manager("STOPPING=1")
-        self.poller.unregister(self.listener.fileno())
+        if self.listener_watched:
+            self.poller.unregister(self.listener.fileno())
         self.listener.close()
+        self.retire_spares()
         log.info("stopping (%s): ending %d receivers", why, len(self.receivers))
         if self.metrics_pid is not None:  # it ignores stop signals (see metrics.serve), and holds no state
             os.kill(self.metrics_pid, signal.SIGKILL)

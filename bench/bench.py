@@ -1255,6 +1255,7 @@ def main():
     buffer0 = SocketProxyWith(tmpdir, "socketproxy-buffer0", ["--buffer", "0"])
     lines = SocketProxyWith(tmpdir, "socketproxy-line", ["--buffer", "4M", "--framing", "line"])
     resp = SocketProxyWith(tmpdir, "socketproxy-resp", ["--buffer", "4M", "--framing", "resp"])
+    spares = SocketProxyWith(tmpdir, "socketproxy-spares", ["--spare-groups", "8"])
     socat, socat_b, tee = Socat(), Socat(262144), SocatTee(tmpdir)
     available = lambda combos: [c for c in combos if (have_socat or c[0] not in (socat, socat_b, tee))
                                  and (not nobody_why or c[0] is not nobody)]
@@ -1273,7 +1274,8 @@ def main():
                 run_figure(fig, combos, rounds, trial_resp, lambda d: (params["resp_bytes"], value_size),
                            lambda r: "%.0f MB/s, %.0f commands/s" % (r["mbps"], r["commands_per_s"]), out)
         if "conn" in only:
-            combos = available([(direct, 1), (socat, 1), (proxy, 1), (direct, 2), (tee, 2), (proxy, 2)])
+            combos = available([(direct, 1), (socat, 1), (proxy, 1), (spares, 1), (direct, 2), (tee, 2), (proxy, 2),
+                                (spares, 2)])
             run_figure("connections", combos, rounds, trial_connections,
                        lambda d: (params["conn_count"], 8), lambda r: "%.0f conn/s" % r["conns_per_s"], out)
         if "lat" in only:

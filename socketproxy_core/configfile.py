@@ -27,7 +27,7 @@ class FileError(UsageError):
 
 # The file's keys, and the command line's option each stands for.
 OPTIONS = {name.replace("-", "_"): "--" + name for name in (
-    "listen-host", "listen-port", "max-connections", "idle-timeout", "connect-timeout", "retry-interval",
+    "listen-host", "listen-port", "max-connections", "spare-groups", "idle-timeout", "connect-timeout", "retry-interval",
     "send-timeout", "allow", "log-level", "framing", "buffer", "metrics", "primary", "mirror-policy", "fin-timeout",
     "session-preamble", "accept-proxy", "send-proxy", "tls-cert", "tls-key", "tls-client-ca", "tls-ca",
     "tls-dest-cert", "tls-dest-key")}

@@ -53,6 +53,7 @@ class Config:
     listen_port: int
     dests: tuple
     max_connections: int = 256
+    spare_groups: int = 0  # groups forked ahead of their sources and kept for the next ones (spares.py)
     idle_timeout: float = 0.0
     connect_timeout: float = 3.0
     retry_interval: float = 3.0
@@ -147,6 +148,15 @@ def parse_count(text, option):
     return int(text)
 
 
+def parse_spare_groups(text, primary):
+    """--spare-groups: a whole number, 0 or more; not with --primary (whose forwarder holds the source)."""
+    if not (text.isascii() and text.isdigit()):
+        raise UsageError("invalid --spare-groups %r: expected a whole number of 0 or more" % text)
+    if int(text) and primary:
+        raise UsageError("--spare-groups does not work with --primary yet")
+    return int(text)
+
+
 def parse_allow(values):
     """--allow CIDRs into ip_network objects; 'all' (the default) allows everyone."""
     networks = []
@@ -201,6 +211,7 @@ def build_config(args, dests=None):
         listen_port=parse_port(args["--listen-port"], "--listen-port"),
         dests=dests if dests is not None else tuple(parse_dest(text) for text in args["DEST"]),
         max_connections=parse_count(args["--max-connections"], "--max-connections"),
+        spare_groups=parse_spare_groups(args.get("--spare-groups") or "0", args.get("--primary")),
         idle_timeout=parse_seconds(args["--idle-timeout"], "--idle-timeout"),
         connect_timeout=parse_seconds(args["--connect-timeout"], "--connect-timeout", minimum=0.001),
         retry_interval=parse_seconds(args["--retry-interval"], "--retry-interval", minimum=0.1),

@@ -433,16 +433,17 @@ class Forwarder(Attempts, Ending):
         log.info("forwarder done: sent %d bytes, dropped %d bytes", self.delivered(), self.counts.dropped)
         sys.exit(1)
 
-    def watch_signals(self):
+    def watch_signals(self, wake_r=None):
         """SIGTERM or SIGINT asks the receiver to stop the group in order (so a stop that signals every
         process at once, as systemd does, is the same orderly stop as one that signals main alone);
         this forwarder goes on until its pipe ends. SIGHUP is ignored. The handlers only record: the
-        wake-up pipe tells the loop, which acts."""
-        wake_r, wake_w = zerocopy.small_pipe()
-        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: None)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        wake-up pipe tells the loop, which acts. wake_r: a spare group's forwarder's, set up once."""
+        if wake_r is None:
+            wake_r, wake_w = zerocopy.small_pipe()
+            signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: None)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
         self.loop.watch(wake_r, select.POLLIN, lambda _event: self.signalled(wake_r))
 
     def signalled(self, wake_r):
@@ -455,6 +456,20 @@ class Forwarder(Attempts, Ending):
                 signal.pidfd_send_signal(self.receiver_pidfd, signal.SIGTERM)
             except ProcessLookupError:
                 pass  # it is gone: the group ends anyway
+
+    def release(self):
+        """A spare group's forwarder serves its next source in this process: what this one held is
+        given back. Whether the process may serve another (not while a name lookup of ours still runs
+        in its thread, which writes to its pipe when it is over)."""
+        self.connector.cancel()
+        for fd in (self.pipe_fd, self.devnull_fd, self.receiver_pidfd):
+            if fd is not None:
+                os.close(fd)
+        if self.sock is not None:
+            self.sock.close()
+        if self.retainer is not None:
+            self.retainer.release()
+        return self.connector.lookup is None
 
     # -- counters ---------------------------------------------------------------------------------
 

@@ -50,8 +50,12 @@ KEEPALIVE = ((socket.TCP_KEEPIDLE, 60), (socket.TCP_KEEPINTVL, 10), (socket.TCP_
 class Receiver(Admission, FanOut, Membership):
     """Fans one source out to the forwarders of its group."""
 
-    def __init__(self, source, peer, config, lifeline_fd, table=None, slot=None, dests_fd=None, tls_contexts=(None, None)):
+    def __init__(self, source, peer, config, lifeline_fd, table=None, slot=None, dests_fd=None, tls_contexts=(None, None),
+                 group=None):
         self.source = source
+        self.group = group  # --spare-groups: the group (spares.Group) whose forwarders wait for our pipes
+        self.reloaded = False  # a SIGHUP came: this group serves no other source (spares.py)
+        self.stage_r = self.stage_w = None
         # main's TLS contexts: the sources' (--tls-cert; the handshake is ours, admit) and the tls://
         # destinations' (their forwarders' handshakes)
         self.tls_context, self.tls_client = tls_contexts
@@ -144,12 +148,15 @@ class Receiver(Admission, FanOut, Membership):
         self.source.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         for option, value in KEEPALIVE:
             self.source.setsockopt(socket.IPPROTO_TCP, option, value)
-        wake_r, wake_w = zerocopy.small_pipe()
-        self.wake_fd = wake_r
-        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: None)  # the wake-up pipe tells the loop
-        signal.signal(signal.SIGHUP, lambda *_: None)  # main's word that the destinations changed
+        if self.group is not None:  # a spare group's: its handlers and wake-up pipe serve every source
+            wake_r = self.wake_fd = self.group.wake_r
+        else:
+            wake_r, wake_w = zerocopy.small_pipe()
+            self.wake_fd = wake_r
+            signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: None)  # the wake-up pipe tells the loop
+            signal.signal(signal.SIGHUP, lambda *_: None)  # main's word that the destinations changed
         # --primary --framing resp: the primary's forwarder copies its replies to each mirror, which
         # compares them with its shadow's (mirrors.ReplyComparison): a pipe per mirror.
         self.evidence = {}
@@ -158,7 +165,10 @@ class Receiver(Admission, FanOut, Membership):
             for _, evidence_w in self.evidence.values():  # a slot per reply: as many as a forwarder's pipe
                 set_pipe_size(evidence_w, self.config.pipe_size)
         for index, dest in enumerate(self.config.dests):
-            self.spawn_forwarder(index, dest)
+            if self.group is not None:
+                self.hand_pipe(index, dest)
+            else:
+                self.spawn_forwarder(index, dest)
         for evidence_r, evidence_w in self.evidence.values():
             os.close(evidence_r)
             os.close(evidence_w)
@@ -209,21 +219,51 @@ class Receiver(Admission, FanOut, Membership):
             if poke_fd is not None:
                 os.close(poke_fd)
             raise
-        self.pipe_sizes.add(write_fd, size, 2 if endpoints.retains(endpoints.for_destination(self.config, dest)) else 1)
-        self.pid_of[index] = pid
         if poke_fd is not None:
             self.pokes[write_fd] = [poke_fd, 0, size // PAGE // mirrors.MIRROR_POKE_SHARE]
         if turns_r is not None:
             os.close(turns_r)
             self.turns[write_fd] = [turns_w, 0, 0]  # the turns pipe, bytes written, where the last turn began
-        self.dest_index[write_fd] = index
         os.close(read_fd)
+        self.add_pipe(index, dest, write_fd, size, pid, os.pidfd_open(pid))
+
+    def hand_pipe(self, index, dest):
+        """A spare group's forwarder (spares.py), waiting already, gets a new pipe for this source."""
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        try:
+            size = set_pipe_size(write_fd, self.pipe_sizes.size_for_new())
+            pid, pidfd, control = self.group.hand_pipe(index, read_fd, {
+                "peer": self.peer, "slot": self.slot, "proxy_header": self.proxy_header.hex()})
+        except OSError:
+            os.close(write_fd)
+            raise
+        finally:
+            os.close(read_fd)
+        self.add_pipe(index, dest, write_fd, size, pid, pidfd)
+        self.loop.watch(control, select.POLLIN, lambda _event: self.forwarder_done(pidfd, control))
+
+    def add_pipe(self, index, dest, write_fd, size, pid, pidfd):
+        """A forwarder's pipe is ours to write, and its pidfd ours to watch."""
+        self.pipe_sizes.add(write_fd, size, 2 if endpoints.retains(endpoints.for_destination(self.config, dest)) else 1)
+        self.pid_of[index] = pid
+        self.dest_index[write_fd] = index
         os.set_blocking(write_fd, False)
         self.pipes[write_fd] = dest
         self.pipe_fds.append(write_fd)
-        pidfd = os.pidfd_open(pid)
         self.forwarders[pidfd] = (pid, dest)
         self.loop.watch(pidfd, select.POLLIN, self.check_forwarders)
+
+    def forwarder_done(self, pidfd, control):
+        """A spare group's forwarder has finished this source (its pipe ended) and waits for the next,
+        as a forwarder of a group forked for its source would have exited 0."""
+        self.loop.unwatch(control)
+        if not self.group.said_done(control) or pidfd not in self.forwarders:
+            return  # it is exiting: its pidfd says how
+        pid, dest = self.forwarders.pop(pidfd)
+        self.loop.unwatch(pidfd)
+        if self.pipes and pid not in self.leaving:
+            log.error("group ended: forwarder %d to %s finished before its pipe closed", pid, dest)
+            self.kill_group()
 
     def run_forwarder(self, read_fd, index, dest, title, receiver_pid, poke_fd, turns_fd, evidence, joined):
         proxylog.set_connection("src=%s dst=%s" % (self.peer, dest))
@@ -297,6 +337,7 @@ class Receiver(Admission, FanOut, Membership):
     def signalled(self, _event):
         received = set(os.read(self.wake_fd, 64))
         if signal.SIGHUP in received:
+            self.reloaded = True
             self.reconcile()
             if not received & {signal.SIGTERM, signal.SIGINT}:
                 return
@@ -490,7 +531,10 @@ class Receiver(Admission, FanOut, Membership):
         gone, _ = psutil.wait_procs(self.forwarder_procs(), timeout=0)
         for proc in gone:
             self.loop.unwatch(proc.pidfd)
-            os.close(proc.pidfd)
+            if self.group is not None and self.group.owns(proc.pidfd):
+                self.group.ended_member = True  # its pidfd is the group's
+            else:
+                os.close(proc.pidfd)
             del self.forwarders[proc.pidfd]
             if proc.returncode == 0 and (not self.pipes or proc.pid in self.leaving) or self.state == KILLING:
                 continue  # finished after its pipe closed, as it should (or killed by us)
@@ -536,6 +580,15 @@ class Receiver(Admission, FanOut, Membership):
         """SIGKILL the whole process group, this process included: fate sharing."""
         sys.stderr.flush()
         os.killpg(0, signal.SIGKILL)
+
+    def release(self):
+        """A spare group serves its next source in this process: what this one held is given back."""
+        for fd in (self.stage_r, self.stage_w, *self.pipes):
+            if fd is not None:
+                os.close(fd)
+        self.pipes.clear()
+        if self.source.fileno() >= 0:
+            self.source.close()
 
 
 

@@ -54,6 +54,7 @@ class Reloading:
         self.title_shown = None
         self.update_title()
         log.info("reloaded the configuration: %s", changes or "nothing changed")
+        self.retire_spares()  # forked with the configuration before: the next ones are forked with this one
         if dests_changed:  # every live group joins the destinations added and leaves those removed
             membership.write_list(self.dests_fd, config)
             for pid in self.receivers:

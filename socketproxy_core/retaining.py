@@ -67,6 +67,13 @@ class Retainer:
 
     # -- a connection -----------------------------------------------------------------------------
 
+    def release(self):
+        """The shadow pipe is closed (its forwarder's process goes on to another source)."""
+        if self.shadow_r is not None:
+            os.close(self.shadow_r)
+            os.close(self.shadow_w)
+            self.shadow_r = self.shadow_w = None
+
     def begin(self, sock):
         """A new connection: its stream starts with the backlog (after skipping() is over)."""
         if self.shadow_r is None:

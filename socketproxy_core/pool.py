@@ -1,0 +1,181 @@
+"""Main's side of --spare-groups (the groups' side is spares.py): the groups waiting for a source, a
+source handed to one of them, their word that their source has ended, and the forks that keep
+enough of them. A mixin of main's Proxy: the state is the Proxy's.
+
+A group that waits is no source: it is not in `receivers`, holds no slot of the table, and its
+death (however it dies) is logged and replaced, never counted as a source or a group kill. Main
+forks spares at the start, then again once fewer have waited for REFILL_S, so a burst of sources that takes
+them all is served by groups forked for their source, as without spares, and the groups of the
+burst become the spares once their sources end (those beyond --spare-groups end).
+"""
+import select
+import time
+
+from socketproxy_core import forking
+from socketproxy_core import spares
+from socketproxy_core import stats
+from socketproxy_core.proxylog import log
+
+GRACE_S = 0.005  # how long a source may wait in the listen queue for a group about to be free ...
+TURNOVER_S = 0.1  # ... when one came back within this time (else it gets a group forked for it at once)
+REFILL_S = 1.0  # spares taken are forked again this often at most (Apache's idle maintenance)
+
+
+class Pool:
+    """Main's spares (see the module docstring)."""
+
+    def init_pool(self):
+        self.controls = {}  # pid of a spare group (waiting or serving) -> main's end of its control socket
+        self.control_pid = {}  # the control socket's fd -> its group's pid
+        self.idle = []  # pids of the groups that wait for a source; the last one back is taken first
+        self.generation_of = {}  # pid -> the configuration's generation it was forked with
+        self.generation = 0  # one more at every reload: groups of an older one serve no new source
+        self.short_since = None  # since when fewer than --spare-groups groups have waited
+        self.last_free_at = 0.0  # when a group last came back
+        self.grace_until = None  # the listener is not watched until then, or until a group comes back
+        self.grace_over = False  # a grace ended with no group back: the next source gets one forked for it
+
+    def fork_group(self, first=None):
+        """Fork a spare group; first: (source, peer, slot) for a group forked for that source."""
+        main_end, group_end = spares.control_pair()
+        keep = [group_end.fileno(), self.lifeline_r] + ([self.dests_fd] if self.dests_fd is not None else [])
+        if first is not None:
+            keep.append(first[0].fileno())
+        title = "socketproxy: receiver %s" % first[1] if first is not None else spares.SPARE_TITLE
+        try:
+            pid = forking.fork_child(title, spares.run_group, group_end, first, self.config, self.lifeline_r,
+                                     self.table, self.dests_fd, (self.tls_context, self.tls_client), keep=keep,
+                                     close=[self.listener])
+        except OSError:
+            main_end.close()
+            raise
+        finally:
+            group_end.close()
+        self.own_group(pid)
+        main_end.setblocking(False)
+        self.controls[pid] = main_end
+        self.control_pid[main_end.fileno()] = pid
+        self.generation_of[pid] = self.generation
+        self.poller.register(main_end.fileno(), select.POLLIN)
+        return pid
+
+    def hand_to_spare(self, source, peer, slot):
+        """The source to a waiting group: its pid, or None when none waits (or none could take it)."""
+        while self.idle:
+            pid = self.idle.pop()
+            try:
+                spares.send_with_fd(self.controls[pid], {"peer": peer, "slot": slot}, source.fileno())
+            except OSError:  # it is ending (its control socket is closed, or full): the next one
+                self.forget_group(pid)
+                continue
+            return pid
+        return None
+
+    def group_said(self, fd):
+        """A spare group's word: its source has ended (it waits again, or ends if we have spares
+        enough), or, at the end of its control socket, that it is ending."""
+        pid = self.control_pid[fd]
+        try:
+            said = self.controls[pid].recv(64)
+        except BlockingIOError:
+            return
+        except OSError:
+            said = b""
+        if said != spares.FREE:
+            self.forget_group(pid)  # reap() collects it
+            return
+        self.last_free_at = time.monotonic()
+        peer, slot = self.receivers.pop(pid), self.slots.pop(pid)
+        self.count_refusal(peer, self.table.receiver_row(slot).read()[stats.RCV_REFUSED])
+        self.table.fold(slot)  # every process of the group has published its last counters
+        log.debug("receiver %d for %s ended; its group waits for another source", pid, peer)
+        if self.generation_of[pid] == self.generation and len(self.idle) < self.config.spare_groups:
+            self.idle.append(pid)
+        else:
+            self.forget_group(pid)  # the end of its control socket ends it
+        self.fold_finished()
+
+    def wait_for_group(self):
+        """None waits: whether to leave the next source in the listen queue for GRACE_S rather than
+        fork a group for it. Only while groups turn over (one came back within TURNOVER_S): short
+        sources in a row are served by the groups of those before, and a storm of sources that stay
+        has its groups forked at once."""
+        if self.grace_over or self.idle or not self.config.spare_groups:
+            self.grace_over = False
+            return False
+        if time.monotonic() - self.last_free_at > TURNOVER_S:
+            return False
+        self.grace_until = time.monotonic() + GRACE_S
+        self.update_listener()
+        return True
+
+    def grace_timeout_s(self):
+        return None if self.grace_until is None else max(0.0, self.grace_until - time.monotonic())
+
+    def end_grace(self):
+        """The listener is watched again once a group waits or the grace is over."""
+        if self.grace_until is None:
+            return
+        over = time.monotonic() >= self.grace_until
+        if self.idle or over:
+            self.grace_until = None
+            self.grace_over = over and not self.idle
+            self.update_listener()
+
+    def forget_group(self, pid):
+        """Main lets go of a spare group: closing its control socket ends it once it waits."""
+        control = self.controls.pop(pid, None)
+        if control is None:
+            return
+        self.poller.unregister(control.fileno())
+        del self.control_pid[control.fileno()]
+        control.close()
+        self.generation_of.pop(pid, None)
+        if pid in self.idle:
+            self.idle.remove(pid)
+
+    def spare_ended(self, pid, code, text):
+        """reap(): a waiting group's receiver exited. One we let go exits 0; any other end is a fault
+        of that group (its members are killed), replaced by the next refill."""
+        waiting = pid in self.controls
+        self.forget_group(pid)
+        if code != 0:
+            self.kill_group(pid)
+            log.warning("spare group %d ended: %s; its group is killed and another takes its place", pid, text)
+        elif waiting:
+            log.info("spare group %d ended: %s", pid, text)
+
+    def retire_spares(self):
+        """A reload or a stop: the waiting groups end (those serving end after their source)."""
+        self.generation += 1
+        for pid in list(self.idle):
+            self.forget_group(pid)
+
+    def refill_timeout_s(self):
+        """How long main may sleep before spares are due (None: none are)."""
+        if self.short_since is None:
+            return None
+        return max(0.0, self.short_since + REFILL_S - time.monotonic())
+
+    def refill(self):
+        """Fork the spares missing once fewer than --spare-groups have waited for REFILL_S (a group
+        taken and back within that time is not missed)."""
+        if len(self.idle) >= self.config.spare_groups:
+            self.short_since = None
+            return
+        now = time.monotonic()
+        if self.short_since is None:
+            self.short_since = now
+        if now < self.short_since + REFILL_S:
+            return
+        self.fill_spares()
+
+    def fill_spares(self):
+        self.short_since = None
+        while len(self.idle) < self.config.spare_groups:
+            try:
+                self.idle.append(self.fork_group())
+            except OSError as exc:
+                log.warning("cannot fork a spare group: %s", exc.strerror or exc)
+                self.short_since = time.monotonic()
+                return
