@@ -429,17 +429,19 @@ class Proxy(Reloading, Upgrading, Pool):
     def fold_finished(self):
         """Fold the shared counters of groups that are entirely gone into the totals."""
         self.table.fold_gone(group_alive)
-        self.table.set_main(active=len(self.receivers), **self.counters)
+        self.table.set_main(active=len(self.receivers), spares=len(self.idle), **self.counters)
         self.update_title()
 
     def count(self, **increments):
         for name, value in increments.items():
             self.counters[name] += value
-        self.table.set_main(active=len(self.receivers), **self.counters)
+        self.table.set_main(active=len(self.receivers), spares=len(self.idle), **self.counters)
 
     def update_title(self):
         """Main's title says how many sources it serves: when that changed, at most once a second."""
         text = "%s | %d sources" % (self.title_base, len(self.receivers))
+        if self.config.spare_groups:
+            text += ", %d spare groups" % len(self.idle)
         if text == self.title_shown:
             return
         wait = self.title_at + TITLE_PERIOD_S - time.monotonic()

@@ -27,6 +27,9 @@ and a crc32. Systems:
   socat+tee   socat TCP-LISTEN:P,fork,reuseaddr EXEC:script, the script being
               tee >(socat -u - TCP:A) ... | socat -u - TCP:Z              (D >= 2, bash)
   socketproxy python socketproxy.py --listen-host 127.0.0.1 --listen-port P --log-level warning DEST...
+  socketproxy-spares  the same with --spare-groups 8 (figure "connections"): groups forked ahead of
+              their sources and kept for the next; beside the rate, each connection's time from the
+              source's connect to its first bytes at the last destination (p50, p99)
   socketproxy-nobody  the same as the unprivileged user nobody, as a service runs it:
               setpriv --reuid nobody --regid nogroup --clear-groups python socketproxy.py ... --log-level info
               (info for the line `pipes of N KiB` it logs at start; a handful of lines per source). Its
@@ -691,7 +694,7 @@ def trial_resp(system, dests, size, value_size):
 
 def trial_connections(system, dests, count, concurrency, size=1024):
     timeout = 30 + count / 10
-    sinks, ports = start_sinks(dests, "stream", count, size, timeout)
+    sinks, ports = start_sinks(dests, "stream", count, size, timeout, ["--first-bytes"])
     addrs = system.start(ports)
     per_conn = addrs if system.key == "direct" else addrs[:1]
     source = Peer("source", ["conns", "--addrs", ",".join(per_conn), "--count", count,
@@ -702,7 +705,11 @@ def trial_connections(system, dests, count, concurrency, size=1024):
         raise BenchError("connections: %d sources failed: %s" % (src["n_errors"], src["errors"]))
     check_sinks(results, count, "connections")
     seconds = (max(r["t_last_eof"] for r in results) - src["t0"]) / 1e9
-    out = {"conns_per_s": count / seconds, "seconds": seconds}
+    # From the source's connect to its first bytes at the last destination to get them.
+    first = sorted((max(r["first_bytes"][ident] for r in results) - began) / 1e6
+                   for ident, began in src["connecting"].items())
+    out = {"conns_per_s": count / seconds, "seconds": seconds, "first_byte_p50_ms": first[len(first) // 2],
+           "first_byte_p99_ms": first[min(len(first) - 1, len(first) * 99 // 100)]}
     if system.popen is not None:
         system.wait_idle()
         out["cpu_s"] = system.cpu_seconds()
@@ -984,10 +991,11 @@ def summarize(out, scale_n=1000):
                                 "value": value, "limit": None, "verdict": "info", "unit": "x"})
     conn = out.get("connections", {})
     if conn:
-        target("connections/s D=2: socketproxy >= 1.5x socat+tee",
-               paired_ratio(conn, "socketproxy D=2", "socat+tee D=2", "conns_per_s"), 1.5)
-        target("connections/s D=1: socketproxy >= 0.8x socat fork",
-               paired_ratio(conn, "socketproxy D=1", "socat D=1", "conns_per_s"), 0.8)
+        for system in ("socketproxy", "socketproxy-spares"):
+            target("connections/s D=2: %s >= 2x socat+tee" % system,
+                   paired_ratio(conn, "%s D=2" % system, "socat+tee D=2", "conns_per_s"), 2.0)
+            target("connections/s D=1: %s >= 1x socat fork" % system,
+                   paired_ratio(conn, "%s D=1" % system, "socat D=1", "conns_per_s"), 1.0)
     lat = out.get("latency", {})
     if lat:
         for d in (1, 2):
@@ -1071,15 +1079,17 @@ def print_report(out, summary, targets, params):
     if conn:
         print("\nConnection rate: %d connections, concurrency 8, 1 KiB each, until every destination has "
               "every stream" % params["conn_count"])
-        print("  %-16s %3s %9s %9s %9s %9s" % ("system", "D", "conn/s", "x direct", "x socat", "x tee"))
+        print("  %-18s %3s %9s %9s %9s %9s %11s %11s" % ("system", "D", "conn/s", "x direct", "x socat", "x tee",
+                                                      "1st byte50", "1st byte99"))
         for key in conn:
             system, d = key.split(" D=")
             s = summary["connections"][key]
-            print("  %-16s %3s %9s %9s %9s %9s%s" % (
+            print("  %-18s %3s %9s %9s %9s %9s %8s ms %8s ms%s" % (
                 system, d, fmt(s.get("conns_per_s")),
                 fmt(paired_ratio(conn, key, "direct D=%s" % d, "conns_per_s"), "%.2f"),
                 fmt(paired_ratio(conn, key, "socat D=1", "conns_per_s"), "%.2f") if d == "1" else "",
                 fmt(paired_ratio(conn, key, "socat+tee D=%s" % d, "conns_per_s"), "%.2f") if d != "1" else "",
+                fmt(s.get("first_byte_p50_ms"), "%.1f"), fmt(s.get("first_byte_p99_ms"), "%.1f"),
                 "  ERRORS: %s" % s["errors"] if s["errors"] else ""))
     lat = out.get("latency", {})
     if lat:
@@ -1277,7 +1287,8 @@ def main():
             combos = available([(direct, 1), (socat, 1), (proxy, 1), (spares, 1), (direct, 2), (tee, 2), (proxy, 2),
                                 (spares, 2)])
             run_figure("connections", combos, rounds, trial_connections,
-                       lambda d: (params["conn_count"], 8), lambda r: "%.0f conn/s" % r["conns_per_s"], out)
+                       lambda d: (params["conn_count"], 8), lambda r: "%.0f conn/s, connect to first byte p50 %.1f "
+                       "p99 %.1f ms" % (r["conns_per_s"], r["first_byte_p50_ms"], r["first_byte_p99_ms"]), out)
         if "lat" in only:
             combos = available([(direct, 1), (socat, 1), (proxy, 1), (direct, 2), (tee, 2), (proxy, 2)])
             run_figure("latency", combos, rounds, trial_latency, lambda d: (params["lat_count"],),

@@ -168,6 +168,7 @@ def run_sink(args):
     sizes = {int(i): int(n) for i, n in (item.split(":") for item in args.sizes.split(",") if item)}
     accepted = done = good = total = 0
     ids = {}
+    first_bytes = {}  # stream ident -> when its head (the ident) had come whole
     bad = []
     lats = []
     t_first_accept = t_last_eof = t_first_eof = None
@@ -227,6 +228,8 @@ def run_sink(args):
             start = min(8 - st.pos, n)
             st.head += bytes(view[:start])
             st.pos += start
+            if st.pos == 8:
+                first_bytes[HEADER.unpack(st.head)[0]] = now_ns()
         if use_crc:
             st.crc = zlib.crc32(view[:n], st.crc)
         m = n - start
@@ -292,6 +295,8 @@ def run_sink(args):
                        if cpu_at_eof is not None and t_last_eof > t_first_accept else None)}
     if not latency:
         result["distinct_ids"] = len(ids)
+        if args.first_bytes:
+            result["first_bytes"] = first_bytes
         result["missing_ids"] = sum(1 for i in range(args.expect) if i not in ids)
         result["dup_ids"] = sum(1 for c in ids.values() if c > 1)
     else:
@@ -341,6 +346,7 @@ def run_conns(args):
     lock = threading.Lock()
     counter = iter(range(args.count))
     errors = []
+    connecting = {}  # ident -> when its connect began (the sinks say when its first bytes came)
 
     def worker():
         while True:
@@ -349,6 +355,7 @@ def run_conns(args):
             if ident is None:
                 return
             data = stream_bytes(ident, args.size)
+            connecting[ident] = now_ns()
             try:
                 socks = [connect(a) for a in addrs]
                 for s in socks:
@@ -364,7 +371,8 @@ def run_conns(args):
         t.start()
     for t in threads:
         t.join()
-    out("result " + json.dumps({"t0": t0, "t_sent": now_ns(), "errors": errors[:5], "n_errors": len(errors)}))
+    out("result " + json.dumps({"t0": t0, "t_sent": now_ns(), "errors": errors[:5], "n_errors": len(errors),
+                                "connecting": connecting}))
 
 
 def run_latency(args):
@@ -429,6 +437,7 @@ def main():
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--timeout", type=float, default=60)
     parser.add_argument("--no-crc", action="store_true")
+    parser.add_argument("--first-bytes", action="store_true", help="sink: say when each stream's head came")
     parser.add_argument("--sizes", default="")
     parser.add_argument("--ident", type=int, default=0)
     parser.add_argument("--addrs", default="")

@@ -45,6 +45,8 @@ class TableCollector:
         refused.add_metric(["proxy_protocol"], main["refused_proxy"])
         yield refused
         yield GaugeMetricFamily(PREFIX + "sources_active", "Sources being served now.", value=main["active"])
+        yield GaugeMetricFamily(PREFIX + "spare_groups", "Groups waiting for a source (--spare-groups).",
+                                value=main["spares"])
         yield CounterMetricFamily(PREFIX + "received_bytes", "Bytes received from sources.",
                                   value=main["received"])
         yield CounterMetricFamily(PREFIX + "group_kills", "Groups killed because one of their processes died "

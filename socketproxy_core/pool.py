@@ -150,6 +150,8 @@ class Pool:
         self.generation += 1
         for pid in list(self.idle):
             self.forget_group(pid)
+        self.count()
+        self.update_title()
 
     def refill_timeout_s(self):
         """How long main may sleep before spares are due (None: none are)."""
@@ -178,4 +180,6 @@ class Pool:
             except OSError as exc:
                 log.warning("cannot fork a spare group: %s", exc.strerror or exc)
                 self.short_since = time.monotonic()
-                return
+                break
+        self.count()
+        self.update_title()

@@ -47,7 +47,7 @@ CONNECTED_STATES = (STATE_UP, STATE_DRAINING, STATE_CLOSING)  # a connection to 
 # finished groups), then a row per destination with the totals of finished forwarders (as their rows).
 READ_TRIES = 1000  # a reader never waits for a writer that died in the middle of a write
 MAIN_COUNTERS = ("accepted", "refused_allow", "refused_full", "active", "group_kills", "received", "refused_tls",
-                 "refused_proxy")
+                 "refused_proxy", "spares")
 # Why a receiver closed its source before serving it (its row's refused field, read by main when it ends).
 REFUSED_TLS, REFUSED_PROXY, REFUSED_ALLOW = 1, 2, 3
 

@@ -1,0 +1,129 @@
+"""--spare-groups: groups forked ahead of their sources and kept for the next, with the tree, fate
+sharing, stops and reloads as for groups forked per source."""
+import os
+import signal
+import time
+
+import psutil
+
+from support import alive, by_role, connect_source, scaled, sees_close, tree, wait_for_log, wait_until
+
+
+def spares(px):
+    """The waiting groups: {receiver pid: [its forwarders]}, every one of them titled spare."""
+    found = {}
+    for proc in by_role(px.pid, "receiver"):
+        try:
+            if "(spare)" in " ".join(proc.cmdline()):
+                found[proc.pid] = proc.children()
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def ready_spares(px, count, dests):
+    """Wait for count spare groups whose forwarders are all there and titled spare; return them."""
+    def ready():
+        found = spares(px)
+        if len(found) != count:
+            return None
+        for kids in found.values():
+            titles = [" ".join(kid.cmdline()) for kid in kids]
+            if len(kids) != dests or not all("forwarder (spare)" in title for title in titles):
+                return None
+        return found
+    return wait_until(ready, scaled(20))
+
+
+def fds_of(procs):
+    return {proc.pid: proc.num_fds() for proc in procs}
+
+
+def test_spares_serve_source_after_source_with_every_byte_and_no_descriptor_left(proxy, recorder):
+    d1, d2 = recorder(), recorder()
+    px = proxy([f"127.0.0.1:{d1.port}", f"127.0.0.1:{d2.port}"], "--spare-groups", "2")
+    waiting = ready_spares(px, 2, 2)
+    members = [psutil.Process(pid) for pid in waiting] + [kid for kids in waiting.values() for kid in kids]
+    before = fds_of(members)
+    # Only the spares' processes under main: nothing is forked for these sources.
+    assert len(tree(px.pid)) == 1 + len(members)
+    sent = []
+    for n in range(6):
+        source = connect_source(px.port)
+        data = b"source %d line %d\n" % (n, n) * (200 + 1000 * n)
+        sent.append(data)
+        source.sendall(data)
+        if n == 0:  # while it is served: its receiver and forwarders are titled with it
+            peer = "127.0.0.1:%d" % source.getsockname()[1]
+            wait_until(lambda: len([p for p in tree(px.pid) if peer in " ".join(p.cmdline())]) == 3)
+        source.close()
+        wait_until(lambda: d1.closed_count() == n + 1 and d2.closed_count() == n + 1, scaled(20))
+    assert d1.streams() == sent and d2.streams() == sent
+    ready_spares(px, 2, 2)
+    assert sorted(p.pid for p in alive(members)) == sorted(before)  # the same processes served all six
+    assert fds_of(members) == before  # and hold what they held before the first
+    served_by = {int(m.group(1)) for m in wait_for_log(px.log_path, r"\[(\d+)\] src=\S+ accepted", count=6)}
+    assert served_by <= set(waiting)
+    assert "WARNING" not in px.log() and "ERROR" not in px.log()
+
+
+def test_a_forwarder_killed_mid_source_ends_the_group_and_a_spare_killed_waiting_is_replaced(proxy, recorder):
+    d1, d2 = recorder(), recorder()
+    px = proxy([f"127.0.0.1:{d1.port}", f"127.0.0.1:{d2.port}"], "--spare-groups", "2")
+    ready_spares(px, 2, 2)
+    source = connect_source(px.port)
+    source.sendall(b"first\n")
+    wait_until(lambda: d1.open_count() == 1 and d2.open_count() == 1)
+    peer = "127.0.0.1:%d" % source.getsockname()[1]
+    [serving] = [p for p in by_role(px.pid, "receiver") if peer in " ".join(p.cmdline())]
+    group = [serving] + serving.children()
+    group[1].send_signal(signal.SIGKILL)  # fate sharing, as for a group forked for its source
+    wait_until(lambda: not alive(group) and sees_close(source), scaled(2.0))
+    wait_for_log(px.log_path, r"receiver %d for %s ended: killed by SIGKILL; its group is killed" % (serving.pid, peer))
+    # A waiting group whose forwarder dies is killed whole, said once, and replaced: not a source.
+    spare_pid, kids = next(iter(spares(px).items()))
+    kids[0].send_signal(signal.SIGKILL)
+    wait_until(lambda: spare_pid not in spares(px) and not alive(kids), scaled(2.0))
+    wait_for_log(px.log_path, r"spare group %d ended: killed by SIGKILL" % spare_pid)
+    ready_spares(px, 2, 2)
+    assert "0 sources" in " ".join(psutil.Process(px.pid).cmdline())
+    again = connect_source(px.port)
+    again.sendall(b"again\n")
+    again.close()
+    wait_until(lambda: b"again\n" in d1.streams() and b"again\n" in d2.streams())
+
+
+def test_a_reload_ends_the_spares_and_forks_them_with_the_new_destinations(proxy, recorder, tmp_path):
+    d1, d2 = recorder(), recorder()
+    config = tmp_path / "proxy.toml"
+    config.write_text('destinations = ["127.0.0.1:%d"]\nspare_groups = 1\n' % d1.port)
+    px = proxy([], "--config", str(config))
+    [old] = ready_spares(px, 1, 1)
+    config.write_text('destinations = ["127.0.0.1:%d", "127.0.0.1:%d"]\nspare_groups = 1\n' % (d1.port, d2.port))
+    os.kill(px.pid, signal.SIGHUP)
+    [new] = ready_spares(px, 1, 2)
+    assert new != old and not psutil.pid_exists(old)
+    source = connect_source(px.port)
+    source.sendall(b"after the reload\n")
+    source.close()
+    wait_until(lambda: d2.streams() == [b"after the reload\n"] and d1.streams() == [b"after the reload\n"])
+
+
+def test_stops_end_every_spare_in_order(proxy, recorder):
+    """SIGTERM to main, and SIGTERM to every process at once (systemd): exit 0, nothing left, no error."""
+    for everyone in (False, True):
+        d1 = recorder()
+        px = proxy([f"127.0.0.1:{d1.port}"], "--spare-groups", "3")
+        ready_spares(px, 3, 1)
+        source = connect_source(px.port)
+        source.sendall(b"x" * 100000)
+        wait_until(lambda: d1.total() == 100000)
+        procs = tree(px.pid)
+        started = time.monotonic()
+        for proc in procs if everyone else procs[:1]:
+            proc.send_signal(signal.SIGTERM)
+        assert px.proc.wait(scaled(5)) == 0
+        assert time.monotonic() - started < scaled(3)
+        wait_until(lambda: not alive(procs), scaled(3))
+        assert sees_close(source)
+        assert "ERROR" not in px.log() and "WARNING" not in px.log() and "Traceback" not in px.log(), px.log()
