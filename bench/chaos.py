@@ -438,6 +438,14 @@ def role_of(proc):
     return ""
 
 
+def is_spare(proc):
+    """A process of a group waiting for a source (--spare-groups)."""
+    try:
+        return "(spare)" in " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
+
+
 def is_live(proc):
     try:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
@@ -546,6 +554,8 @@ class Chaos:
         argv = [sys.executable, self.args.proxy, "--listen-host", "127.0.0.1", "--listen-port", str(self.listen_port),
                 "--retry-interval", "%g" % RETRY_INTERVAL, "--send-timeout", "%g" % SEND_TIMEOUT,
                 "--framing", self.args.framing, "--buffer", self.args.buffer]
+        if self.args.spare_groups:
+            argv += ["--spare-groups", str(self.args.spare_groups)]
         argv += ["127.0.0.1:%d" % p for p in self.dest_ports]
         self.proxy_argv = argv
         self.proxy = self.spawn(argv, "proxy.log")
@@ -557,6 +567,11 @@ class Chaos:
                 break
             time.sleep(0.05)
         raise RuntimeError("the proxy did not start:\n" + open(self.log_path).read())
+
+    def spares_ready(self):
+        """--spare-groups: as many groups wait as at the start, each with its forwarders."""
+        spares = [p for p, role in self.proxy_tree() if is_spare(p)]
+        return len(spares) == self.args.spare_groups * (1 + len(self.dest_ports))
 
     def proxy_tree(self):
         """Live (non-zombie) descendants of main as (process, role)."""
@@ -767,6 +782,7 @@ class Chaos:
         # The proxy first (it connects to destinations only for a source), then the destinations
         # (they need main's pid to name the forwarder on the other end of each connection).
         self.start_proxy()
+        self.wait_for(self.spares_ready, 10, "the spare groups forked", ticking=False, fail=False)
         self.baseline = main_stats(self.proxy.pid)
         for d in range(N_DESTS):
             self.start_destination(d)
@@ -803,13 +819,15 @@ class Chaos:
         for popen in self.sources:
             ok = self.wait_exit(popen, 30)
             self.source_exits.append(popen.returncode if ok else None)
-        self.wait_for(lambda: not self.proxy_tree(), 10, "every group ended", ticking=True, fail=False)
+        serving = lambda: [p for p, _ in self.proxy_tree() if not is_spare(p)]
+        self.wait_for(lambda: not serving() and self.spares_ready(), 10, "every group ended", ticking=True, fail=False)
         self.sleep_ticking(0.3)
         self.final_stats = main_stats(self.proxy.pid)
         self.end_tree = []
         for proc in psutil.Process(self.proxy.pid).children(recursive=True):
             try:
-                self.end_tree.append((proc.pid, proc.status(), " ".join(proc.cmdline())))
+                if not is_spare(proc):
+                    self.end_tree.append((proc.pid, proc.status(), " ".join(proc.cmdline())))
             except psutil.Error:
                 pass
         stop_t = now()
@@ -876,8 +894,8 @@ RE_CANNOT = re.compile(r"cannot connect to \S+: (.*); reconnecting in")
 RE_DOWN_AT_EOF = re.compile(r"dropped (\d+) bytes for \S+ while it was down")
 RE_DONE = re.compile(r"forwarder done: sent (\d+) bytes, dropped (\d+) bytes(?: \((\d+) records\))?$")
 RE_RECEIVER_DIED = re.compile(r"receiver \d+ died: the source's connection is lost; its pipe still held (\d+) bytes")
-RE_CLOSED_DROPPED = re.compile(r"closed connection to \S+: it took no data for .* after the source finished; "
-                               r"(\d+) unsent bytes dropped$")
+RE_CLOSED_DROPPED = re.compile(r"closed connection to \S+: (?:it took no data for .* after the source finished|"
+                               r"it ended the connection before taking the last bytes); (\d+) unsent bytes dropped$")
 RE_GROUP_ENDED = re.compile(r"group ended: (.*); received (\d+) bytes from source$")
 RE_RECEIVER_ENDED = re.compile(r"receiver (\d+) for (\S+) ended: (.*?)(; its group is killed)?$")
 
@@ -1082,11 +1100,13 @@ class Analysis:
         """Source key of the forwarder the destination found on the other end of c, or None."""
         if not c["fwd_pid"]:
             return None
-        best = None
-        for f in self.forwarders.values():
-            if f["pid"] == c["fwd_pid"] and f["dst"] == self.c.dest_ports[c["d"]] and f["t"] <= c["t"] + 0.5:
-                if best is None or f["t"] > best["t"]:
-                    best = f
+        # The last source the forwarder began before the accept (its line may be written a little
+        # after it: up to 0.5 s when none began before). With --spare-groups a forwarder's process
+        # serves one source after another, and the destination may accept long after the connect.
+        mine = [f for f in self.forwarders.values()
+                if f["pid"] == c["fwd_pid"] and f["dst"] == self.c.dest_ports[c["d"]] and f["t"] <= c["t"] + 0.5]
+        before = [f for f in mine if f["t"] <= c["t"] + 0.05]
+        best = max(before or mine, key=lambda f: f["t"], default=None)
         if best is None or "pair" not in best:
             return None
         return best["pair"]["s"]["key"] if best["pair"]["s"] else None
@@ -1877,6 +1897,8 @@ def parse_args(argv):
                         help="the proxy's --framing (CHAOS_FRAMING; default line)")
     parser.add_argument("--buffer", default=os.environ.get("CHAOS_BUFFER", "4M"),
                         help="the proxy's --buffer (CHAOS_BUFFER; default 4M; 0 with --framing none: drops while down)")
+    parser.add_argument("--spare-groups", type=int, default=int(os.environ.get("CHAOS_SPARE_GROUPS", "0")),
+                        help="run the proxy with --spare-groups N (its waiting groups are not counted as left)")
     parser.add_argument("--analyse", metavar="DIR", help="only analyse the work directory a run kept")
     parser.add_argument("--role", choices=["source", "destination"])
     parser.add_argument("--index", type=int)
