@@ -397,7 +397,7 @@ class Proxy(Reloading, Upgrading, Pool):
                 continue
             peer = self.receivers.pop(pid, None)
             if peer is None:
-                if pid in self.controls:
+                if pid in self.controls or pid in self.unexpected:
                     self.spare_ended(pid, *forking.decode_exit(status))
                 continue  # else an orphaned forwarder we adopted, or a spare we let go: nothing more to do
             self.forget_group(pid)

@@ -29,6 +29,7 @@ class Pool:
         self.control_pid = {}  # the control socket's fd -> its group's pid
         self.idle = []  # pids of the groups that wait for a source; the last one back is taken first
         self.generation_of = {}  # pid -> the configuration's generation it was forked with
+        self.unexpected = set()  # pids of waiting groups that ended on their own, not yet reaped
         self.generation = 0  # one more at every reload: groups of an older one serve no new source
         self.short_since = None  # since when fewer than --spare-groups groups have waited
         self.last_free_at = 0.0  # when a group last came back
@@ -81,8 +82,10 @@ class Pool:
             return
         except OSError:
             said = b""
-        if said != spares.FREE:
-            self.forget_group(pid)  # reap() collects it
+        if said != spares.FREE:  # reap() collects it, and says how a waiting one ended
+            if pid in self.idle:
+                self.unexpected.add(pid)
+            self.forget_group(pid)
             return
         self.last_free_at = time.monotonic()
         peer, slot = self.receivers.pop(pid), self.slots.pop(pid)
@@ -137,7 +140,8 @@ class Pool:
     def spare_ended(self, pid, code, text):
         """reap(): a waiting group's receiver exited. One we let go exits 0; any other end is a fault
         of that group (its members are killed), replaced by the next refill."""
-        waiting = pid in self.controls
+        waiting = pid in self.controls or pid in self.unexpected
+        self.unexpected.discard(pid)
         self.forget_group(pid)
         if code != 0:
             self.kill_group(pid)

@@ -144,11 +144,17 @@ class Group:
         waiting = Waiting()
         waiting.on(self.control, self.taken)
         waiting.on(self.lifeline_fd, lambda: False)  # main is going: so are we
-        waiting.on(self.wake_r, lambda: False if os.read(self.wake_r, 64) else None)  # TERM, INT, HUP: we end
+        waiting.on(self.wake_r, self.signalled)
         for pid, pidfd, control in self.members:
             waiting.on(pidfd, self.member_died)
             waiting.on(control, self.member_died)  # its end of the control socket closes as it dies
         return waiting.wait() or None
+
+    def signalled(self):
+        """SIGTERM or SIGINT: we end. Not SIGHUP: a reload's main ends its waiting groups itself, by
+        closing their control sockets, after any source it sent them (which must not be lost)."""
+        received = set(os.read(self.wake_r, 64))
+        return False if received & {signal.SIGTERM, signal.SIGINT} else None
 
     def taken(self):
         message = receive_with_fd(self.control)
@@ -186,7 +192,7 @@ def run_group(control, first, config, lifeline_fd, table, dests_fd, tls_contexts
         os.killpg(0, signal.SIGKILL)
     served = 0
     code = 0
-    while served < MAX_SOURCES_PER_GROUP:
+    while True:
         taken = first or group.wait_for_source()
         first = None
         if taken is None:
@@ -206,9 +212,9 @@ def run_group(control, first, config, lifeline_fd, table, dests_fd, tls_contexts
             code = receiver.run()
             reusable = group.reusable(receiver)
         receiver.release()
-        if not reusable or not group.free():
+        # FREE only when we will wait for the next: a source main sends a group that then exits is lost.
+        if not reusable or served >= MAX_SOURCES_PER_GROUP or not group.free():
             return code
-    return code
 
 
 def run_forwarder(control, index, dest, config, receiver_pid, table, tls_context):

@@ -127,3 +127,20 @@ def test_stops_end_every_spare_in_order(proxy, recorder):
         wait_until(lambda: not alive(procs), scaled(3))
         assert sees_close(source)
         assert "ERROR" not in px.log() and "WARNING" not in px.log() and "Traceback" not in px.log(), px.log()
+
+
+def test_a_group_ends_after_a_thousand_sources_and_no_source_is_lost_to_its_end(proxy, recorder):
+    """Apache's MaxConnectionsPerChild: a group serves 1,000 sources, then exits; main must not hand
+    it another meanwhile (a source sent to a group that exits is lost)."""
+    d1 = recorder()
+    px = proxy([f"127.0.0.1:{d1.port}"], "--spare-groups", "1")
+    [first] = ready_spares(px, 1, 1)
+    for n in range(1003):
+        source = connect_source(px.port)
+        source.sendall(b"%d\n" % n)
+        source.close()
+        wait_until(lambda: d1.closed_count() == n + 1, scaled(20), interval=0.0005)
+    assert [int(s) for s in d1.streams()] == list(range(1003))
+    [second] = ready_spares(px, 1, 1)
+    assert second != first and not psutil.pid_exists(first)
+    assert "WARNING" not in px.log() and "ERROR" not in px.log()
