@@ -692,13 +692,13 @@ def trial_resp(system, dests, size, value_size):
             "seconds": seconds}
 
 
-def trial_connections(system, dests, count, concurrency, size=1024):
-    timeout = 30 + count / 10
+def trial_connections(system, dests, count, concurrency, size=1024, interval=0):
+    timeout = 30 + count / 10 + count * interval
     sinks, ports = start_sinks(dests, "stream", count, size, timeout, ["--first-bytes"])
     addrs = system.start(ports)
     per_conn = addrs if system.key == "direct" else addrs[:1]
     source = Peer("source", ["conns", "--addrs", ",".join(per_conn), "--count", count,
-                             "--concurrency", concurrency, "--size", size])
+                             "--concurrency", concurrency, "--size", size, "--interval", interval])
     results = [s.result(timeout + 5) for s in sinks]
     src = source.result(10)
     if src["n_errors"]:
@@ -1091,6 +1091,20 @@ def print_report(out, summary, targets, params):
                 fmt(paired_ratio(conn, key, "socat+tee D=%s" % d, "conns_per_s"), "%.2f") if d != "1" else "",
                 fmt(s.get("first_byte_p50_ms"), "%.1f"), fmt(s.get("first_byte_p99_ms"), "%.1f"),
                 "  ERRORS: %s" % s["errors"] if s["errors"] else ""))
+    one = out.get("connect-latency", {})
+    if one:
+        print("\nOne connection at a time: %d connections of 1 KiB, 30 ms apart; from the source's connect to its "
+              "first bytes at the last destination" % max(16, params["conn_count"] // 5))
+        print("  %-18s %3s %9s %9s %12s %12s" % ("system", "D", "p50 ms", "p99 ms", "x socat p50", "x socat p99"))
+        for key in one:
+            system, d = key.split(" D=")
+            s = summary["connect-latency"][key]
+            base = "socat D=1" if d == "1" else "socat+tee D=%s" % d
+            print("  %-18s %3s %9s %9s %12s %12s%s" % (
+                system, d, fmt(s.get("first_byte_p50_ms"), "%.2f"), fmt(s.get("first_byte_p99_ms"), "%.2f"),
+                fmt(paired_ratio(one, key, base, "first_byte_p50_ms"), "%.2f"),
+                fmt(paired_ratio(one, key, base, "first_byte_p99_ms"), "%.2f"),
+                "  ERRORS: %s" % s["errors"] if s["errors"] else ""))
     lat = out.get("latency", {})
     if lat:
         print("\nLatency: %d x 64-byte messages at 1 kHz, one-way, worst destination, microseconds" %
@@ -1289,6 +1303,11 @@ def main():
             run_figure("connections", combos, rounds, trial_connections,
                        lambda d: (params["conn_count"], 8), lambda r: "%.0f conn/s, connect to first byte p50 %.1f "
                        "p99 %.1f ms" % (r["conns_per_s"], r["first_byte_p50_ms"], r["first_byte_p99_ms"]), out)
+            # One at a time: what a source waits for when the proxy is not saturated (at concurrency 8
+            # the figure above measures the listen queue as much as the proxy).
+            run_figure("connect-latency", combos, rounds, trial_connections,
+                       lambda d: (max(16, params["conn_count"] // 5), 1, 1024, 0.03), lambda r: "connect to first "
+                       "byte p50 %.2f p99 %.2f ms" % (r["first_byte_p50_ms"], r["first_byte_p99_ms"]), out)
         if "lat" in only:
             combos = available([(direct, 1), (socat, 1), (proxy, 1), (direct, 2), (tee, 2), (proxy, 2)])
             run_figure("latency", combos, rounds, trial_latency, lambda d: (params["lat_count"],),

@@ -364,6 +364,8 @@ def run_conns(args):
                     s.close()
             except OSError as exc:
                 errors.append("%d: %s" % (ident, exc))
+            if args.interval:
+                time.sleep(args.interval)
 
     threads = [threading.Thread(target=worker) for _ in range(args.concurrency)]
     t0 = now_ns()
@@ -444,6 +446,7 @@ def main():
     parser.add_argument("--count", type=int, default=1)
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--rate", type=float, default=1000)
+    parser.add_argument("--interval", type=float, default=0, help="conns: a pause after each connection")
     parser.add_argument("--warmup", type=float, default=0.2)
     parser.add_argument("--messages", type=int, default=1)
     parser.add_argument("--duration", type=float, default=0)
