@@ -66,7 +66,7 @@ class Receiver(Admission, FanOut, Membership):
         self.pid_of = {}  # destination index -> its forwarder's pid
         self.published = None
         self.title_period = TITLE_PERIOD_S
-        self.checked_at = 0.0  # when exited forwarders were last looked for without a pidfd's word
+        self.checked_at = time.monotonic()  # when exited forwarders were last looked for without a pidfd's word
         self.peer = peer
         self.config = config
         self.lifeline_fd = lifeline_fd

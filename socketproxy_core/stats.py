@@ -154,14 +154,17 @@ class Table:
         main.write(*counters)
         for dest in range(self.dests):
             row = self.forwarder_row(slot, dest)
-            done = self.finished_row(dest)
             values = row.read()
+            drops = self.drops_row(slot, dest)
+            if not any(values) and not any(drops.read()):
+                continue  # a column this group did not use (most of them: the table has room for reloads)
+            done = self.finished_row(dest)
             totals = list(done.read())
             for index in range(len(FORWARDER_COUNTERS)):
                 totals[1 + index] += values[1 + index]
             done.write(*totals)
             row.clear()
-            self.drops_row(slot, dest).clear()
+            drops.clear()
         self.receiver_row(slot).clear()
         FIELD.pack_into(self.buf, 0, seq + 2)
         self.free.append(slot)
