@@ -543,7 +543,7 @@ class Proxy(Reloading, Upgrading, Pool):
         if self.listener_watched:
             self.poller.unregister(self.listener.fileno())
         self.listener.close()
-        self.retire_spares()
+        self.retire_spares(stopping=True)
         log.info("stopping (%s): ending %d receivers", why, len(self.receivers))
         if self.metrics_pid is not None:  # it ignores stop signals (see metrics.serve), and holds no state
             os.kill(self.metrics_pid, signal.SIGKILL)

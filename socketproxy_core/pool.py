@@ -35,6 +35,7 @@ class Pool:
         self.last_free_at = 0.0  # when a group last came back
         self.grace_until = None  # the listener is not watched until then, or until a group comes back
         self.grace_over = False  # a grace ended with no group back: the next source gets one forked for it
+        self.grace_failed_at = 0.0  # when the last grace ended with no group back
 
     def fork_group(self, first=None):
         """Fork a spare group; first: (source, peer, slot) for a group forked for that source."""
@@ -67,6 +68,7 @@ class Pool:
             try:
                 spares.send_with_fd(self.controls[pid], {"peer": peer, "slot": slot}, source.fileno())
             except OSError:  # it is ending (its control socket is closed, or full): the next one
+                self.unexpected.add(pid)
                 self.forget_group(pid)
                 continue
             return pid
@@ -106,7 +108,8 @@ class Pool:
         if self.grace_over or self.idle or not self.config.spare_groups:
             self.grace_over = False
             return False
-        if time.monotonic() - self.last_free_at > TURNOVER_S:
+        # Again only once a group came back since the last grace that saw none.
+        if time.monotonic() - self.last_free_at > TURNOVER_S or self.last_free_at <= self.grace_failed_at:
             return False
         self.grace_until = time.monotonic() + GRACE_S
         self.update_listener()
@@ -123,6 +126,8 @@ class Pool:
         if self.idle or over:
             self.grace_until = None
             self.grace_over = over and not self.idle
+            if self.grace_over:
+                self.grace_failed_at = time.monotonic()
             self.update_listener()
 
     def forget_group(self, pid):
@@ -149,11 +154,15 @@ class Pool:
         elif waiting:
             log.info("spare group %d ended: %s", pid, text)
 
-    def retire_spares(self):
-        """A reload or a stop: the waiting groups end (those serving end after their source)."""
+    def retire_spares(self, stopping=False):
+        """A reload: the waiting groups end (those serving end after their source), and new ones are
+        forked with the new configuration. A stop: main lets go of every group (those serving are
+        told to stop as every receiver is)."""
         self.generation += 1
-        for pid in list(self.idle):
+        for pid in list(self.controls if stopping else self.idle):
             self.forget_group(pid)
+        if not stopping:
+            self.fill_spares()
         self.count()
         self.update_title()
 

@@ -38,7 +38,8 @@ from socketproxy_core.proxylog import log
 MAX_SOURCES_PER_GROUP = 1000  # then the group ends and main forks another (Apache's MaxConnectionsPerChild)
 FREE = b"free"  # receiver -> main: the source has ended and every forwarder is done
 DONE = b"done"  # forwarder -> receiver: the pipe ended, the destination's connection is closed
-MESSAGE_MAX = 4096
+MESSAGE_MAX = 8192
+PEER_MAX = 1024  # characters of a source's name (a TLS client's subject may be long) a message carries
 SPARE_TITLE = "socketproxy: receiver (spare)"
 
 
@@ -54,10 +55,10 @@ def send_with_fd(sock, fields, fd):
 def receive_with_fd(sock):
     """(fields, fd) of the next message; None when the other end has closed (or sent no descriptor)."""
     try:
-        data, fds, _, _ = socket.recv_fds(sock, MESSAGE_MAX, 1)
+        data, fds, flags, _ = socket.recv_fds(sock, MESSAGE_MAX, 1)
     except OSError:
         return None
-    if not data or not fds:
+    if not data or not fds or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
         for fd in fds:
             os.close(fd)
         return None
@@ -75,9 +76,9 @@ class Waiting:
         self.loop.watch(fd, select.POLLIN, lambda _event: self.settle(handler))
 
     def settle(self, handler):
-        outcome = handler()
-        if outcome is not None:
-            self.outcome = outcome
+        if self.outcome is not None:
+            return  # the first outcome of a batch stands; what else came waits (a source stays queued)
+        self.outcome = handler()
 
     def wait(self):
         while self.outcome is None:
@@ -96,6 +97,7 @@ class Group:
         self.members = []  # per destination index: (pid, pidfd, control socket)
         self.ended_member = False  # a forwarder exited (however cleanly): this group serves no other source
         self.wake_r = None
+        self.pending = set()  # signals that came while we waited: they concern the next source
 
     def start(self):
         """Our own process group, the signals every source of ours sees alike, one forwarder per destination."""
@@ -123,7 +125,7 @@ class Group:
     def hand_pipe(self, index, read_fd, fields):
         """A new source's pipe to forwarder index; its (pid, pidfd, control socket)."""
         member = self.members[index]
-        send_with_fd(member[2], fields, read_fd)
+        send_with_fd(member[2], dict(fields, peer=fields["peer"][:PEER_MAX]), read_fd)
         return member
 
     def owns(self, pidfd):
@@ -152,9 +154,21 @@ class Group:
 
     def signalled(self):
         """SIGTERM or SIGINT: we end. Not SIGHUP: a reload's main ends its waiting groups itself, by
-        closing their control sockets, after any source it sent them (which must not be lost)."""
+        closing their control sockets, after any source it sent them (which must not be lost); a
+        SIGHUP is for the source main has just sent us (it is a receiver of main's already), which
+        reconciles once it has its pipes (see run_group)."""
         received = set(os.read(self.wake_r, 64))
+        self.pending |= received
         return False if received & {signal.SIGTERM, signal.SIGINT} else None
+
+    def apply_pending(self, receiver):
+        """What came while we waited, for the source we took: a reload, or a stop."""
+        pending, self.pending = self.pending, set()
+        if signal.SIGHUP in pending:
+            receiver.reloaded = True
+            receiver.reconcile()
+        if pending & {signal.SIGTERM, signal.SIGINT}:
+            receiver.stop("told to stop")
 
     def taken(self):
         message = receive_with_fd(self.control)
@@ -173,7 +187,14 @@ class Group:
                 and not receiver.forwarders)
 
     def free(self):
-        """Tell main we wait for the next source; False when it no longer listens to us (an upgrade)."""
+        """Tell main we wait for the next source; False when we must not (something waits to be
+        handled: a member's end, a signal, main's end; main would hand us a source we then lose) or
+        main no longer listens to us (an upgrade)."""
+        poller = select.poll()
+        for fd in [self.wake_r, self.lifeline_fd] + [fd for _, pidfd, control in self.members for fd in (pidfd, control)]:
+            poller.register(fd, select.POLLIN)
+        if poller.poll(0):
+            return False
         try:
             self.control.send(FREE)
         except OSError:
@@ -209,9 +230,11 @@ def run_group(control, first, config, lifeline_fd, table, dests_fd, tls_contexts
             except OSError as exc:
                 log.error("group ended: cannot hand its forwarders their pipes: %s", exc.strerror or exc)
                 receiver.kill_group()
+            group.apply_pending(receiver)
             code = receiver.run()
             reusable = group.reusable(receiver)
         receiver.release()
+        receiver = source = None  # nothing of this source stays while we wait
         # FREE only when we will wait for the next: a source main sends a group that then exits is lost.
         if not reusable or served >= MAX_SOURCES_PER_GROUP or not group.free():
             return code
@@ -247,6 +270,7 @@ def run_forwarder(control, index, dest, config, receiver_pid, table, tls_context
         fwd.watch_signals(wake_r)
         code = fwd.run()
         again = fwd.release()
+        fwd = None
         if code or not again:
             return code
         try:

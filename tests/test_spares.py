@@ -144,3 +144,27 @@ def test_a_group_ends_after_a_thousand_sources_and_no_source_is_lost_to_its_end(
     [second] = ready_spares(px, 1, 1)
     assert second != first and not psutil.pid_exists(first)
     assert "WARNING" not in px.log() and "ERROR" not in px.log()
+
+
+def test_a_reload_reaches_a_source_handed_to_a_spare_that_had_not_woken_yet(proxy, recorder, tmp_path):
+    """The SIGHUP and the source come together to a waiting group (stopped here so they do): the
+    destination the reload adds gets the source's stream."""
+    d1, d2 = recorder(), recorder()
+    config = tmp_path / "proxy.toml"
+    config.write_text('destinations = ["127.0.0.1:%d"]\nspare_groups = 1\n' % d1.port)
+    px = proxy([], "--config", str(config))
+    [spare] = ready_spares(px, 1, 1)
+    os.kill(spare, signal.SIGSTOP)
+    try:
+        source = connect_source(px.port)
+        source.sendall(b"before\n")
+        wait_until(lambda: "1 sources" in " ".join(psutil.Process(px.pid).cmdline()))
+        config.write_text('destinations = ["127.0.0.1:%d", "127.0.0.1:%d"]\nspare_groups = 1\n' % (d1.port, d2.port))
+        os.kill(px.pid, signal.SIGHUP)
+        wait_for_log(px.log_path, "reloaded the configuration")
+    finally:
+        os.kill(spare, signal.SIGCONT)
+    wait_for_log(px.log_path, r"destination 127.0.0.1:%d added by a reload: forwarder \d+ joins" % d2.port)
+    source.sendall(b"after\n")
+    source.close()
+    wait_until(lambda: d1.streams() == [b"before\nafter\n"] and d2.streams() == [b"after\n"])
