@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 
+import psutil
 import pytest
 import trustme
 
@@ -478,3 +479,35 @@ def test_a_tls_destination_added_by_a_reload_to_a_live_group_speaks_tls(proxy, r
         assert secure.failed == []
     finally:
         secure.stop()
+
+
+def test_a_spare_group_refuses_a_tls_source_then_serves_the_next_with_its_own_proxy_header(proxy, recorder, pki):
+    """--spare-groups: a source refused in the handshake leaves the group waiting, unchanged; the next
+    source through the same group gets its own PROXY header, not the one before's."""
+    ca, files = pki
+    d1 = recorder()
+    px = proxy(["127.0.0.1:%d" % d1.port], "--tls-cert", files["server.pem"], "--tls-client-ca", files["ca.pem"],
+               "--send-proxy", "v1", "--spare-groups", "1")
+
+    def spare():
+        kids = psutil.Process(px.pid).children()
+        titles = [" ".join(kid.cmdline()) for kid in kids]
+        return kids[0] if len(kids) == 1 and "receiver (spare)" in titles[0] and len(kids[0].children()) == 1 else None
+
+    group = wait_until(spare)
+    fds = (group.num_fds(), group.children()[0].num_fds())
+    with pytest.raises((ssl.SSLError, OSError)):
+        with tls_client(px.port, ca) as sock:  # no client certificate
+            sock.sendall(b"refused\n")
+            sock.recv(1)
+    wait_for_log(px.log_path, "TLS handshake failed")
+    ports = []
+    for n in range(2):
+        with tls_client(px.port, ca, files["client.pem"]) as sock:
+            ports.append(sock.getsockname()[1])
+            sock.sendall(b"served %d\n" % n)
+        wait_until(lambda: d1.closed_count() == n + 1)
+    assert d1.streams() == [b"PROXY TCP4 127.0.0.1 127.0.0.1 %d %d\r\nserved %d\n" % (port, px.port, n)
+                            for n, port in enumerate(ports)]
+    assert wait_until(spare).pid == group.pid
+    assert (group.num_fds(), group.children()[0].num_fds()) == fds
