@@ -5,8 +5,10 @@ import signal
 import time
 
 import psutil
+import pytest
 
-from support import alive, by_role, connect_source, scaled, sees_close, tree, wait_for_log, wait_until
+from support import (AS_NOBODY, alive, by_role, connect_source, nobody_can_run_the_proxy, scaled, sees_close, tree,
+                     wait_for_log, wait_until)
 
 
 def spares(px):
@@ -168,3 +170,22 @@ def test_a_reload_reaches_a_source_handed_to_a_spare_that_had_not_woken_yet(prox
     source.sendall(b"after\n")
     source.close()
     wait_until(lambda: d1.streams() == [b"before\nafter\n"] and d2.streams() == [b"after\n"])
+
+
+def test_as_nobody_spares_stream_as_groups_forked_for_their_source(proxy, recorder):
+    """The unprivileged user the unit runs as: spares hold no pipe of the budget while they wait, and
+    a source they serve gets pipes that grow as any group's do."""
+    why = nobody_can_run_the_proxy()
+    if why:
+        pytest.skip(why)
+    d1, d2 = recorder(), recorder()
+    px = proxy([f"127.0.0.1:{d1.port}", f"127.0.0.1:{d2.port}"], "--spare-groups", "3", prefix=AS_NOBODY)
+    ready_spares(px, 3, 2)
+    assert all(proc.uids().effective == 65534 for proc in tree(px.pid))
+    data = os.urandom(1 << 20) * 24
+    for _ in range(2):
+        source = connect_source(px.port)
+        source.sendall(data)
+        source.close()
+    wait_until(lambda: d1.streams() == d2.streams() == [data, data], scaled(60), interval=0.01)
+    assert "refused" not in px.log() and "WARNING" not in px.log()
