@@ -877,6 +877,22 @@ class Chaos:
 
 LOG_RE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\.(\d{3})([+-]\d\d):(\d\d) (\w+) \[(\d+)\] "
                     r"(?:src=(\S+) )?(?:dst=(\S+) )?(.*)$")
+LINE_START = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d \w+ \[\d+\] ")
+
+
+def log_lines(path):
+    """The log's lines; None for the start of a line cut by its process's SIGKILL (a write may stop at
+    a page boundary of the file when a fatal signal is pending), which another line then follows on
+    the same line of the file."""
+    for line in open(path, errors="replace"):
+        line = line.rstrip("\n")
+        starts = [m.start() for m in LINE_START.finditer(line)]
+        if len(starts) > 1 and starts[0] == 0:
+            yield from [None] * (len(starts) - 1)  # every one but the last was cut
+            line = line[starts[-1]:]
+        yield line
+
+
 RE_CONNECTED = re.compile(r"connected to \S+(?: \(\S+\))?$")
 # An outage ends: "...; dropped N bytes while down for T s" (dropping), or, retaining (--buffer or framing),
 # "...; resending B bytes kept while down for T s, dropped N bytes" with " (R records)" when framed.
@@ -968,8 +984,11 @@ class Analysis:
         self.forwarders = {}  # (pid, src, dst) -> dict
         self.log_warnings = collections.Counter()
         self.unparsed = []
-        for line in open(self.c.log_path, errors="replace"):
-            line = line.rstrip("\n")
+        self.cut_lines = 0
+        for line in log_lines(self.c.log_path):
+            if line is None:
+                self.cut_lines += 1
+                continue
             m = LOG_RE.match(line)
             if not m:
                 if line.strip():
@@ -1274,8 +1293,9 @@ class Analysis:
                        c.source_exits, c.dest_exits, errors or "none", self.unmapped))
         tracebacks = [l for l in self.unparsed if "Traceback" in l]
         self.check("proxy log: no traceback, every line parsed", not self.unparsed,
-                   "%d lines unparsed, %d tracebacks; %d warnings, %d errors" % (
-                       len(self.unparsed), len(tracebacks), self.log_warnings["WARNING"], self.log_warnings["ERROR"]))
+                   "%d lines unparsed, %d tracebacks, %d cut by a SIGKILL; %d warnings, %d errors" % (
+                       len(self.unparsed), len(tracebacks), self.cut_lines, self.log_warnings["WARNING"],
+                       self.log_warnings["ERROR"]))
         for line in self.unparsed[:5]:
             self.fail("proxy log: " + line[:150])
 

@@ -32,7 +32,7 @@ from socketproxy_core import receiver as receiver_module
 from socketproxy_core import stats
 from socketproxy_core import tls
 from socketproxy_core import zerocopy
-from socketproxy_core.loop import Loop
+from socketproxy_core.loop import Loop, Poller
 from socketproxy_core.proxylog import log
 
 MAX_SOURCES_PER_GROUP = 1000  # then the group ends and main forks another (Apache's MaxConnectionsPerChild)
@@ -190,10 +190,10 @@ class Group:
         """Tell main we wait for the next source; False when we must not (something waits to be
         handled: a member's end, a signal, main's end; main would hand us a source we then lose) or
         main no longer listens to us (an upgrade)."""
-        poller = select.poll()
+        poller = Poller()
         for fd in [self.wake_r, self.lifeline_fd] + [fd for _, pidfd, control in self.members for fd in (pidfd, control)]:
-            poller.register(fd, select.POLLIN)
-        if poller.poll(0):
+            poller.watch(fd, select.POLLIN)
+        if next(poller.events(0), None):
             return False
         try:
             self.control.send(FREE)
