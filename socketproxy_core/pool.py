@@ -17,7 +17,8 @@ from socketproxy_core import stats
 from socketproxy_core.proxylog import log
 
 GRACE_S = 0.005  # how long a source may wait in the listen queue for a group about to be free ...
-TURNOVER_S = 0.1  # ... when one came back within this time (else it gets a group forked for it at once)
+TURNOVER_S = 0.1  # ... when one came back within this time, or when the sources of spare groups last
+                  # less than this, typically (else a source gets a group forked for it at once)
 REFILL_S = 1.0  # spares taken are forked again this often at most (Apache's idle maintenance)
 
 
@@ -33,6 +34,8 @@ class Pool:
         self.generation = 0  # one more at every reload: groups of an older one serve no new source
         self.short_since = None  # since when fewer than --spare-groups groups have waited
         self.last_free_at = 0.0  # when a group last came back
+        self.serving_since = {}  # pid of a spare group serving a source -> when it got it
+        self.typical_source_s = None  # how long the sources of spare groups last (a moving average)
         self.grace_until = None  # the listener is not watched until then, or until a group comes back
         self.grace_over = False  # a grace ended with no group back: the next source gets one forked for it
         self.grace_failed_at = 0.0  # when the last grace ended with no group back
@@ -59,18 +62,22 @@ class Pool:
         self.control_pid[main_end.fileno()] = pid
         self.generation_of[pid] = self.generation
         self.poller.register(main_end.fileno(), select.POLLIN)
+        if first is not None:
+            self.serving_since[pid] = time.monotonic()
         return pid
 
     def hand_to_spare(self, source, peer, slot):
         """The source to a waiting group: its pid, or None when none waits (or none could take it)."""
         while self.idle:
             pid = self.idle.pop()
+            self.idle_changed()
             try:
                 spares.send_with_fd(self.controls[pid], {"peer": peer, "slot": slot}, source.fileno())
             except OSError:  # it is ending (its control socket is closed, or full): the next one
                 self.unexpected.add(pid)
                 self.forget_group(pid)
                 continue
+            self.serving_since[pid] = time.monotonic()
             return pid
         return None
 
@@ -90,26 +97,32 @@ class Pool:
             self.forget_group(pid)
             return
         self.last_free_at = time.monotonic()
+        lasted = self.last_free_at - self.serving_since.pop(pid, self.last_free_at)
+        self.typical_source_s = lasted if self.typical_source_s is None else 0.8 * self.typical_source_s + 0.2 * lasted
         peer, slot = self.receivers.pop(pid), self.slots.pop(pid)
         self.count_refusal(peer, self.table.receiver_row(slot).read()[stats.RCV_REFUSED])
         self.table.fold(slot)  # every process of the group has published its last counters
         log.debug("receiver %d for %s ended; its group waits for another source", pid, peer)
         if self.generation_of[pid] == self.generation and len(self.idle) < self.config.spare_groups:
             self.idle.append(pid)
+            self.idle_changed()
         else:
             self.forget_group(pid)  # the end of its control socket ends it
         self.fold_finished()
 
     def wait_for_group(self):
         """None waits: whether to leave the next source in the listen queue for GRACE_S rather than
-        fork a group for it. Only while groups turn over (one came back within TURNOVER_S): short
+        fork a group for it. Only while groups turn over (one came back within TURNOVER_S, or their
+        sources typically last less than that), and once per group back since the last grace: short
         sources in a row are served by the groups of those before, and a storm of sources that stay
         has its groups forked at once."""
         if self.grace_over or self.idle or not self.config.spare_groups:
             self.grace_over = False
             return False
         # Again only once a group came back since the last grace that saw none.
-        if time.monotonic() - self.last_free_at > TURNOVER_S or self.last_free_at <= self.grace_failed_at:
+        typical = self.typical_source_s
+        turning = time.monotonic() - self.last_free_at <= TURNOVER_S or (typical is not None and typical <= TURNOVER_S)
+        if not turning or self.last_free_at <= self.grace_failed_at:
             return False
         self.grace_until = time.monotonic() + GRACE_S
         self.update_listener()
@@ -139,8 +152,10 @@ class Pool:
         del self.control_pid[control.fileno()]
         control.close()
         self.generation_of.pop(pid, None)
+        self.serving_since.pop(pid, None)
         if pid in self.idle:
             self.idle.remove(pid)
+            self.idle_changed()
 
     def spare_ended(self, pid, code, text):
         """reap(): a waiting group's receiver exited. One we let go exits 0; any other end is a fault
@@ -172,18 +187,19 @@ class Pool:
             return None
         return max(0.0, self.short_since + REFILL_S - time.monotonic())
 
-    def refill(self):
-        """Fork the spares missing once fewer than --spare-groups have waited for REFILL_S (a group
-        taken and back within that time is not missed)."""
+    def idle_changed(self):
+        """Since when fewer than --spare-groups have waited without a break (None: enough wait)."""
         if len(self.idle) >= self.config.spare_groups:
             self.short_since = None
-            return
-        now = time.monotonic()
-        if self.short_since is None:
-            self.short_since = now
-        if now < self.short_since + REFILL_S:
-            return
-        self.fill_spares()
+        elif self.short_since is None:
+            self.short_since = time.monotonic()
+
+    def refill(self):
+        """Fork the spares missing once fewer than --spare-groups have waited for REFILL_S without a
+        break (a group taken and back within that time is not missed: no fork, and none ends)."""
+        self.idle_changed()  # --spare-groups may have changed with a reload
+        if self.short_since is not None and time.monotonic() >= self.short_since + REFILL_S:
+            self.fill_spares()
 
     def fill_spares(self):
         self.short_since = None

@@ -236,7 +236,11 @@ def run_group(control, first, config, lifeline_fd, table, dests_fd, tls_contexts
         receiver.release()
         receiver = source = None  # nothing of this source stays while we wait
         # FREE only when we will wait for the next: a source main sends a group that then exits is lost.
-        if not reusable or served >= MAX_SOURCES_PER_GROUP or not group.free():
+        why = ("its source did not end cleanly, or a reload or a forwarder's end came" if not reusable else
+               "it has served %d sources" % served if served >= MAX_SOURCES_PER_GROUP else
+               None if group.free() else "something came to handle, or main no longer listens")
+        if why:
+            log.debug("the group ends after this source: %s", why)
             return code
 
 
