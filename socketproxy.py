@@ -378,9 +378,11 @@ class Proxy(Reloading, Upgrading, Pool):
                 self.accept_failed(exc)
                 return
             try:
-                self.admit(source, address)
+                forked = self.admit(source, address)
             finally:
                 source.close()  # the receiver has its own copy
+            if forked and self.config.spare_groups:
+                return  # a spare group may have come back meanwhile: the poll says (pool.Pool.wait_for_group)
 
     def reap(self):
         """Reap every exited child; a receiver that died abnormally has its group killed."""
@@ -493,7 +495,7 @@ class Proxy(Reloading, Upgrading, Pool):
                 self.poller.unregister(self.listener.fileno())
 
     def admit(self, source, address):
-        """Refuse the source, or fork its receiver."""
+        """Refuse the source, hand it to a spare group, or fork its receiver; whether a fork it took."""
         peer = format_address(address)
         # A balancer of --accept-proxy is let in: its receiver applies --allow to the source it names.
         trusted = self.config.accept_proxy and endpoints.is_allowed(address[0], self.config.accept_proxy)
@@ -508,8 +510,9 @@ class Proxy(Reloading, Upgrading, Pool):
             return
         source.setblocking(True)
         pid = self.hand_to_spare(source, peer, slot) if self.config.spare_groups else None
+        handed = pid is not None
         try:
-            if pid is not None:
+            if handed:
                 pass
             elif self.config.spare_groups:
                 pid = self.fork_group((source, peer, slot))
@@ -529,6 +532,7 @@ class Proxy(Reloading, Upgrading, Pool):
         self.slots[pid] = slot
         self.count(accepted=1)
         self.update_title()
+        return not handed
 
     def own_group(self, pid):
         """A receiver just forked leads its own process group."""

@@ -112,17 +112,16 @@ class Pool:
 
     def wait_for_group(self):
         """None waits: whether to leave the next source in the listen queue for GRACE_S rather than
-        fork a group for it. Only while groups turn over (one came back within TURNOVER_S, or their
-        sources typically last less than that), and once per group back since the last grace: short
-        sources in a row are served by the groups of those before, and a storm of sources that stay
-        has its groups forked at once."""
+        fork a group for it. Only while groups may turn over (one came back within TURNOVER_S, their
+        sources typically last less than that, or none has ended yet), and once per group back since
+        the last grace that saw none: short sources in a row are served by the groups of those
+        before, and a storm of sources that stay has its groups forked at once after one grace."""
         if self.grace_over or self.idle or not self.config.spare_groups:
             self.grace_over = False
             return False
-        # Again only once a group came back since the last grace that saw none.
         typical = self.typical_source_s
-        turning = time.monotonic() - self.last_free_at <= TURNOVER_S or (typical is not None and typical <= TURNOVER_S)
-        if not turning or self.last_free_at <= self.grace_failed_at:
+        turning = typical is None or typical <= TURNOVER_S or time.monotonic() - self.last_free_at <= TURNOVER_S
+        if not turning or self.last_free_at < self.grace_failed_at:
             return False
         self.grace_until = time.monotonic() + GRACE_S
         self.update_listener()
