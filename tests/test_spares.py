@@ -189,3 +189,23 @@ def test_as_nobody_spares_stream_as_groups_forked_for_their_source(proxy, record
         source.close()
     wait_until(lambda: d1.streams() == d2.streams() == [data, data], scaled(60), interval=0.01)
     assert "refused" not in px.log() and "WARNING" not in px.log()
+
+
+def test_a_storm_of_sources_that_stay_gets_groups_at_once_and_the_spares_settle_back(proxy, recorder):
+    """Twenty sources at once that stay: two take the spares, the rest get groups forked for them
+    without waiting on each other; once they leave, two groups wait again and the rest end."""
+    d1, d2 = recorder(), recorder()
+    px = proxy([f"127.0.0.1:{d1.port}", f"127.0.0.1:{d2.port}"], "--spare-groups", "2")
+    ready_spares(px, 2, 2)
+    sources = [connect_source(px.port) for _ in range(20)]
+    for n, source in enumerate(sources):
+        source.sendall(b"source %d\n" % n)
+    wait_until(lambda: d1.open_count() == d2.open_count() == 20, scaled(15))
+    assert len(by_role(px.pid, "receiver")) == 20
+    for source in sources:
+        source.close()
+    wait_until(lambda: d1.closed_count() == d2.closed_count() == 20, scaled(15))
+    ready_spares(px, 2, 2)
+    wait_until(lambda: len(tree(px.pid)) == 1 + 2 * 3, scaled(10))
+    assert sorted(d1.streams()) == sorted(d2.streams()) == sorted(b"source %d\n" % n for n in range(20))
+    assert "WARNING" not in px.log() and "ERROR" not in px.log()
