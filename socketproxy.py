@@ -337,7 +337,7 @@ class Proxy(Reloading, Upgrading, Pool):
             if self.probe is not None and any(fd == self.probe[1] for fd, _ in events):
                 self.probe_said()
             for fd, _ in events:
-                if fd in self.control_pid:
+                if fd in self.pool_by_fd:
                     self.group_said(fd)
             self.end_grace()
             if any(fd == self.listener.fileno() for fd, _ in events):
@@ -399,7 +399,7 @@ class Proxy(Reloading, Upgrading, Pool):
                 continue
             peer = self.receivers.pop(pid, None)
             if peer is None:
-                if pid in self.controls or pid in self.unexpected:
+                if pid in self.pool or pid in self.unexpected:
                     self.spare_ended(pid, *forking.decode_exit(status))
                 continue  # else an orphaned forwarder we adopted, or a spare we let go: nothing more to do
             self.forget_group(pid)
@@ -520,9 +520,7 @@ class Proxy(Reloading, Upgrading, Pool):
                 pid = forking.fork_child("socketproxy: receiver %s" % peer, receiver.run_receiver,
                                          source, peer, self.config, self.lifeline_r, self.table, slot, self.dests_fd,
                                          (self.tls_context, self.tls_client),
-                                         keep=[source.fileno(), self.lifeline_r] + (
-                                             [self.dests_fd] if self.dests_fd is not None else []),
-                                         close=[self.listener])
+                                         keep=self.receiver_keeps(source.fileno()), close=[self.listener])
                 self.own_group(pid)
         except OSError as exc:
             self.table.free.append(slot)
@@ -533,6 +531,10 @@ class Proxy(Reloading, Upgrading, Pool):
         self.count(accepted=1)
         self.update_title()
         return not handed
+
+    def receiver_keeps(self, *fds):
+        """The descriptors a receiver keeps at its fork: fds, main's lifeline, the destinations' list."""
+        return [*fds, self.lifeline_r] + ([self.dests_fd] if self.dests_fd is not None else [])
 
     def own_group(self, pid):
         """A receiver just forked leads its own process group."""

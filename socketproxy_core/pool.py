@@ -4,10 +4,12 @@ enough of them. A mixin of main's Proxy: the state is the Proxy's.
 
 A group that waits is no source: it is not in `receivers`, holds no slot of the table, and its
 death (however it dies) is logged and replaced, never counted as a source or a group kill. Main
-forks spares at the start, then again once fewer have waited for REFILL_S, so a burst of sources that takes
-them all is served by groups forked for their source, as without spares, and the groups of the
-burst become the spares once their sources end (those beyond --spare-groups end).
+forks spares at the start, then again once fewer than --spare-groups have waited for REFILL_S. A
+source that finds none waiting waits in the listen queue a moment for one coming back while groups
+turn over (wait_for_group), else it gets a group forked for it, as without spares; such a group
+waits for the next source once its own ends, up to --spare-groups waiting (the others end).
 """
+import dataclasses
 import select
 import time
 
@@ -22,19 +24,27 @@ TURNOVER_S = 0.1  # ... when one came back within this time, or when the sources
 REFILL_S = 1.0  # spares taken are forked again this often at most (Apache's idle maintenance)
 
 
+@dataclasses.dataclass
+class PoolGroup:
+    """What main knows of one group of the pool."""
+
+    pid: int
+    control: object  # main's end of its control socket
+    generation: int  # of the configuration it was forked with
+    serving_since: float = None  # when it got its source; None while it waits
+
+
 class Pool:
     """Main's spares (see the module docstring)."""
 
     def init_pool(self):
-        self.controls = {}  # pid of a spare group (waiting or serving) -> main's end of its control socket
-        self.control_pid = {}  # the control socket's fd -> its group's pid
+        self.pool = {}  # pid -> PoolGroup, waiting or serving, until main lets go of it
+        self.pool_by_fd = {}  # its control socket's fd -> the same PoolGroup
         self.idle = []  # pids of the groups that wait for a source; the last one back is taken first
-        self.generation_of = {}  # pid -> the configuration's generation it was forked with
         self.unexpected = set()  # pids of waiting groups that ended on their own, not yet reaped
         self.generation = 0  # one more at every reload: groups of an older one serve no new source
         self.short_since = None  # since when fewer than --spare-groups groups have waited
         self.last_free_at = 0.0  # when a group last came back
-        self.serving_since = {}  # pid of a spare group serving a source -> when it got it
         self.typical_source_s = None  # how long the sources of spare groups last (a moving average)
         self.grace_until = None  # the listener is not watched until then, or until a group comes back
         self.grace_over = False  # a grace ended with no group back: the next source gets one forked for it
@@ -43,9 +53,7 @@ class Pool:
     def fork_group(self, first=None):
         """Fork a spare group; first: (source, peer, slot) for a group forked for that source."""
         main_end, group_end = spares.control_pair()
-        keep = [group_end.fileno(), self.lifeline_r] + ([self.dests_fd] if self.dests_fd is not None else [])
-        if first is not None:
-            keep.append(first[0].fileno())
+        keep = self.receiver_keeps(group_end.fileno(), *([first[0].fileno()] if first is not None else []))
         title = "socketproxy: receiver %s" % first[1] if first is not None else spares.SPARE_TITLE
         try:
             pid = forking.fork_child(title, spares.run_group, group_end, first, self.config, self.lifeline_r,
@@ -58,12 +66,10 @@ class Pool:
             group_end.close()
         self.own_group(pid)
         main_end.setblocking(False)
-        self.controls[pid] = main_end
-        self.control_pid[main_end.fileno()] = pid
-        self.generation_of[pid] = self.generation
-        self.poller.register(main_end.fileno(), select.POLLIN)
+        group = self.pool[pid] = self.pool_by_fd[main_end.fileno()] = PoolGroup(pid, main_end, self.generation)
         if first is not None:
-            self.serving_since[pid] = time.monotonic()
+            group.serving_since = time.monotonic()
+        self.poller.register(main_end.fileno(), select.POLLIN)
         return pid
 
     def hand_to_spare(self, source, peer, slot):
@@ -72,21 +78,22 @@ class Pool:
             pid = self.idle.pop()
             self.idle_changed()
             try:
-                spares.send_with_fd(self.controls[pid], {"peer": peer, "slot": slot}, source.fileno())
+                spares.send_with_fd(self.pool[pid].control, {"peer": peer, "slot": slot}, source.fileno())
             except OSError:  # it is ending (its control socket is closed, or full): the next one
                 self.unexpected.add(pid)
                 self.forget_group(pid)
                 continue
-            self.serving_since[pid] = time.monotonic()
+            self.pool[pid].serving_since = time.monotonic()
             return pid
         return None
 
     def group_said(self, fd):
         """A spare group's word: its source has ended (it waits again, or ends if we have spares
         enough), or, at the end of its control socket, that it is ending."""
-        pid = self.control_pid[fd]
+        group = self.pool_by_fd[fd]
+        pid = group.pid
         try:
-            said = self.controls[pid].recv(64)
+            said = group.control.recv(64)
         except BlockingIOError:
             return
         except OSError:
@@ -97,13 +104,14 @@ class Pool:
             self.forget_group(pid)
             return
         self.last_free_at = time.monotonic()
-        lasted = self.last_free_at - self.serving_since.pop(pid, self.last_free_at)
+        lasted = self.last_free_at - (group.serving_since or self.last_free_at)
+        group.serving_since = None
         self.typical_source_s = lasted if self.typical_source_s is None else 0.8 * self.typical_source_s + 0.2 * lasted
         peer, slot = self.receivers.pop(pid), self.slots.pop(pid)
         self.count_refusal(peer, self.table.receiver_row(slot).read()[stats.RCV_REFUSED])
         self.table.fold(slot)  # every process of the group has published its last counters
         log.debug("receiver %d for %s ended; its group waits for another source", pid, peer)
-        if self.generation_of[pid] == self.generation and len(self.idle) < self.config.spare_groups:
+        if group.generation == self.generation and len(self.idle) < self.config.spare_groups:
             self.idle.append(pid)
             self.idle_changed()
         else:
@@ -144,14 +152,12 @@ class Pool:
 
     def forget_group(self, pid):
         """Main lets go of a spare group: closing its control socket ends it once it waits."""
-        control = self.controls.pop(pid, None)
-        if control is None:
+        group = self.pool.pop(pid, None)
+        if group is None:
             return
-        self.poller.unregister(control.fileno())
-        del self.control_pid[control.fileno()]
-        control.close()
-        self.generation_of.pop(pid, None)
-        self.serving_since.pop(pid, None)
+        self.poller.unregister(group.control.fileno())
+        del self.pool_by_fd[group.control.fileno()]
+        group.control.close()
         if pid in self.idle:
             self.idle.remove(pid)
             self.idle_changed()
@@ -159,7 +165,7 @@ class Pool:
     def spare_ended(self, pid, code, text):
         """reap(): a waiting group's receiver exited. One we let go exits 0; any other end is a fault
         of that group (its members are killed), replaced by the next refill."""
-        waiting = pid in self.controls or pid in self.unexpected
+        waiting = pid in self.pool or pid in self.unexpected
         self.unexpected.discard(pid)
         self.forget_group(pid)
         if code != 0:
@@ -173,7 +179,7 @@ class Pool:
         forked with the new configuration. A stop: main lets go of every group (those serving are
         told to stop as every receiver is)."""
         self.generation += 1
-        for pid in list(self.controls if stopping else self.idle):
+        for pid in list(self.pool if stopping else self.idle):
             self.forget_group(pid)
         if not stopping:
             self.fill_spares()
