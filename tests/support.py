@@ -20,6 +20,7 @@ import urllib.request
 import zlib
 
 import psutil
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -423,3 +424,20 @@ def nobody_can_run_the_proxy():
     if probe.returncode:
         return "nobody cannot run %s (make test builds .venv from /usr/bin/python3 so it can)" % sys.executable
     return None
+
+
+DUAL_NAME = "dual.socketproxy.test"  # resolves to ::1 first, then 127.0.0.1, under dual_address_prefix
+
+
+def dual_address_prefix(tmp_path):
+    """A command prefix that runs the proxy with its own /etc/hosts, where DUAL_NAME resolves to ::1
+    first, then 127.0.0.1 (as localhost on Debian); skips the test where that cannot be done."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare to give the proxy its own /etc/hosts")
+    hosts = tmp_path / "hosts"
+    hosts.write_text("::1 %s\n127.0.0.1 %s\n" % (DUAL_NAME, DUAL_NAME))
+    probe = subprocess.run(["unshare", "--mount", "sh", "-c", 'mount --bind "$0" /etc/hosts && getent ahosts '
+                            + DUAL_NAME, str(hosts)], capture_output=True, text=True)
+    if probe.returncode or not probe.stdout.startswith("::1"):
+        pytest.skip("cannot give a process its own /etc/hosts here: %s" % (probe.stderr.strip() or probe.stdout))
+    return ("unshare", "--mount", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts))

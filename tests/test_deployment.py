@@ -16,9 +16,9 @@ import psutil
 import pytest
 
 from socketproxy_core import forking
-from support import (AS_NOBODY, ROOT, CountingSink, alive, blackhole, by_role, connect_source, free_port,
-                     nobody_can_run_the_proxy, scaled, sees_close, send_in_thread, syn_sent_to, tcp_queues, tree,
-                     wait_for_log, wait_until)
+from support import (AS_NOBODY, ROOT, CountingSink, alive, blackhole, by_role, connect_source, dual_address_prefix,
+                     free_port, nobody_can_run_the_proxy, scaled, sees_close, send_in_thread, syn_sent_to, tcp_queues,
+                     tree, wait_for_log, wait_until)
 
 
 
@@ -68,16 +68,8 @@ def test_slow_destination_that_makes_progress_is_never_dropped(proxy, recorder, 
 def test_every_address_of_a_name_is_tried_in_order(proxy, recorder, tmp_path):
     """A name resolving to ::1 first, then 127.0.0.1, with the service on 127.0.0.1 only (as localhost
     on Debian): the second address answers, and the log says which."""
-    if os.geteuid() != 0 or not shutil.which("unshare"):
-        pytest.skip("needs root and unshare to give the proxy its own /etc/hosts")
-    hosts = tmp_path / "hosts"
-    hosts.write_text("::1 dual.socketproxy.test\n127.0.0.1 dual.socketproxy.test\n")
-    probe = subprocess.run(["unshare", "--mount", "sh", "-c", 'mount --bind "$0" /etc/hosts && getent ahosts '
-                            'dual.socketproxy.test', str(hosts)], capture_output=True, text=True)
-    if probe.returncode or not probe.stdout.startswith("::1"):
-        pytest.skip("cannot give a process its own /etc/hosts here: %s" % (probe.stderr.strip() or probe.stdout))
+    prefix = dual_address_prefix(tmp_path)
     dest = recorder()
-    prefix = ("unshare", "--mount", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts))
     px = proxy(["dual.socketproxy.test:%d" % dest.port], prefix=prefix)
     source = connect_source(px.port)
     source.sendall(b"over the second address\n")

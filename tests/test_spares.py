@@ -1,14 +1,15 @@
 """--spare-groups: groups forked ahead of their sources and kept for the next, with the tree, fate
 sharing, stops and reloads as for groups forked per source."""
 import os
+import re
 import signal
 import time
 
 import psutil
 import pytest
 
-from support import (AS_NOBODY, alive, by_role, connect_source, nobody_can_run_the_proxy, scaled, sees_close, tree,
-                     wait_for_log, wait_until)
+from support import (AS_NOBODY, DUAL_NAME, alive, by_role, connect_source, dual_address_prefix,
+                     nobody_can_run_the_proxy, scaled, sees_close, tree, wait_for_log, wait_until)
 
 
 def spares(px):
@@ -209,3 +210,33 @@ def test_a_storm_of_sources_that_stay_gets_groups_at_once_and_the_spares_settle_
     wait_until(lambda: len(tree(px.pid)) == 1 + 2 * 3, scaled(10))
     assert sorted(d1.streams()) == sorted(d2.streams()) == sorted(b"source %d\n" % n for n in range(20))
     assert "WARNING" not in px.log() and "ERROR" not in px.log()
+
+
+def test_a_spare_serves_a_name_of_two_addresses_and_a_10_kB_s_reader_source_after_source(proxy, recorder, tmp_path):
+    """Deployed conditions through one spare group: a destination named by a name that resolves to
+    ::1 (refused) then 127.0.0.1 (a forwarder resolves it in a thread, which must be over before the
+    group waits again), a reader at 10 kB/s beside a fast one, and systemd's stop (SIGTERM to every
+    process at once) while a source is served."""
+    prefix = dual_address_prefix(tmp_path)
+    slow, fast = recorder(read_rate=10000), recorder()
+    px = proxy([f"{DUAL_NAME}:{slow.port}", f"127.0.0.1:{fast.port}"], "--spare-groups", "1", prefix=prefix)
+    [group] = ready_spares(px, 1, 2)
+    sent = [os.urandom(4000 * (1 + n)) for n in range(3)]
+    for n, data in enumerate(sent):
+        source = connect_source(px.port)
+        source.sendall(data)
+        source.close()
+        wait_until(lambda: slow.closed_count() == fast.closed_count() == n + 1, scaled(20))
+    assert slow.streams() == fast.streams() == sent
+    served_by = {int(m.group(1)) for m in wait_for_log(px.log_path, r"\[(\d+)\] src=\S+ accepted", count=3)}
+    assert served_by == {group}
+    wait_for_log(px.log_path, r"connected to %s:%d \(127\.0\.0\.1\)$" % (re.escape(DUAL_NAME), slow.port), count=3)
+    source = connect_source(px.port)
+    source.sendall(b"x" * 20000)
+    wait_until(lambda: fast.total() == sum(map(len, sent)) + 20000)
+    procs = tree(px.pid)
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    assert px.proc.wait(scaled(5)) == 0
+    wait_until(lambda: not alive(procs), scaled(3))
+    assert "ERROR" not in px.log() and "Traceback" not in px.log(), px.log()
