@@ -36,7 +36,11 @@ def with_options(dest, options):
 
 
 def retains(config):
-    """Whether a forwarder with this config keeps a shadow pipe (see retaining.py)."""
+    """Whether a forwarder with this config keeps a shadow pipe (see retaining.py). Not with --primary
+    without framing: its primary is never retried, and its mirrors' sessions are never resumed on a
+    new connection (what they kept would never be resent)."""
+    if config.primary and config.framing == "none":
+        return False
     return config.buffer > 0 or config.framing != "none" or config.session_preamble > 0
 
 

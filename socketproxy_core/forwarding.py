@@ -27,6 +27,7 @@ import ssl
 import sys
 import time
 
+from socketproxy_core import endpoints
 from socketproxy_core import mirrors
 from socketproxy_core import primary
 from socketproxy_core import sessions
@@ -92,8 +93,7 @@ class Forwarder(Attempts, Ending):
             raise ValueError("a tls:// destination needs its TLS context")  # never a plaintext fallback
         self.tls_context = tls_context if dest.tls else None
         self.plaintext = tls.Plaintext()  # tls:// without retaining: read from the pipe, not yet taken by TLS
-        if (config.buffer > 0 or self.framed or config.session_preamble) and not self.primary:
-            # the primary is never retried
+        if endpoints.retains(config) and not self.primary:  # the primary is never retried
             self.retainer = Retainer(pipe_fd, config, self.counts, self.devnull_fd, through_tls=dest.tls)
         # --framing resp: the destination's replies are read as RESP (error replies counted, the
         # session's preamble checked on a new connection).

@@ -341,13 +341,13 @@ def test_replies_come_back_byte_for_byte_and_the_mirror_gets_every_request(proxy
     assert_clean_log(px)
 
 
-@pytest.mark.parametrize("max_connections, pipe_kib", [(256, 32), (32, 256)])
+@pytest.mark.parametrize("max_connections, pipe_kib", [(256, 64), (32, 512)])
 def test_as_nobody_replies_come_back_and_the_mirror_gets_every_request(proxy, recorder, servers, max_connections,
                                                                        pipe_kib):
-    """As an unprivileged user, whose pipe budget makes pipes small: 32 KiB at the default
-    --max-connections (mirrors do without batches), 256 KiB at 32 (mirrors batch, and are poked every
-    4 pipe slots). The socket handed over (SCM_RIGHTS) and the pokes (eventfd) work unprivileged, every
-    reply comes back and the mirror (--mirror-policy wait: nothing may be dropped) gets every request."""
+    """As an unprivileged user, whose pipe budget makes pipes small: 64 KiB at the default
+    --max-connections, 512 KiB at 32 (three pipes a source: without framing nothing is retained). The
+    socket handed over (SCM_RIGHTS) works unprivileged, every reply comes back and the mirror
+    (--mirror-policy wait: nothing may be dropped) gets every request."""
     why = nobody_can_run_the_proxy()
     if why:
         pytest.skip(why)
