@@ -238,6 +238,8 @@ class Forwarder(Attempts, Ending):
             self.counts.handed(moved)
             if self.turns is not None:
                 self.turns.handed(self.counts.conn_sent)
+                if moved == room and self.turns.takes_all:
+                    break  # the pipe is empty: its next bytes (or its end) wake us
             if moved < room:
                 break
         self.data_flows()

@@ -91,6 +91,7 @@ class Turns:
         self.position = 0  # bytes handed when last noted ...
         self.replies_then = 0  # ... and the reply bytes read by then
         self.waiting = True  # False once a turn went unanswered for TURN_WAIT_S
+        self.takes_all = False  # the bytes room() gave are all there was: handed, the pipe is empty
 
     def room(self, position, in_memory=0):
         """Bytes that may be handed now from position, in_memory of them held outside the pipe (a
@@ -112,8 +113,9 @@ class Turns:
             starts.popleft()
             self.fwd.loop.cancel("turn")
         end = position + in_memory + in_pipe
-        if starts:
-            end = min(end, starts[0])
+        self.takes_all = not starts or end <= starts[0]
+        if not self.takes_all:
+            end = starts[0]
         if end > position:
             return end - position
         return None if pipe_hung_up(self.fwd.pipe_fd) else -1
