@@ -53,8 +53,10 @@ redis-benchmark -t set,incr -n N -c 20 -q (N = 100000 x scale, at least 2000) st
 destination), through socketproxy.py --primary to that redis alone (socketproxy-primary D=1) and to that
 redis plus a shadow redis (socketproxy-primary D=2), fresh servers without persistence for every trial,
 rounds interleaved as above: requests per second of SET and of INCR; a trial whose redis-benchmark exits
-non-zero or prints an error line is an error. Targets: --primary D=1 >= socat; informational: through
---primary with a shadow >= 0.7x direct, per test.
+non-zero or prints an error line is an error. Targets: --primary D=1 >= socat, --primary D=2 >= socat
+D=1; informational: through --primary with a shadow >= 0.7x direct, per test. Beside it, the CPU per
+request of each kind of process (main, receiver, the primary's forwarder, the mirror's, socat, and
+the redis servers), sampled every 0.1 s.
 
 Figure "tls" (trustme makes its certificates once per run: a CA, and a certificate for 127.0.0.1 with
 its key, in the bench's temporary directory, removed at its end; without trustme the figure is skipped,
@@ -213,9 +215,10 @@ class CpuSampler(threading.Thread):
     """Samples the CPU time of every process of a tree every 0.1 s (the last sample of a process
     that has exited stands for its total): CPU seconds per role, for diagnosis."""
 
-    def __init__(self, pid):
+    def __init__(self, pid, role_of=role):
         super().__init__(daemon=True)
         self.pid = pid
+        self.role_of = role_of
         self.seen = {}  # pid -> (role, cpu seconds)
         self.done = threading.Event()
 
@@ -228,7 +231,7 @@ class CpuSampler(threading.Thread):
             for proc in procs:
                 try:
                     t = proc.cpu_times()
-                    name = self.seen[proc.pid][0] if proc.pid in self.seen else role(proc)
+                    name = self.seen[proc.pid][0] if proc.pid in self.seen else self.role_of(proc)
                     self.seen[proc.pid] = (name, t.user + t.system)
                 except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                     pass
@@ -877,16 +880,41 @@ def start_redis(tmpdir):
         time.sleep(0.05)
 
 
+def redis_role(proc):
+    """A relay's process kind for the CPU per request: the primary's forwarder and a mirror's apart."""
+    kind = role(proc)
+    if kind == "forwarder":
+        try:
+            return "primary" if "(primary)" in " ".join(proc.cmdline()) else "mirror"
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return "?"
+    return kind
+
+
+def cpu_of(popen):
+    try:
+        t = psutil.Process(popen.pid).cpu_times()
+    except psutil.NoSuchProcess:
+        return 0.0
+    return t.user + t.system
+
+
 def trial_redis(system, dests, requests, tmpdir):
     """redis-benchmark -t set,incr -n requests -c 20 -q to dests[0]: straight (D=1), or through the proxy
     with --primary to it and a shadow (D=2). Requests per second of SET and INCR; an exit status or an
-    error line (anything but progress and results in -q output) fails the trial."""
+    error line (anything but progress and results in -q output) fails the trial. Also the CPU each kind
+    of process spent per request (us_ROLE: the relay's processes by kind, sampled every 0.1 s, so a
+    process's last tenth of a second may be missed; us_redis: the servers, the shadow's included)."""
     servers = []
     try:
         for _ in range(dests):
             servers.append(start_redis(tmpdir))
         host, port = system.start([p for _, p in servers])[0].rsplit(":", 1)
         timeout = 60 + requests / 1000
+        sampler = CpuSampler(system.popen.pid, redis_role) if system.popen is not None else None
+        if sampler is not None:
+            sampler.start()
+        servers_cpu = sum(cpu_of(popen) for popen, _ in servers)
         t0 = time.monotonic()
         try:
             done = subprocess.run(["redis-benchmark", "-h", host, "-p", port, "-t", "set,incr", "-n", str(requests),
@@ -894,7 +922,12 @@ def trial_redis(system, dests, requests, tmpdir):
                                   text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             raise BenchError("redis: redis-benchmark did not finish within %.0f s" % timeout) from None
+        finally:
+            cpu_roles = sampler.stop() if sampler is not None else {}
         seconds = time.monotonic() - t0
+        per_request = 1e6 / (2 * requests)  # SET and INCR
+        cpu = {"us_redis": (sum(cpu_of(popen) for popen, _ in servers) - servers_cpu) * per_request}
+        cpu.update(("us_" + name, value * per_request) for name, value in cpu_roles.items() if name != "?")
         rps, errors = {}, []
         for line in re.split(r"[\r\n]+", done.stdout + done.stderr):
             line = line.strip()
@@ -906,7 +939,7 @@ def trial_redis(system, dests, requests, tmpdir):
         if done.returncode or errors or not {"SET", "INCR"} <= set(rps):
             raise BenchError("redis: redis-benchmark exit %d, results %s, %d error lines %s" % (
                 done.returncode, rps, len(errors), errors[:3]))
-        return {"set_ops": rps["SET"], "incr_ops": rps["INCR"], "seconds": seconds}
+        return dict(cpu, set_ops=rps["SET"], incr_ops=rps["INCR"], seconds=seconds)
     finally:
         for popen, _ in servers:
             kill_tree(popen)
@@ -1025,6 +1058,8 @@ def summarize(out, scale_n=1000):
                    paired_ratio(red, "socketproxy-primary D=1", "socat D=1", field), 1.0)
             target("redis-benchmark through --primary with a shadow >= 0.7x direct (%s; informational)" % test,
                    paired_ratio(red, "socketproxy-primary D=2", "direct D=1", field), 0.7)
+            target("redis-benchmark through --primary with a shadow >= socat to the primary alone (%s)" % test,
+                   paired_ratio(red, "socketproxy-primary D=2", "socat D=1", field), 1.0)
     scale = out.get("scale", {}).get("socketproxy D=2")
     if scale:
         ok = bool(scale) and all("error" not in t and t.get("back_to_one") and t.get("held_all")
@@ -1183,6 +1218,16 @@ def print_report(out, summary, targets, params):
                 fmt(paired_ratio(red, key, "direct D=1", "set_ops"), "%.2f"),
                 fmt(paired_ratio(red, key, "direct D=1", "incr_ops"), "%.2f"),
                 "  ERRORS: %s" % s["errors"] if s["errors"] else ""))
+        kinds = ["socat", "main", "receiver", "primary", "mirror", "redis"]
+        print("\n  Where the CPU goes: microseconds of CPU per request, by process kind (relay sampled every 0.1 s;\n"
+              "  redis: the servers, the shadow's included; the client's is not counted)")
+        print("  %-20s %3s" % ("system", "D") + "".join("%9s" % kind for kind in kinds) + "%9s" % "total")
+        for key in red:
+            system, d = key.split(" D=")
+            s = summary["redis"][key]
+            values = [s.get("us_" + kind) for kind in kinds]
+            print("  %-20s %3s" % (system, d) + "".join("%9s" % fmt(v, "%.1f") for v in values) +
+                  "%9s" % fmt(sum(v for v in values if v is not None), "%.1f"))
     for fig, what in (("tls-source", "the source speaks TLS to the relay, which writes plaintext to D plain sinks"),
                       ("tls-dest", "a plain source, the relay speaks TLS to D TLS sinks and verifies them")):
         trials = out.get(fig, {})
