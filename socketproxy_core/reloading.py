@@ -29,6 +29,7 @@ class Reloading:
                                                "counters): restart to add %s" % (self.table.dests, name))
                 self.column_of[name] = len(self.column_of)
             columns.append(self.column_of[name])
+        self.table.columns_used = len(self.column_of)
         return dataclasses.replace(config, columns=tuple(columns))
 
     def reload(self):

@@ -97,6 +97,7 @@ class Table:
             os.ftruncate(fd, size)
         self.fd = fd
         self.buf = mmap.mmap(fd, size)
+        self.columns_used = dests  # columns given to destinations so far (main's): the rest are never written
         self.free = list(range(slots - 1, -1, -1))
         self.retiring = {}  # slot -> process group that must be gone before the slot is folded
 
@@ -152,12 +153,12 @@ class Table:
         counters = list(main.read())
         counters[MAIN_COUNTERS.index("received")] += self.receiver_row(slot).read()[1]
         main.write(*counters)
-        for dest in range(self.dests):
+        for dest in range(self.columns_used):
             row = self.forwarder_row(slot, dest)
             values = row.read()
             drops = self.drops_row(slot, dest)
             if not any(values) and not any(drops.read()):
-                continue  # a column this group did not use (most of them: the table has room for reloads)
+                continue  # a column this group did not use (a destination a reload removed or added)
             done = self.finished_row(dest)
             totals = list(done.read())
             for index in range(len(FORWARDER_COUNTERS)):

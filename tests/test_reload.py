@@ -147,6 +147,19 @@ def test_counters_go_on_across_reloads(proxy, recorder, tmp_path):
     with connect_source(px.port) as sock:
         sock.sendall(b"y" * 500)
         wait_until(lambda: scrape(metrics_port).get(sent) == 1500, 20)
+    # A destination a reload adds gets a column of its own: its finished groups are counted in it,
+    # source after source (the next source takes the same slot of the table).
+    c = recorder()
+    write(path, port, [a, b, c], extra)
+    os.kill(px.pid, signal.SIGHUP)
+    wait_for_log(px.log_path, r"reloaded the configuration", count=3)
+    sent_c = ("socketproxy_destination_sent_bytes_total", (("destination", "127.0.0.1:%d" % c.port),))
+    for size, total in ((300, 300), (200, 500)):
+        with connect_source(px.port) as sock:
+            sock.sendall(b"z" * size)
+            wait_until(lambda: c.total() == total)
+        wait_until(lambda: scrape(metrics_port).get(("socketproxy_sources_active", ())) == 0, 20)
+    wait_until(lambda: scrape(metrics_port).get(sent_c) == 500, 20)
 
 
 def test_the_service_manager_hears_reloading_then_ready(proxy, recorder, tmp_path):
