@@ -47,6 +47,10 @@ last sink's EOF), their ratio (target: >= 0.5, the 50th within 2x of the first; 
 the budget leave later sources 8 KiB pipes, 0.17x), the pipe size the proxy logged, any pipe
 refusal it logged, and every byte of the 50 streams checked at both sinks.
 
+Figure "memory": 100 sources (x scale) that connect, send 1 KiB and stay, psutil's PSS and USS of the
+whole tree per source and of each kind of process: the proxy at D=2 with its defaults, with --framing
+line, with --primary, and at D=4; socat+tee at D=2 and socat at D=1.
+
 Figure "redis" (needs redis-server and redis-benchmark, `make servers`; skipped with a line without them):
 redis-benchmark -t set,incr -n N -c 20 -q (N = 100000 x scale, at least 2000) straight to a redis-server
 (direct D=1), through socat (D=1, the same process-per-connection relay in C: the bar for one
@@ -184,9 +188,10 @@ def tree(pid):
 def role(proc):
     """'receiver', 'forwarder', 'main' for the proxy's processes (by title), else the name."""
     try:
-        cmd = proc.cmdline()
-        if cmd and cmd[0].startswith("socketproxy: "):
-            return cmd[0].split()[1]
+        # Joined: psutil splits a title on spaces when it does not end with a NUL (a long one).
+        cmd = " ".join(proc.cmdline())
+        if cmd.startswith("socketproxy: "):
+            return cmd.split()[1]
         return proc.name()
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return "?"
@@ -1166,6 +1171,13 @@ def print_report(out, summary, targets, params):
                 fmt(s.get("uss_per_conn_added") / 1024 if s.get("uss_per_conn_added") else None),
                 "  ERRORS: %s" % s["errors"] if s["errors"] else ""))
         print("  (+ = above the idle tree measured before the sources connected)")
+        rows = [(key, trial["by_role"]) for key, trials in out["memory"].items() for trial in trials[:1]
+                if trial.get("by_role") and key.startswith("socketproxy")]
+        if rows:
+            print("  per process, KiB (PSS / USS each): %s" % "; ".join(
+                "%s: %s" % (key, ", ".join("%s %d / %d" % (role_name, r["pss_kib_each"], r["uss_kib_each"])
+                                           for role_name, r in sorted(roles.items())))
+                for key, roles in rows))
     scale = out.get("scale", {})
     if scale:
         print("\nScale: %d concurrent sources, 10 messages each over %g s" % (params["scale_sources"],
@@ -1358,7 +1370,8 @@ def main():
             run_figure("latency", combos, rounds, trial_latency, lambda d: (params["lat_count"],),
                        lambda r: "p50 %.0f p99 %.0f max %.0f us" % (r["p50_us"], r["p99_us"], r["max_us"]), out)
         if "mem" in only:
-            combos = available([(proxy, 2), (tee, 2), (socat, 1)])
+            mem_primary = SocketProxyWith(tmpdir, "socketproxy-primary", ["--primary"])
+            combos = available([(proxy, 2), (lines, 2), (mem_primary, 2), (proxy, 4), (tee, 2), (socat, 1)])
             run_figure("memory", combos, 1, trial_memory, lambda d: (params["mem_sources"],),
                        lambda r: "%.0f KiB PSS/conn, %d processes" % (r["pss_per_conn"] / 1024, r["processes"]), out)
         if "scale" in only:
