@@ -195,7 +195,8 @@ def test_strict_consumer_killed_and_restarted_never_sees_a_torn_record(proxy, tm
         dest.wait(10)
     text = out_path.read_text()
     assert "malformed" not in text.replace("malformed records: 0", ""), text[-2000:]
-    seqs = [int(m.group(1)) for m in re.finditer(r"src-t #(\d+) ", text)]
+    # (not the tail a SIGTERM'd destination prints as " [partial]": the stop may cut the last record)
+    seqs = [int(m.group(1)) for m in re.finditer(r"src-t #(\d+) (?!\[partial\])", text)]
     assert len(seqs) > 300
     # Each restart resumes right after what the killed one printed, give or take what its kernel
     # had acknowledged but it never read (a skip forward), and at most the cut record again.
