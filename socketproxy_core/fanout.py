@@ -11,7 +11,6 @@ A mixin of receiver.Receiver: the state is the receiver's, this is the part that
 """
 import os
 import select
-import struct
 import time
 
 from socketproxy_core import framing
@@ -25,8 +24,21 @@ SPLICE_F_NONBLOCK = os.SPLICE_F_NONBLOCK
 splice = os.splice
 SLOT_GUESS = 256  # bytes per pipe slot, as the pokes of mirrors count them (see FanOut.fed)
 RESP_CHUNK = 256 * 1024
-TURN = struct.Struct("q")  # where a turn begins, in bytes written to a mirror's pipe
 MAX_COMMAND = 64 * 1024 * 1024  # --framing resp: a command is held until whole, up to this size
+
+
+class TurnState:
+    """A mirror sending turns (mirrors.Turns), as the receiver writes its pipe."""
+
+    def __init__(self, marks):
+        self.marks = marks  # mirrors.TurnMarks: where its turns begin, shared with its forwarder
+        self.written = 0  # bytes written to its pipe
+        self.last_start = 0  # where the last turn began
+        self.room = 0  # bytes its pipe had room for at least (when last asked, less what we wrote since)
+
+    def wrote(self, size):
+        self.written += size
+        self.room -= size
 
 
 class FanOut:
@@ -52,21 +64,17 @@ class FanOut:
         """--primary, a mirror of a byte stream: a chunk read after the primary's forwarder passed on
         more replies begins a new turn (the source may have seen them before sending it): each such
         mirror is told where, in bytes written to its pipe, before the chunk is written there. A
-        mirror far behind (its turns pipe full) merges the turns it was not told of. Whether the chunk
+        mirror far behind (its ring of marks full) merges the turns it was not told of. Whether the chunk
         begins a turn."""
         replies = self.rows.replies_passed()
         if replies == self.replies_seen:
             return self.received == size  # the session's first chunk begins its first turn
         self.replies_seen = replies
         for turn in self.turns.values():
-            turns_w, written, last_start = turn
-            if written == last_start:
+            if turn.written == turn.last_start:
                 continue  # the last turn was dropped whole (skip_turn): this one begins where it did
-            turn[2] = written
-            try:
-                os.write(turns_w, TURN.pack(written))
-            except (BlockingIOError, BrokenPipeError):
-                pass
+            turn.last_start = turn.written
+            turn.marks.mark(turn.written)
         return True
 
     def skip_turn(self, fd, size, turn_starts):
@@ -74,7 +82,10 @@ class FanOut:
         is dropped whole (never part of one: the shadow would read on from an arbitrary byte); whether
         this chunk is dropped so."""
         if turn_starts:
-            if self.config.pipe_size - pipe_bytes(fd) >= size:
+            turn = self.turns[fd]
+            if turn.room < size:  # what we know may be stale: the mirror takes from the pipe meanwhile
+                turn.room = self.config.pipe_size - pipe_bytes(fd)
+            if turn.room >= size:
                 self.skipping_turn.discard(fd)
                 return False
             self.skipping_turn.add(fd)
@@ -122,7 +133,7 @@ class FanOut:
                 except (BlockingIOError, BrokenPipeError):
                     moved = 0
                 if fd in self.turns:
-                    self.turns[fd][1] += moved
+                    self.turns[fd].wrote(moved)
                     if turn_starts and not moved:  # no room for the turn's start after all: dropped whole
                         self.skipping_turn.add(fd)
                         self.count_mirror_drop(fd, size)
@@ -141,7 +152,7 @@ class FanOut:
                     if fd in self.pokes:
                         self.fed(fd, moved)
                     elif fd in self.turns:
-                        self.turns[fd][1] += moved
+                        self.turns[fd].wrote(moved)
                 else:
                     moved = splice(self.stage_r, fd, size, flags=SPLICE_FLAGS)
                     self.wrote(fd, moved)
@@ -350,7 +361,7 @@ class FanOut:
             if fd in self.pokes:
                 self.fed(fd, written)
             elif fd in self.turns:
-                self.turns[fd][1] += written
+                self.turns[fd].wrote(written)
         except BlockingIOError:
             pass
         except OSError:  # as in read_source: the group is ending

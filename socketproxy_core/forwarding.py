@@ -59,7 +59,7 @@ class Forwarder(Attempts, Ending):
     """Copies one pipe to one destination for the life of one source connection."""
 
     def __init__(self, pipe_fd, dest, config, receiver_pid=None, rows=None, index=0, stats=None, source=None,
-                 requests_link=None, poke_fd=None, turns_fd=None, evidence=None, joined=False, proxy_header=b"",
+                 requests_link=None, poke_fd=None, turn_marks=None, evidence=None, joined=False, proxy_header=b"",
                  tls_context=None):
         self.pipe_fd = pipe_fd
         self.proxy_header = proxy_header  # --send-proxy: what every connection to the destination begins with
@@ -110,7 +110,7 @@ class Forwarder(Attempts, Ending):
         self.backoff = Backoff(config.retry_interval)
         self.progress = Progress(config.send_timeout)
         self.batch = mirrors.MirrorBatch(self, poke_fd) if poke_fd is not None else None
-        self.turns = mirrors.Turns(self, turns_fd) if turns_fd is not None else None
+        self.turns = mirrors.Turns(self, turn_marks) if turn_marks is not None else None
         self.session = primary.Session(self, source, requests_link, evidence or ()) if self.primary else None
         self.comparison = None  # a mirror with --framing resp: its shadow's replies against the primary's
         if not self.primary and evidence is not None:
@@ -507,12 +507,12 @@ class Forwarder(Attempts, Ending):
 
 
 def run_forwarder(pipe_fd, dest, config, receiver_pid=None, rows=None, index=0, stats=None, source=None,
-                  requests_link=None, poke_fd=None, turns_fd=None, evidence=None, joined=False, proxy_header=b"",
+                  requests_link=None, poke_fd=None, turn_marks=None, evidence=None, joined=False, proxy_header=b"",
                   tls_context=None):
     """Body of the forwarder process (see forking.fork_child)."""
     os.set_blocking(pipe_fd, False)
     zerocopy.return_large_blocks()
     fwd = Forwarder(pipe_fd, dest, config, receiver_pid, rows, index, stats, source, requests_link, poke_fd,
-                    turns_fd, evidence, joined, proxy_header, tls_context)
+                    turn_marks, evidence, joined, proxy_header, tls_context)
     fwd.watch_signals()
     return fwd.run()

@@ -4,6 +4,7 @@ they compare their shadow's replies with the primary's (--framing resp).
 The primary's side of the session is in primary.py; a mirror is otherwise a forwarder like any other.
 """
 import collections
+import mmap
 import os
 import select
 import struct
@@ -71,6 +72,42 @@ class MirrorBatch:
         self.fwd.loop.unwatch(self.poke_fd)
 
 
+class TurnMarks:
+    """Where a mirror's turns begin, in bytes written to its pipe: a ring in memory shared by the
+    receiver (which marks a turn's start before it writes the turn into the pipe) and the mirror's
+    forwarder (which reads the marks after counting its pipe's bytes), made before the fork. A mark
+    is a store, not a syscall: a request costs the receiver no write and the mirror no read. A full
+    ring (a mirror far behind) takes no mark: the turns it was not told of merge."""
+
+    SLOTS = 8192
+    COUNT = struct.Struct("q")  # each side writes its own count: marks written (0), marks taken (8)
+    WRITTEN_AT, TAKEN_AT, MARKS_AT = 0, 8, 16
+
+    def __init__(self):
+        self.ring = mmap.mmap(-1, self.MARKS_AT + self.SLOTS * self.COUNT.size)  # shared, anonymous
+
+    def count(self, offset):
+        return self.COUNT.unpack_from(self.ring, offset)[0]
+
+    def mark(self, position):
+        """Receiver: the next turn begins at position; False when the ring is full."""
+        written = self.count(self.WRITTEN_AT)
+        if written - self.count(self.TAKEN_AT) >= self.SLOTS:
+            return False
+        self.COUNT.pack_into(self.ring, self.MARKS_AT + written % self.SLOTS * self.COUNT.size, position)
+        self.COUNT.pack_into(self.ring, self.WRITTEN_AT, written + 1)  # the mark first, then its count
+        return True
+
+    def take(self):
+        """Mirror: the marks written since the last take."""
+        written, taken = self.count(self.WRITTEN_AT), self.count(self.TAKEN_AT)
+        if written == taken:
+            return ()
+        marks = [self.count(self.MARKS_AT + index % self.SLOTS * self.COUNT.size) for index in range(taken, written)]
+        self.COUNT.pack_into(self.ring, self.TAKEN_AT, written)
+        return marks
+
+
 class Turns:
     """A mirror of a byte stream sends the source's turns as the primary got them: the bytes the
     source sent before it could have seen the primary's next reply form one turn, and the next turn
@@ -80,13 +117,13 @@ class Turns:
     leaves a turn unanswered for TURN_WAIT_S does not answer turn by turn (a sink, a capture): the
     mirror waits no more for it in this session.
 
-    The receiver marks where turns begin, in bytes written to our pipe (fanout.mark_turn), through
-    the turns pipe, before it writes the turn itself. Such a mirror is never resumed on another
+    The receiver marks where turns begin, in bytes written to our pipe (fanout.mark_turn), in the
+    shared TurnMarks, before it writes the turn itself. Such a mirror is never resumed on another
     connection, so the bytes handed to its one connection are its position in the stream."""
 
-    def __init__(self, fwd, turns_fd):
+    def __init__(self, fwd, marks):
         self.fwd = fwd
-        self.fd = turns_fd
+        self.marks = marks
         self.starts = collections.deque()  # where the next turns begin
         self.position = 0  # bytes handed when last noted ...
         self.replies_then = 0  # ... and the reply bytes read by then
@@ -98,8 +135,8 @@ class Turns:
         backlog being resent): 0 at a turn's end until the shadow answers; -1 when there is nothing
         to hand (wait for the pipe); None once the pipe has ended and is empty (its end is read).
 
-        The pipe's bytes are counted before the turns pipe is read: the receiver writes a turn's
-        start before the turn, so every start within them is known."""
+        The pipe's bytes are counted before the marks are read: the receiver marks a turn's start
+        before it writes the turn, so every start within them is known."""
         in_pipe = pipe_bytes(self.fwd.pipe_fd)
         self.read_starts()
         starts = self.starts
@@ -136,11 +173,7 @@ class Turns:
         self.fwd.pipe_up(0)
 
     def read_starts(self):
-        try:
-            data = os.read(self.fd, 8 * 512)
-        except BlockingIOError:
-            return
-        self.starts.extend(struct.unpack("%dq" % (len(data) // 8), data))
+        self.starts.extend(self.marks.take())
 
 
 class ReplyComparison:

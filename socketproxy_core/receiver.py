@@ -18,7 +18,7 @@ import setproctitle
 from socketproxy_core import endpoints
 from socketproxy_core.admission import Admission
 from socketproxy_core import forking
-from socketproxy_core.fanout import FanOut
+from socketproxy_core.fanout import FanOut, TurnState
 from socketproxy_core.membership import Membership
 from socketproxy_core.pipesizes import PipeSizes
 from socketproxy_core import forwarding
@@ -119,7 +119,7 @@ class Receiver(Admission, FanOut, Membership):
         # (see mirrors.MIRROR_BATCH_S): write fd -> [eventfd, pipe slots used since the last poke,
         # the slots that call for a poke].
         self.pokes = {}
-        self.turns = {}  # a mirror's write fd -> [its turns pipe, bytes written to it] (mirrors.Turns)
+        self.turns = {}  # a mirror's write fd -> its fanout.TurnState (mirrors.Turns)
         self.replies_seen = 0  # the primary's replies counter when the current turn began
 
     def start(self):
@@ -195,7 +195,7 @@ class Receiver(Admission, FanOut, Membership):
         # sibling's write end (else that pipe would never read EOF): it keeps its read end only.
         # The primary's keeps the source too, to send it the replies (the group dies together).
         keep = [read_fd, self.source.fileno(), self.requests_link.forwarder_end.fileno()] if is_primary else [read_fd]
-        poke_fd = turns_r = None
+        poke_fd = marks = None
         if is_primary:
             evidence = [evidence_w for _, evidence_w in self.evidence.values()]
             keep += evidence
@@ -203,27 +203,25 @@ class Receiver(Admission, FanOut, Membership):
             evidence = self.evidence[index][0] if index in self.evidence else None
             keep += [evidence] if evidence is not None else []
         if self.config.primary and not is_primary and self.config.framing == "none":
-            # A mirror of a byte stream sends turn by turn (mirrors.Turns): where turns begin comes
-            # through a pipe of its own, and it does not batch.
-            turns_r, turns_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-            keep.append(turns_r)
+            # A mirror of a byte stream sends turn by turn (mirrors.Turns): where turns begin is in
+            # memory it shares with us, and it does not batch.
+            marks = mirrors.TurnMarks()
         elif self.config.primary and not is_primary and size >= mirrors.MIRROR_BATCH_MIN_PIPE:
             poke_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             keep.append(poke_fd)
         try:
             pid = forking.fork_child(title, self.run_forwarder, read_fd, index, dest, title, os.getpid(), poke_fd,
-                                     turns_r, evidence, joined, keep=keep, close=[] if is_primary else [self.source])
+                                     marks, evidence, joined, keep=keep, close=[] if is_primary else [self.source])
         except OSError:
-            for fd in (read_fd, write_fd) + ((turns_r, turns_w) if turns_r is not None else ()):
+            for fd in (read_fd, write_fd):
                 os.close(fd)
             if poke_fd is not None:
                 os.close(poke_fd)
             raise
         if poke_fd is not None:
             self.pokes[write_fd] = [poke_fd, 0, size // PAGE // mirrors.MIRROR_POKE_SHARE]
-        if turns_r is not None:
-            os.close(turns_r)
-            self.turns[write_fd] = [turns_w, 0, 0]  # the turns pipe, bytes written, where the last turn began
+        if marks is not None:
+            self.turns[write_fd] = TurnState(marks)
         os.close(read_fd)
         self.add_pipe(index, dest, write_fd, size, pid, os.pidfd_open(pid))
 
@@ -265,7 +263,7 @@ class Receiver(Admission, FanOut, Membership):
             log.error("group ended: forwarder %d to %s finished before its pipe closed", pid, dest)
             self.kill_group()
 
-    def run_forwarder(self, read_fd, index, dest, title, receiver_pid, poke_fd, turns_fd, evidence, joined):
+    def run_forwarder(self, read_fd, index, dest, title, receiver_pid, poke_fd, marks, evidence, joined):
         proxylog.set_connection("src=%s dst=%s" % (self.peer, dest))
         counters = stats.ForwarderStats(self.rows.forwarder_row(index),
                                         lambda text: setproctitle.setproctitle("%s | %s" % (title, text)))
@@ -273,7 +271,7 @@ class Receiver(Admission, FanOut, Membership):
         config = endpoints.for_destination(self.config, dest)  # --config's settings for this destination
         tls_context = tls.context_for(self.tls_client, config) if dest.tls else None
         return forwarding.run_forwarder(read_fd, dest, config, receiver_pid, self.rows, index, counters, source,
-                                       self.requests_link if source else None, poke_fd, turns_fd, evidence, joined,
+                                       self.requests_link if source else None, poke_fd, marks, evidence, joined,
                                        self.proxy_header, tls_context)
 
     def publish(self):
