@@ -8,7 +8,9 @@ Redis (redis-server and redis-benchmark): a primary and a shadow redis-server on
 
   1. straight to the primary, then through the proxy: SET and INCR requests per second and their ratio
      (target >= 0.7x, printed with its verdict but not failing the demo), no error line, and the shadow's
-     DEBUG DIGEST equal to the primary's once it has caught up;
+     DEBUG DIGEST equal to the primary's once it has caught up, or else the bytes dropped for the shadow in
+     the proxy's log (under --mirror-policy drop a mirror that falls a pipe behind on a saturated machine
+     loses whole requests; a loss must never go unseen);
   2. through the proxy with the shadow killed -9 a quarter into the run and restarted a second later: no
      error line, the shadow reconnected, requests per second >= 0.8x the no-fault run;
   3. through the proxy with the shadow SIGSTOPped a quarter into the run (SIGCONT after it): the same;
@@ -19,7 +21,8 @@ Redis (redis-server and redis-benchmark): a primary and a shadow redis-server on
 HTTP (nginx, ab from apache2-utils, curl): a primary and a shadow nginx serving a small static file, each
 with its own configuration in a temporary directory; a few curl requests and `ab -k -n 2000 -c 10` straight
 to the primary and through the proxy: every request answered (0 failed, 0 non-2xx), requests per second side
-by side, and every request of the primary's access log also in the shadow's.
+by side, and every request of the primary's access log also in the shadow's, or else the bytes dropped
+for the shadow in the proxy's log.
 
 A part whose servers are missing is skipped with one line (`make servers` installs them; without any of
 them the demo says so and exits 0). Every check prints PASS or FAIL, then a side-by-side summary; the exit
@@ -495,6 +498,13 @@ def log_gaps(primary_lines, shadow_lines):
     return requests(primary_lines) - requests(shadow_lines)
 
 
+def dropped_for(log_text, port):
+    """Bytes the proxy's log says it dropped for the destination 127.0.0.1:port (its forwarders' done
+    lines): under --mirror-policy drop a mirror that cannot keep up loses whole requests, and says so."""
+    pattern = re.compile(r"dst=127\.0\.0\.1:%d forwarder done: sent \d+ bytes, dropped (\d+) bytes" % port)
+    return sum(int(found.group(1)) for found in pattern.finditer(log_text))
+
+
 # -- the proxy --------------------------------------------------------------------------------------------
 
 class Proxy:
@@ -609,6 +619,7 @@ class MirrorDemo(Narration):
         self.flush(primary, shadow)
         direct = self.benchmark("straight to the primary", p_port)
         self.flush(primary, shadow)
+        clean_mark = proxy.mark()
         clean = self.benchmark("through --primary", x_port)
         self.record("redis-benchmark through the proxy: exit 0, no error line", clean.ok, clean.problem() or
                     "SET and INCR done, %d requests each" % self.requests)
@@ -629,11 +640,15 @@ class MirrorDemo(Narration):
         t0 = time.monotonic()
         caught_up = wait_for(same, 60 * SCALE, 0.2)
         digest, counter = primary.digest(), primary.call("GET", "counter:__rand_int__")
-        self.record("DEBUG DIGEST of the shadow equals the primary's", bool(caught_up),
+        dropped = dropped_for(proxy.log(clean_mark), s_port)
+        self.record("DEBUG DIGEST of the shadow equals the primary's, or the proxy logged what it dropped for it",
+                    bool(caught_up) or dropped > 0,
                     "%s on both, %d keys, counter:__rand_int__ = %s (%.1f s after the run)" % (
                         digest, primary.dbsize(), counter.decode() if counter else None, time.monotonic() - t0)
-                    if caught_up else "primary %s (%d keys), shadow %s (%d keys) after %.0f s" % (
-                        digest, primary.dbsize(), shadow.digest(), shadow.dbsize(), 60 * SCALE))
+                    if caught_up else "primary %s (%d keys), shadow %s (%d keys) after %.0f s; the proxy logged %d "
+                    "bytes dropped for the shadow (--mirror-policy drop: a mirror that falls a pipe behind on a "
+                    "saturated machine loses whole requests)" % (
+                        digest, primary.dbsize(), shadow.digest(), shadow.dbsize(), 60 * SCALE, dropped))
 
         self.banner("2. the same through the proxy, the shadow killed -9 a quarter into the run",
                     "It is restarted %.0f s later (empty: no persistence); its forwarders reconnect with backoff "
@@ -787,11 +802,14 @@ class MirrorDemo(Narration):
         gaps = log_gaps(wanted, got)
         self.http = {"direct": direct, "proxied": proxied, "primary_lines": len(wanted), "shadow_lines": len(got),
                      "missing": sum(gaps.values())}
-        self.record("the shadow's access log has every request of the primary's", bool(complete),
+        dropped = dropped_for(proxy.log(), s_port)
+        self.record("the shadow's access log has every request of the primary's, or the proxy logged what it "
+                    "dropped for it", bool(complete) or dropped > 0,
                     "primary %d requests, shadow %d (%d distinct URIs), %.1f s after ab ended" % (
                         len(wanted), len(got), len(set(got)), time.monotonic() - t0) if complete else
-                    "primary %d, shadow %d, missing %d: %s" % (len(wanted), len(got), sum(gaps.values()),
-                                                             dict(gaps.most_common(5))))
+                    "primary %d, shadow %d, missing %d: %s; the proxy logged %d bytes dropped for the shadow "
+                    "(--mirror-policy drop)" % (len(wanted), len(got), sum(gaps.values()),
+                                                dict(gaps.most_common(5)), dropped))
         tracebacks = proxy.log().count("Traceback")
         self.record("no traceback in the proxy's log (nginx)", tracebacks == 0,
                     "%d tracebacks (%s)" % (tracebacks, proxy.log_path) if tracebacks else "none")
