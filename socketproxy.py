@@ -87,7 +87,7 @@ from socketproxy_core.reloading import Reloading, table_columns, title_base  # n
 from socketproxy_core.service import become_subreaper, notify_service_manager  # noqa: E402
 from socketproxy_core.upgrade import Upgrading  # noqa: E402
 from socketproxy_core.proxylog import log  # noqa: E402
-from socketproxy_core.sockets import format_address  # noqa: E402
+from socketproxy_core.sockets import format_address, keep_sources_alive  # noqa: E402
 
 VERSION = "socketproxy " + socketproxy_core.__version__
 BACKLOG = 1024
@@ -210,6 +210,7 @@ def bind_listener(config):
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if family == socket.AF_INET6:  # "::" takes IPv4 sources too, whatever net.ipv6.bindv6only says
         listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    keep_sources_alive(listener)
     try:
         listener.bind((config.listen_host, config.listen_port))
         listener.listen(BACKLOG)
@@ -641,6 +642,7 @@ def main(argv=None):
     config = plan_pipes(config)
     if inherited:  # an upgrade in place: the sockets are the image before's
         listener = socket.socket(fileno=inherited["listener"])
+        keep_sources_alive(listener)  # (an image before this one may have set it on each source instead)
         metrics_sock = socket.socket(fileno=inherited["metrics"]) if inherited["metrics"] is not None else None
     else:
         listener = bind_listener(config)

@@ -42,9 +42,6 @@ READING, HELD, STOPPING, ENDED, KILLING, DONE = "reading", "held", "stopping", "
 KILL_WAIT_S = 2.0  # after SIGKILL to forwarders that did not finish: how long we wait to collect them
 TITLE_PERIOD_S = 1.0  # the title and the shared counters are refreshed this often at most ...
 IDLE_TITLE_PERIOD_S = TICK_S  # ... and this often once a refresh found nothing changed (an idle group sleeps)
-KEEPALIVE = ((socket.TCP_KEEPIDLE, 60), (socket.TCP_KEEPINTVL, 10), (socket.TCP_KEEPCNT, 6))
-
-
 
 
 class Receiver(Admission, FanOut, Membership):
@@ -123,11 +120,12 @@ class Receiver(Admission, FanOut, Membership):
         self.replies_seen = 0  # the primary's replies counter when the current turn began
 
     def start(self):
-        """Own process group, keepalive on the source, wake-up pipe for signals, forwarders."""
-        try:
-            os.setpgid(0, 0)
-        except OSError:
-            pass  # main already made us a group leader
+        """Own process group, wake-up pipe for signals, forwarders."""
+        if self.group is None:  # (a spare group's is its own already)
+            try:
+                os.setpgid(0, 0)
+            except OSError:
+                pass  # main already made us a group leader
         proxylog.set_connection("src=%s" % self.peer)
         # A TLS source is read through its TLS object, as a plain socket would be (tls.recv_into).
         self.recv_into = tls.recv_into(self.source) if self.tls_context is not None else self.source.recv_into
@@ -145,9 +143,6 @@ class Receiver(Admission, FanOut, Membership):
         self.stage_r, self.stage_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.pipe_sizes.source_fd = self.source_fd
         self.pipe_sizes.add(self.stage_w, set_pipe_size(self.stage_w, self.config.pipe_size), stage=True)
-        self.source.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        for option, value in KEEPALIVE:
-            self.source.setsockopt(socket.IPPROTO_TCP, option, value)
         if self.group is not None:  # a spare group's: its handlers and wake-up pipe serve every source
             wake_r = self.wake_fd = self.group.wake_r
         else:

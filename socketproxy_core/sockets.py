@@ -116,6 +116,18 @@ def configure(sock, send_timeout):
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(send_timeout * USER_TIMEOUT_FACTOR * 1000))
 
 
+SOURCE_KEEPALIVE = ((socket.TCP_KEEPIDLE, 60), (socket.TCP_KEEPINTVL, 10), (socket.TCP_KEEPCNT, 6))
+
+
+def keep_sources_alive(listener):
+    """TCP keepalive for every source: set on the listening socket, whose options an accepted socket
+    inherits (Linux), so that a source costs its receiver no setsockopt. A source gone silent (its
+    host lost) is found within 2 minutes."""
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in SOURCE_KEEPALIVE:
+        listener.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
 class Progress:
     """The send-timeout rule, in one place: while data waits, a destination that acknowledges no
     byte for --send-timeout is stalled. A full socket is not a stalled destination: a slow reader

@@ -57,7 +57,8 @@ def test_idle_timeout_closes_silent_sources(proxy, recorder):
 
 
 def test_sources_get_tcp_keepalive(proxy, recorder):
-    """The receiver turns on TCP keepalive on its source socket (seen in /proc/net/tcp's timer column)."""
+    """Sources get TCP keepalive, from the listening socket whose options they inherit (seen in
+    /proc/net/tcp's timer column)."""
     dest = recorder()
     px = proxy(["127.0.0.1:%d" % dest.port])
     source = connect_source(px.port)
