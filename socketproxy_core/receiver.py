@@ -21,6 +21,7 @@ from socketproxy_core import forking
 from socketproxy_core.fanout import FanOut, TurnState
 from socketproxy_core.membership import Membership
 from socketproxy_core.pipesizes import PipeSizes
+from socketproxy_core.spare_receiver import SpareReceiver
 from socketproxy_core import forwarding
 from socketproxy_core import framing
 from socketproxy_core import loop
@@ -44,7 +45,7 @@ TITLE_PERIOD_S = 1.0  # the title and the shared counters are refreshed this oft
 IDLE_TITLE_PERIOD_S = TICK_S  # ... and this often once a refresh found nothing changed (an idle group sleeps)
 
 
-class Receiver(Admission, FanOut, Membership):
+class Receiver(Admission, FanOut, Membership, SpareReceiver):
     """Fans one source out to the forwarders of its group."""
 
     def __init__(self, source, peer, config, lifeline_fd, table=None, slot=None, dests_fd=None, tls_contexts=(None, None),
@@ -220,21 +221,6 @@ class Receiver(Admission, FanOut, Membership):
         os.close(read_fd)
         self.add_pipe(index, dest, write_fd, size, pid, os.pidfd_open(pid))
 
-    def hand_pipe(self, index, dest):
-        """A spare group's forwarder (spares.py), waiting already, gets a new pipe for this source."""
-        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-        try:
-            size = set_pipe_size(write_fd, self.pipe_sizes.size_for_new())
-            pid, pidfd, control = self.group.hand_pipe(index, read_fd, {
-                "peer": self.peer, "slot": self.slot, "proxy_header": self.proxy_header.hex()})
-        except OSError:
-            os.close(write_fd)
-            raise
-        finally:
-            os.close(read_fd)
-        self.add_pipe(index, dest, write_fd, size, pid, pidfd)
-        self.loop.watch(control, select.POLLIN, lambda _event: self.forwarder_done(pidfd, control))
-
     def add_pipe(self, index, dest, write_fd, size, pid, pidfd):
         """A forwarder's pipe is ours to write, and its pidfd ours to watch."""
         self.pipe_sizes.add(write_fd, size, 2 if endpoints.retains(endpoints.for_destination(self.config, dest)) else 1)
@@ -245,18 +231,6 @@ class Receiver(Admission, FanOut, Membership):
         self.pipe_fds.append(write_fd)
         self.forwarders[pidfd] = (pid, dest)
         self.loop.watch(pidfd, select.POLLIN, self.check_forwarders)
-
-    def forwarder_done(self, pidfd, control):
-        """A spare group's forwarder has finished this source (its pipe ended) and waits for the next,
-        as a forwarder of a group forked for its source would have exited 0."""
-        self.loop.unwatch(control)
-        if not self.group.said_done(control) or pidfd not in self.forwarders:
-            return  # it is exiting: its pidfd says how
-        pid, dest = self.forwarders.pop(pidfd)
-        self.loop.unwatch(pidfd)
-        if self.pipes and pid not in self.leaving:
-            log.error("group ended: forwarder %d to %s finished before its pipe closed", pid, dest)
-            self.kill_group()
 
     def run_forwarder(self, read_fd, index, dest, title, receiver_pid, poke_fd, marks, evidence, joined):
         proxylog.set_connection("src=%s dst=%s" % (self.peer, dest))
@@ -573,17 +547,6 @@ class Receiver(Admission, FanOut, Membership):
         """SIGKILL the whole process group, this process included: fate sharing."""
         sys.stderr.flush()
         os.killpg(0, signal.SIGKILL)
-
-    def release(self):
-        """A spare group serves its next source in this process: what this one held is given back."""
-        for fd in (self.stage_r, self.stage_w, *self.pipes):
-            if fd is not None:
-                os.close(fd)
-        self.pipes.clear()
-        if self.source.fileno() >= 0:
-            self.source.close()
-
-
 
 
 def run_receiver(source, peer, config, lifeline_fd, table=None, slot=None, dests_fd=None, tls_contexts=(None, None)):
