@@ -27,9 +27,12 @@ import ssl
 import sys
 import time
 
+import setproctitle
+
 from socketproxy_core import endpoints
 from socketproxy_core import mirrors
 from socketproxy_core import primary
+from socketproxy_core import proxylog
 from socketproxy_core import sessions
 from socketproxy_core import tls
 from socketproxy_core.accounting import Counts
@@ -441,11 +444,7 @@ class Forwarder(Attempts, Ending):
         this forwarder goes on until its pipe ends. SIGHUP is ignored. The handlers only record: the
         wake-up pipe tells the loop, which acts. wake_r: a spare group's forwarder's, set up once."""
         if wake_r is None:
-            wake_r, wake_w = zerocopy.small_pipe()
-            signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: None)
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            wake_r = record_signals()
         self.loop.watch(wake_r, select.POLLIN, lambda _event: self.signalled(wake_r))
 
     def signalled(self, wake_r):
@@ -504,6 +503,24 @@ class Forwarder(Attempts, Ending):
             self.retainer.follow_input(self.sock if self.state == UP else None)
         changed = self.stats.publish(self, os.getpid())
         self.loop.set_timer("publish", TITLE_PERIOD_S if changed else IDLE_TITLE_PERIOD_S, self.publish)
+
+
+def record_signals():
+    """A forwarder's signals: SIGTERM and SIGINT are recorded in the wake-up pipe returned (its loop
+    acts on them, see Forwarder.watch_signals); SIGHUP is ignored."""
+    wake_r, wake_w = zerocopy.small_pipe()
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    return wake_r
+
+
+def serving(peer, dest, title, rows, index):
+    """A forwarder takes a source: its log lines name the connection, and its counters (returned)
+    are shown in its title after `title`."""
+    proxylog.set_connection("src=%s dst=%s" % (peer, dest))
+    return ForwarderStats(rows.forwarder_row(index), lambda text: setproctitle.setproctitle("%s | %s" % (title, text)))
 
 
 def run_forwarder(pipe_fd, dest, config, receiver_pid=None, rows=None, index=0, stats=None, source=None,

@@ -233,9 +233,7 @@ class Receiver(Admission, FanOut, Membership, SpareReceiver):
         self.loop.watch(pidfd, select.POLLIN, self.check_forwarders)
 
     def run_forwarder(self, read_fd, index, dest, title, receiver_pid, poke_fd, marks, evidence, joined):
-        proxylog.set_connection("src=%s dst=%s" % (self.peer, dest))
-        counters = stats.ForwarderStats(self.rows.forwarder_row(index),
-                                        lambda text: setproctitle.setproctitle("%s | %s" % (title, text)))
+        counters = forwarding.serving(self.peer, dest, title, self.rows, index)
         source = self.source if self.config.primary and index == 0 else None
         config = endpoints.for_destination(self.config, dest)  # --config's settings for this destination
         tls_context = tls.context_for(self.tls_client, config) if dest.tls else None

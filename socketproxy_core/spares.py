@@ -247,11 +247,7 @@ def run_group(control, first, config, lifeline_fd, table, dests_fd, tls_contexts
 def run_forwarder(control, index, dest, config, receiver_pid, table, tls_context):
     """Body of a spare group's forwarder: a forwarding.Forwarder per pipe the receiver hands us."""
     zerocopy.return_large_blocks()
-    wake_r, wake_w = zerocopy.small_pipe()
-    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    wake_r = forwarding.record_signals()
     spare_title = "socketproxy: forwarder (spare) -> %s" % dest
     while True:
         waiting = Waiting()
@@ -261,13 +257,10 @@ def run_forwarder(control, index, dest, config, receiver_pid, table, tls_context
         if not message:
             return 0  # the receiver closed our control socket (its group ends) or died
         fields, pipe_fd = message
-        peer = fields["peer"]
-        proxylog.set_connection("src=%s dst=%s" % (peer, dest))
-        title = "socketproxy: forwarder %s -> %s" % (peer, dest)
+        title = "socketproxy: forwarder %s -> %s" % (fields["peer"], dest)
         setproctitle.setproctitle(title)
         rows = stats.GroupRows(table, fields["slot"], config.columns)
-        counters = stats.ForwarderStats(rows.forwarder_row(index),
-                                        lambda text, title=title: setproctitle.setproctitle("%s | %s" % (title, text)))
+        counters = forwarding.serving(fields["peer"], dest, title, rows, index)
         os.set_blocking(pipe_fd, False)
         fwd = forwarding.Forwarder(pipe_fd, dest, config, receiver_pid, rows, index, counters,
                                    proxy_header=bytes.fromhex(fields["proxy_header"]), tls_context=tls_context)
